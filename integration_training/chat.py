@@ -1,0 +1,282 @@
+"""Chat rendering with the model's own template, the assistant-only loss mask, padding and packing collation.
+
+The mask is derived from character offsets, never from a hand-written per-model template:
+  P_i = template(messages[:i], add_generation_prompt=True)   # everything up to where assistant turn i begins
+  T_i = template(messages[:i+1])                             # ... plus that turn
+The full rendering must start with T_i and T_i with P_i (prefix consistency: otherwise the prompt used for
+generation is not what training saw). The assistant content must follow P_i verbatim; the first special token
+after it (only whitespace allowed in between) is the end-of-turn token. Tokens overlapping that character span
+are supervised. Anything else is a UserError — a silent full-sequence loss would train on prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from integration_training.data.types import Example
+from integration_training.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Rendered:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 = supervised (assistant content + its end-of-turn token)
+
+    def __post_init__(self) -> None:
+        assert len(self.input_ids) == len(self.loss_mask), "one mask entry per token"
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # [B, T] long
+    labels: torch.Tensor  # [B, T] long, pre-shifted: labels[b, t] = input_ids[b, t+1] if supervised else -100
+    attention_mask: torch.Tensor  # [B, T] long (padding) or [B, 1, T, T] bool block-diagonal causal (packing)
+    position_ids: torch.Tensor  # [B, T] long, restarting at 0 for every packed sample
+
+    @property
+    def num_supervised(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _template_text(tokenizer: Any, messages: Sequence[Mapping[str, str]], generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat_template; use an instruct/chat "
+            "model or a tokenizer that defines one"
+        )
+    text = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=generation_prompt
+    )
+    assert isinstance(text, str), "apply_chat_template(tokenize=False) returns text"
+    return text
+
+
+def _encode(tokenizer: Any, text: str, offsets: bool) -> Any:
+    # The template already wrote BOS/role tokens as text; adding special tokens again would double BOS.
+    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
+
+
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}))
+    return frozenset(ids)
+
+
+def _assistant_char_spans(tokenizer: Any, messages: Sequence[Mapping[str, str]], full: str) -> list[tuple[int, int]]:
+    """Per assistant turn: (content start, content end) in `full`, checked for prefix consistency."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _template_text(tokenizer, messages[:i], generation_prompt=True)
+        with_turn = _template_text(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not with_turn.startswith(prompt) or not full.startswith(with_turn):
+            raise UserError(
+                f"chat template of {getattr(tokenizer, 'name_or_path', '?')} is not prefix-consistent at assistant "
+                f"turn {i} (rendering a prefix of the conversation changes earlier text), so the assistant loss "
+                "mask cannot be derived reliably; use a model whose template renders conversations incrementally"
+            )
+        rest = with_turn[len(prompt) :]
+        content = message["content"]
+        # Some templates (Llama-3) trim the content; accept exactly that and nothing looser.
+        # dict.fromkeys: try the content as is, then trimmed (only differs when it has outer whitespace).
+        for candidate in dict.fromkeys((content, content.strip())):
+            if rest.startswith(candidate):
+                spans.append((len(prompt), len(prompt) + len(candidate)))
+                break
+        else:
+            raise UserError(
+                f"chat template of {getattr(tokenizer, 'name_or_path', '?')}: assistant turn {i}'s content does not "
+                "follow the generation prompt verbatim, so the assistant loss mask cannot be derived reliably"
+            )
+    return spans
+
+
+def render_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> Rendered:
+    """Token ids of the conversation and a mask that is 1 on each assistant content + its end-of-turn token."""
+    assert messages and messages[-1]["role"] == "assistant", "a training conversation ends with the assistant"
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("the assistant loss mask needs a fast (Rust) tokenizer with offset mapping")
+    full = _template_text(tokenizer, messages, generation_prompt=False)
+    encoded = _encode(tokenizer, full, offsets=True)
+    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    special = _special_ids(tokenizer)
+    mask = [0] * len(ids)
+    for start, end in _assistant_char_spans(tokenizer, messages, full):
+        # The end-of-turn token: the first special token starting at/after the content, whitespace between.
+        eot = next((k for k, (s, _) in enumerate(offsets) if s >= end and ids[k] in special), None)
+        if eot is None or full[end : offsets[eot][0]].strip():
+            raise UserError(
+                f"chat template of {getattr(tokenizer, 'name_or_path', '?')}: no end-of-turn special token right "
+                "after an assistant turn, so the assistant loss mask cannot be derived reliably"
+            )
+        stop = offsets[eot][1]
+        for k, (s, e) in enumerate(offsets):
+            if (s < stop and e > start) or (s == e and start <= s < stop):
+                mask[k] = 1
+        assert mask[eot] == 1
+    assert any(mask), "every assistant turn contributes supervised tokens"
+    return Rendered(input_ids=ids, loss_mask=mask)
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of `messages` (ending with a user turn) plus the template's generation prompt."""
+    assert messages and messages[-1]["role"] != "assistant", "a prompt ends before the assistant's answer"
+    return list(_encode(tokenizer, _template_text(tokenizer, messages, generation_prompt=True), offsets=False)["input_ids"])
+
+
+def stop_token_ids(tokenizer: Any) -> frozenset[int]:
+    """EOS plus the template's end-of-turn token (found by rendering a probe conversation)."""
+    probe = render_conversation(
+        tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    )
+    last_supervised = max(k for k, m in enumerate(probe.loss_mask) if m)
+    ids = {probe.input_ids[last_supervised]}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+# ---------------------------------------------------------------- length filtering
+
+
+@dataclass(frozen=True)
+class SourceLengths:
+    source: str
+    total: int
+    kept: int
+    too_long: int
+    longest: int  # tokens of the longest conversation, kept or not
+
+
+@dataclass(frozen=True)
+class LengthReport:
+    max_length: int
+    sources: tuple[SourceLengths, ...]
+
+    @property
+    def dropped(self) -> int:
+        return sum(s.too_long for s in self.sources)
+
+    def lines(self) -> list[str]:
+        out = []
+        for s in self.sources:
+            note = f", {s.too_long} longer than max_length={self.max_length} (not trained on)" if s.too_long else ""
+            out.append(f"{s.source}: {s.kept}/{s.total} kept, longest {s.longest} tokens{note}")
+        return out
+
+
+def render_examples(
+    tokenizer: Any, examples: Sequence[Example], max_length: int
+) -> tuple[list[Rendered], LengthReport]:
+    """Render every example; conversations over `max_length` tokens are dropped and counted per source."""
+    assert max_length > 0
+    kept: list[Rendered] = []
+    stats: dict[str, list[int]] = {}  # source → [total, kept, too_long, longest]; insertion order = first seen
+    for example in examples:
+        rendered = render_conversation(tokenizer, example.messages)
+        row = stats.setdefault(example.source, [0, 0, 0, 0])
+        row[0] += 1
+        row[3] = max(row[3], len(rendered))
+        if len(rendered) > max_length:
+            row[2] += 1  # truncating would cut the answer or its end-of-turn token: drop and report instead
+        else:
+            row[1] += 1
+            kept.append(rendered)
+    report = LengthReport(max_length, tuple(SourceLengths(s, *v) for s, v in stats.items()))
+    assert len(kept) + report.dropped == len(examples)
+    return kept, report
+
+
+# ---------------------------------------------------------------- collation
+
+
+def shifted_labels(rendered: Rendered) -> list[int]:
+    """labels[t] = the token to predict at t (input_ids[t+1]) when it is supervised, else -100."""
+    ids, mask = rendered.input_ids, rendered.loss_mask
+    return [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
+
+
+def collate_padded(rendered_list: Sequence[Rendered], pad_id: int) -> Batch:
+    """Right-padded batch with a 2-D padding mask."""
+    assert rendered_list, "empty batch"
+    width = max(len(r) for r in rendered_list)
+    input_ids = torch.full((len(rendered_list), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rendered_list), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rendered_list), width), dtype=torch.long)
+    for b, r in enumerate(rendered_list):
+        n = len(r)
+        input_ids[b, :n] = torch.tensor(r.input_ids)
+        labels[b, :n] = torch.tensor(shifted_labels(r))
+        attention[b, :n] = 1
+    positions = torch.arange(width, dtype=torch.long).expand(len(rendered_list), width).clone()
+    return Batch(input_ids=input_ids, labels=labels, attention_mask=attention, position_ids=positions)
+
+
+def pack_greedy(rendered_list: Sequence[Rendered], max_length: int) -> list[list[Rendered]]:
+    """Fill rows in order: a conversation goes into the current row if it fits, else starts a new row."""
+    rows: list[list[Rendered]] = []
+    used = 0
+    for r in rendered_list:
+        assert len(r) <= max_length, "render_examples drops over-long conversations before packing"
+        if not rows or used + len(r) > max_length:
+            rows.append([])
+            used = 0
+        rows[-1].append(r)
+        used += len(r)
+    return rows
+
+
+def collate_packed(rows: Sequence[Sequence[Rendered]], max_length: int, pad_id: int) -> Batch:
+    """Packed rows of width `max_length` with a 4-D block-diagonal causal bool mask (True = may attend).
+
+    Padding positions attend only to themselves so that no attention row is empty (an all-masked row gives
+    NaN in SDPA); their labels are -100 so they never reach the loss.
+    """
+    assert rows, "empty batch"
+    input_ids = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), max_length), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), max_length), dtype=torch.long)
+    mask = torch.zeros((len(rows), 1, max_length, max_length), dtype=torch.bool)
+    for b, row in enumerate(rows):
+        start = 0
+        for r in row:
+            end = start + len(r)
+            assert end <= max_length, "row longer than max_length; use pack_greedy"
+            input_ids[b, start:end] = torch.tensor(r.input_ids)
+            labels[b, start:end] = torch.tensor(shifted_labels(r))
+            positions[b, start:end] = torch.arange(len(r))
+            mask[b, 0, start:end, start:end] = torch.ones(len(r), len(r), dtype=torch.bool).tril()
+            start = end
+        pad = torch.arange(start, max_length)
+        mask[b, 0, pad, pad] = True
+    return Batch(input_ids=input_ids, labels=labels, attention_mask=mask, position_ids=positions)
+
+
+# ---------------------------------------------------------------- display
+
+
+def format_masked_example(tokenizer: Any, rendered: Rendered) -> str:
+    """The decoded example with supervised spans wrapped in «…», for the --dry-run plan."""
+    pieces: list[str] = []
+    k = 0
+    while k < len(rendered):
+        j = k
+        while j < len(rendered) and rendered.loss_mask[j] == rendered.loss_mask[k]:
+            j += 1
+        text = tokenizer.decode(rendered.input_ids[k:j], skip_special_tokens=False)
+        pieces.append(f"«{text}»" if rendered.loss_mask[k] else text)
+        k = j
+    return "".join(pieces)

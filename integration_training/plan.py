@@ -1,0 +1,237 @@
+"""The resolved plan, printed at the start of a run and by `--dry-run`.
+
+Resolves as much as it can offline without loading weights: hub sources are listed as downloaded at run time,
+local and procedural sources are loaded and counted, and when a tokenizer is at hand (local or cached model) the
+SFT data is rendered so that over-long conversations and token counts are real numbers, not guesses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from integration_training.config import Config, DatasetSpec, run_dir, runs_rl, runs_sft, world_size
+from integration_training.errors import UserError
+
+HUB_NOTE = "downloaded at run time"
+
+
+@dataclass(frozen=True)
+class SourceCount:
+    label: str
+    available: int | None  # None: a hub source, counted only when downloaded
+    selected: int  # after max_samples and repeat (an upper bound for hub sources)
+
+
+def _is_hub_source(spec: DatasetSpec) -> bool:
+    """True when rows come from the HF hub at run time (no local path, not generated, not custom_json)."""
+    from integration_training.data.sources import PROCEDURAL
+
+    return spec.path is None and spec.name not in PROCEDURAL and spec.name != "custom_json"
+
+
+def count_sources(specs: list[DatasetSpec], seed: int) -> list[SourceCount]:
+    from integration_training.data import load_source_counted, source_label
+
+    counts = []
+    for spec in specs:
+        if _is_hub_source(spec):
+            upper = spec.max_samples * spec.repeat if spec.max_samples is not None else 0
+            counts.append(SourceCount(source_label(spec), None, upper))
+            continue
+        _, counted = load_source_counted(spec, seed)
+        counts.append(SourceCount(counted.source, counted.available, counted.after_repeat))
+    return counts
+
+
+def _format_counts(name: str, counts: list[SourceCount]) -> list[str]:
+    lines = [f"  {name}:"]
+    for c in counts:
+        available = HUB_NOTE if c.available is None else f"{c.available} rows"
+        selected = f"≤ {c.selected}" if c.available is None else str(c.selected)
+        lines.append(f"    {c.label:<44} {available:>22} → {selected} selected")
+    return lines
+
+
+def _model_lines(config: Config) -> tuple[list[str], object | None, int | None]:
+    """Model description lines, the tokenizer if it is available offline, and the parameter count."""
+    from integration_training import models
+
+    m = config.model
+    lines = [f"model: {models.describe_source(m.name)}"]
+    local = _local_model_dir(m.name)
+    tokenizer, params, architecture = None, None, None
+    if local is not None:
+        tokenizer = models.load_tokenizer(str(local))
+        params, architecture = _count_params(local)
+    params_text = f"{params / 1e6:.1f}M parameters ({architecture})" if params else "parameters: known after download"
+    lines.append(
+        f"  {params_text}; dtype={m.dtype}; attn={m.attn_implementation}; compile={m.compile}; "
+        f"gradient_checkpointing={m.gradient_checkpointing}"
+    )
+    return lines, tokenizer, params
+
+
+def _local_model_dir(name: str) -> Path | None:
+    from integration_training import models
+
+    if models.is_offline_id(name):
+        directory = models.offline_model_dir()
+    else:
+        directory = Path(name).expanduser()
+    return directory if (directory / "config.json").is_file() else None
+
+
+def _count_params(model_dir: Path) -> tuple[int, str]:
+    """Parameter count from the config alone: the model is built on the meta device, no weights are read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return sum(p.numel() for p in model.parameters()), type(model).__name__
+
+
+def _sft_lines(config: Config, sequences: int, supervised_tokens: int | None, total_tokens: int | None) -> list[str]:
+    s, world = config.sft, world_size(config.target)
+    accumulation = s.target_examples_per_step // (s.batch_size * world)
+    unit = "packed rows" if s.packing else "conversations"
+    if s.num_iterations != -1:
+        steps, how = s.num_iterations, "num_iterations"
+    else:
+        per_epoch = max(sequences // s.target_examples_per_step, 1) if sequences else 0
+        steps, how = s.num_epochs * per_epoch, f"{s.num_epochs} epoch(s) of {sequences} {unit}"
+        if supervised_tokens is None:
+            steps, how = f"≤ {steps}", f"upper bound: {sequences} conversations before download and packing"
+    lines = [
+        "SFT:",
+        f"  {s.target_examples_per_step} {unit}/step = micro-batch {s.batch_size} × grad-accum {accumulation} × "
+        f"world {world}; {steps} steps ({how})",
+        f"  optimizer={s.optimizer} lr(embedding/unembedding/matrix)={s.embedding_lr}/{s.unembedding_lr}/"
+        f"{s.matrix_lr} wd={s.weight_decay}; schedule: warmup {s.warmup_ratio:.0%} → {s.lr_schedule} decay "
+        f"from init_lr_frac={s.init_lr_frac}; grad_clip={s.grad_clip}; packing={s.packing}",
+        f"  val loss every {s.eval_every} steps over {s.eval_steps} batches; checkpoint every "
+        f"{s.checkpoint_every} steps and at the end; log every {s.log_every}",
+    ]
+    if total_tokens:
+        per_step = total_tokens / max(len_or_one(sequences), 1) * s.target_examples_per_step
+        lines.append(
+            f"  data: {total_tokens} tokens, {supervised_tokens} supervised; ≈ {per_step:.0f} tokens/step"
+        )
+    return lines
+
+
+def len_or_one(value: int) -> int:
+    return value if value else 1
+
+
+def _rl_lines(config: Config, prompts: int | None) -> list[str]:
+    r, world = config.rl, world_size(config.target)
+    if r.num_iterations != -1:
+        steps, how = r.num_iterations, "num_iterations"
+    elif prompts:
+        steps, how = r.num_epochs * (prompts // r.examples_per_step), f"{r.num_epochs} epoch(s) of {prompts} prompts"
+    else:
+        steps, how = "?", "prompt count known after download"
+    source = "SFT's final checkpoint" if config.output.mode == "sft+rl" else config.output.source_checkpoint
+    return [
+        "RL:",
+        f"  starts from {source}",
+        f"  {r.examples_per_step} prompts × {r.num_samples} samples = {r.examples_per_step * r.num_samples} "
+        f"completions/step ({r.examples_per_step // world} prompts per process); {steps} steps ({how})",
+        f"  max_new_tokens={r.max_new_tokens} temperature={r.temperature} top_k={r.top_k}; "
+        f"device_batch_size={r.device_batch_size}",
+        f"  objective: REINFORCE, advantage={r.advantage}, token-level normalisation, kl_coef={r.kl_coef}, "
+        f"updates_per_batch={r.updates_per_batch} (clip_eps={r.clip_eps})",
+        f"  optimizer={r.optimizer} lr(embedding/unembedding/matrix)={r.embedding_lr}/{r.unembedding_lr}/"
+        f"{r.matrix_lr}; schedule {r.lr_schedule}, warmup {r.warmup_ratio:.0%}",
+        f"  eval: {r.eval_examples} problems × {r.eval_k} samples + greedy at step 0, every {r.eval_every} steps "
+        f"and at the end; save every {r.save_every}",
+    ]
+
+
+def _memory_lines(config: Config, params: int | None) -> list[str]:
+    if not params:
+        return ["memory: estimated once the model's size is known"]
+    weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
+    weights = params * weight_bytes
+    gradients = params * weight_bytes
+    optimizer = params * 8  # AdamW keeps two fp32 moments per parameter
+    reference = weights if config.rl.kl_coef > 0 and runs_rl(config) else 0
+    gib = 1024**3
+    total = (weights + gradients + optimizer + reference) / gib
+    return [
+        f"memory (per process, before activations): weights {weights / gib:.2f} GiB + grads {gradients / gib:.2f} "
+        f"+ optimizer {optimizer / gib:.2f} + reference {reference / gib:.2f} = {total:.2f} GiB"
+    ]
+
+
+def render_plan(config: Config, config_path: str, device_note: str | None) -> str:
+    """The whole plan as text. Loads tokenizers and local data, never model weights."""
+    from integration_training import chat
+    from integration_training.data import build_mixture
+
+    t = config.target
+    lines = [f"== plan for {config_path} ==", f"mode: {config.output.mode}   run dir: {run_dir(config)}"]
+    lines.append(
+        f"device: {t.device_type} gpu_ranks={t.gpu_ranks}; {t.processes_per_node} process(es)/node × {t.num_nodes} "
+        f"node(s) = world size {world_size(t)}; parallelism={t.parallelism}"
+    )
+    if device_note:
+        lines.append(f"  NOTE: {device_note} — a real run here would stop before loading anything")
+    model_lines, tokenizer, params = _model_lines(config)
+    lines += model_lines
+    data = config.data
+    lines.append(f"data (shuffle_seed={data.shuffle_seed}, max_length={data.max_length}):")
+    for field in ("sft_mixture", "sft_val_mixture", "rl_mixture", "rl_eval_mixture"):
+        specs = getattr(data, field)
+        if specs:
+            lines += _format_counts(field, count_sources(specs, data.shuffle_seed))
+    sft_offline = all(not _is_hub_source(s) for s in data.sft_mixture)
+    example_text = None
+    if runs_sft(config):
+        sequences, supervised, total = _sft_data_estimate(config, tokenizer, sft_offline, lines)
+        lines += _sft_lines(config, sequences, supervised, total)
+        if tokenizer is not None and sft_offline:
+            mixture = build_mixture(data.sft_mixture, data.shuffle_seed)
+            rendered = chat.render_conversation(tokenizer, list(mixture.examples[0].messages))
+            example_text = chat.format_masked_example(tokenizer, rendered)
+    if runs_rl(config):
+        rl_offline = all(not _is_hub_source(s) for s in data.rl_mixture)
+        prompts = sum(c.selected for c in count_sources(data.rl_mixture, data.shuffle_seed)) if rl_offline else None
+        lines += _rl_lines(config, prompts)
+    lines += _memory_lines(config, params)
+    if example_text is not None:
+        lines += ["one rendered training example (supervised tokens between « and »):", example_text]
+    else:
+        lines.append("rendered example: shown once the tokenizer and data are available (hub sources/model)")
+    return "\n".join(lines)
+
+
+def _sft_data_estimate(config: Config, tokenizer, offline: bool, lines: list[str]) -> tuple[int, int | None, int | None]:
+    """(sequences per epoch, supervised tokens, total tokens) — exact when data and tokenizer are local."""
+    from integration_training import chat
+    from integration_training.data import build_mixture
+
+    data = config.data
+    if not offline:
+        upper = sum(s.max_samples * s.repeat for s in data.sft_mixture if s.max_samples is not None)
+        return upper, None, None
+    mixture = build_mixture(data.sft_mixture, data.shuffle_seed)
+    if tokenizer is None:
+        return len(mixture.examples), None, None
+    rendered, report = chat.render_examples(tokenizer, list(mixture.examples), data.max_length)
+    lines += [f"  rendered {line}" for line in report.lines()]
+    supervised = sum(sum(r.loss_mask) for r in rendered)
+    total = sum(len(r.input_ids) for r in rendered)
+    sequences = len(chat.pack_greedy(rendered, data.max_length)) if config.sft.packing else len(rendered)
+    return sequences, supervised, total
+
+
+def steps_from_epochs(rows: int, epochs: int, per_step: int) -> int:
+    return epochs * max(math.floor(rows / per_step), 1)
+
+
+__all__ = ["render_plan", "count_sources", "UserError"]

@@ -1,0 +1,556 @@
+"""RL stage: nanochat-style on-policy REINFORCE with a group-mean baseline (GRPO-style options).
+
+One step (= one optimizer step unless `updates_per_batch > 1`):
+1. take `examples_per_step` prompts (this rank's round-robin shard; a prompt's whole group stays on one rank);
+2. sample `num_samples` completions per prompt with the rollout engine (KV cache, per-row stop);
+3. reward each completion 0/1 with the example's strict verifier on the decoded text;
+4. advantage = reward − group mean (÷ (group std + eps) for "mean_std"); one scalar per completion;
+5. loss = −Σ_tokens(logp · adv) / #completion tokens of the whole step (over all micro-batches and ranks),
+   plus `kl_coef` × Σ k3(policy ‖ reference) / #tokens when a frozen reference is configured; with
+   `updates_per_batch > 1` the policy term is PPO's clipped ratio objective against the sampler's log-probs.
+Completions are scored exactly as sampled (prompt ids + completion ids, never re-tokenised), and the LM head is
+applied only at positions that predict a completion token (`logits_to_keep` with a boolean mask).
+
+Determinism: the sampling generator is seeded from (shuffle_seed, step, rank), and the prompts of a step are a
+pure function of the step number, so a resumed run replays exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from integration_training.config import Config, RLConfig, to_dict
+from integration_training.data.types import Example
+from integration_training.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STAGE = "rl"
+STD_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------- pure maths
+
+
+def group_advantages(rewards: torch.Tensor, kind: str, eps: float = STD_EPS) -> torch.Tensor:
+    """[prompts, samples] rewards → advantages of the same shape.
+
+    "mean": reward − group mean (nanochat). "mean_std": additionally ÷ (group std + eps) (GRPO; unbiased std).
+    A group whose samples all got the same reward gets exactly 0 advantage (so it contributes no gradient).
+    """
+    assert rewards.ndim == 2 and rewards.shape[1] >= 2, f"need [prompts, samples>=2], got {tuple(rewards.shape)}"
+    rewards = rewards.float()
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    uniform = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)
+    # Subtracting a float mean can leave ±1ulp residue; uniform groups must be exactly zero.
+    centred = centred.masked_fill(uniform, 0.0)
+    if kind == "mean":
+        return centred
+    assert kind == "mean_std", f"unknown advantage kind {kind!r}"
+    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(policy ‖ ref) on policy samples: exp(r) − r − 1 with r = ref − policy (≥ 0)."""
+    delta = ref_logprobs - logprobs
+    return torch.exp(delta) - delta - 1.0
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    normaliser: float,
+    kl_coef: float,
+    clip_eps: float,
+    use_ratio: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one micro-batch; all tensors are flat over its completion tokens.
+
+    `normaliser` is the number of completion tokens of the whole step (all micro-batches, all ranks), so summing
+    the micro-batch losses gives the token-level mean. Returns (loss, detached sums for logging).
+    """
+    assert logprobs.shape == old_logprobs.shape == advantages.shape and logprobs.ndim == 1
+    assert normaliser > 0
+    if use_ratio:
+        # PPO: the ratio against the sampler's policy, clipped so stale batches cannot push too far.
+        ratio = torch.exp(logprobs - old_logprobs)
+        unclipped = ratio * advantages
+        clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+        objective = torch.minimum(unclipped, clipped)
+        clip_count = (clipped < unclipped).float().sum().detach()
+    else:
+        objective = logprobs * advantages  # REINFORCE: gradient adv·∇logp
+        clip_count = logprobs.new_zeros(())
+    loss = -objective.sum() / normaliser
+    kl_sum = logprobs.new_zeros(())
+    if ref_logprobs is not None:
+        kl = k3_kl(logprobs, ref_logprobs)
+        kl_sum = kl.sum().detach()
+        if kl_coef > 0:
+            loss = loss + kl_coef * kl.sum() / normaliser
+    return loss, {"pg_sum": -objective.sum().detach(), "kl_sum": kl_sum, "clip_count": clip_count}
+
+
+# ---------------------------------------------------------------------------------------------------- rollouts → tensors
+
+
+@dataclass(frozen=True)
+class Sequence_:
+    """One sampled completion ready for training."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    old_logprobs: list[float]  # sampler's untempered log-probs of completion_ids
+    advantage: float
+    reward: float
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    input_ids: torch.Tensor  # [B, T] prompt + completion, right-padded
+    attention_mask: torch.Tensor  # [B, T]
+    keep: torch.Tensor  # [B, T] bool: position t predicts a completion token (input_ids[t+1])
+    targets: torch.Tensor  # [n] the completion tokens, flat in row-major order of `keep`
+    old_logprobs: torch.Tensor  # [n]
+    advantages: torch.Tensor  # [n] each completion's advantage repeated over its tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.targets.numel())
+
+
+def build_batch(rows: Sequence[Sequence_], pad_id: int, device: torch.device) -> TrainBatch:
+    """Right-pad prompt+completion rows; mark the positions whose next token is a completion token."""
+    assert rows and all(r.completion_ids for r in rows), "every row needs at least one completion token"
+    width = max(len(r.prompt_ids) + len(r.completion_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    keep = torch.zeros((len(rows), width), dtype=torch.bool)
+    targets, old, adv = [], [], []
+    for b, r in enumerate(rows):
+        assert len(r.old_logprobs) == len(r.completion_ids)
+        p, c = len(r.prompt_ids), len(r.completion_ids)
+        ids[b, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
+        mask[b, : p + c] = 1
+        keep[b, p - 1 : p + c - 1] = True  # position p-1 predicts the first completion token
+        targets += r.completion_ids
+        old += r.old_logprobs
+        adv += [r.advantage] * c
+    batch = TrainBatch(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        keep=keep.to(device),
+        targets=torch.tensor(targets, dtype=torch.long, device=device),
+        old_logprobs=torch.tensor(old, dtype=torch.float32, device=device),
+        advantages=torch.tensor(adv, dtype=torch.float32, device=device),
+    )
+    assert int(batch.keep.sum()) == batch.num_tokens
+    return batch
+
+
+def completion_logprobs(model, batch: TrainBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flat log-probs of the completion tokens (+ optional detached per-token entropy), LM head only where needed."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=batch.keep,
+                use_cache=False)
+    logits = out.logits
+    if logits.ndim == 3:  # a model that ignores a boolean logits_to_keep: select the positions ourselves
+        logits = logits[batch.keep]
+    assert logits.shape[0] == batch.num_tokens, (tuple(logits.shape), batch.num_tokens)
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    logprobs = logp_all.gather(1, batch.targets[:, None]).squeeze(1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+    return logprobs, entropy
+
+
+def make_rows(prompt_ids: Sequence[list[int]], completions, rewards: torch.Tensor, advantages: torch.Tensor,
+              ) -> list[Sequence_]:
+    """Flatten [prompt][sample] into training rows (prompt-major, so a group is contiguous)."""
+    rows = []
+    for p, group in enumerate(completions):
+        for s, completion in enumerate(group):
+            rows.append(Sequence_(list(prompt_ids[p]), list(completion.token_ids), list(completion.logprobs),
+                                  float(advantages[p, s]), float(rewards[p, s])))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- schedule / data
+
+
+def total_steps(rl: RLConfig, num_examples: int) -> int:
+    """num_iterations, or (-1) enough steps to see the RL mixture num_epochs times."""
+    if rl.num_iterations != -1:
+        return rl.num_iterations
+    steps = (rl.num_epochs * num_examples) // rl.examples_per_step
+    if steps < 1:
+        raise UserError(
+            f"rl.num_iterations=-1: {rl.num_epochs} epoch(s) of {num_examples} RL prompts is fewer than one step of "
+            f"rl.examples_per_step={rl.examples_per_step}; use more data or set num_iterations"
+        )
+    return steps
+
+
+def step_prompt_indices(step: int, examples_per_step: int, num_examples: int, seed: int) -> list[int]:
+    """Global indices of the prompts used at `step` (0-based): epoch 0 in mixture order, later epochs reshuffled."""
+    assert num_examples > 0
+    indices = []
+    for position in range(step * examples_per_step, (step + 1) * examples_per_step):
+        epoch, offset = divmod(position, num_examples)
+        order = list(range(num_examples))
+        if epoch > 0:
+            random.Random(f"rl-epoch/{seed}/{epoch}").shuffle(order)
+        indices.append(order[offset])
+    return indices
+
+
+def sampling_seed(seed: int, step: int, rank: int) -> int:
+    """A generator seed per (run seed, step, rank): resumable without saving generator state."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**62)
+
+
+# ---------------------------------------------------------------------------------------------------- model loading
+
+
+def load_policy(init_model: str | Path, model_config, device: torch.device):
+    """(model, tokenizer) from an HF dir, run checkpoint dir, hub id or the offline id; UserError naming the path."""
+    from integration_training.models import load_model, load_tokenizer, resolve_model_path
+
+    name = str(init_model)
+    local = Path(name).expanduser()
+    looks_local = isinstance(init_model, Path) or local.exists() or name.startswith(("/", ".", "~"))
+    if looks_local and not (local / "config.json").is_file():
+        raise UserError(
+            f"RL initial model {local}: not a model directory (missing or no config.json); point "
+            "output.source_checkpoint at an HF save_pretrained dir or a run's checkpoints/sft/step_NNNNNN dir"
+        )
+    path = resolve_model_path(name)
+    try:
+        tokenizer = load_tokenizer(path)
+        model = load_model(path, model_config.dtype, model_config.attn_implementation, device)
+    except UserError:
+        raise
+    except Exception as error:  # corrupt weights etc.: the user must fix the directory
+        raise UserError(f"RL initial model {path}: cannot be loaded ({type(error).__name__}: {error})") from error
+    if model_config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer
+
+
+def load_reference(init_model: str | Path, model_config, device: torch.device):
+    model, _ = load_policy(init_model, model_config, device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- one step
+
+
+@dataclass(frozen=True)
+class StepStats:
+    reward_sum: float
+    num_completions: int
+    num_tokens: int
+    groups_with_correct: int
+    uniform_groups: int
+    num_groups: int
+    loss: float
+    kl: float
+    entropy: float
+    clip_frac: float
+    grad_norm: float
+
+
+def train_on_rows(
+    model,
+    ref_model,
+    optimizer,
+    rows: Sequence[Sequence_],
+    rl: RLConfig,
+    pad_id: int,
+    dist,
+) -> dict[str, float]:
+    """Forward/backward over micro-batches of `device_batch_size` rows, `updates_per_batch` optimizer steps.
+
+    Returns step-level means (over tokens of all ranks): loss, kl, entropy, clip_frac, grad_norm.
+    """
+    from integration_training.distributed import all_reduce_sum, gradient_sync
+
+    device = dist.device
+    batches = [build_batch(rows[i : i + rl.device_batch_size], pad_id, device)
+               for i in range(0, len(rows), rl.device_batch_size)]
+    local_tokens = sum(b.num_tokens for b in batches)
+    global_tokens = int(all_reduce_sum(torch.tensor([float(local_tokens)], device=device), dist).item())
+    # DDP averages gradients over ranks; multiplying by world size turns that average back into the global sum.
+    normaliser = global_tokens / dist.world_size
+    ref_logprobs = []
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_logprobs = [completion_logprobs(ref_model, b)[0] for b in batches]
+    use_ratio = rl.updates_per_batch > 1
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, kl, entropy, clip, grad_norm
+    for update in range(rl.updates_per_batch):
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(batches):
+            with gradient_sync(model, enabled=i == len(batches) - 1):
+                logprobs, entropy = completion_logprobs(model, batch, with_entropy=update == 0)
+                loss, parts = policy_loss(logprobs, batch.old_logprobs, ref_logprobs[i] if ref_model is not None else None,
+                                          batch.advantages, normaliser, rl.kl_coef, rl.clip_eps, use_ratio)
+                loss.backward()
+            sums[0] += loss.detach().double() / rl.updates_per_batch
+            sums[2] += entropy.sum().double() if entropy is not None else 0.0
+            if update == 0:
+                sums[1] += parts["kl_sum"].double()
+            sums[3] += parts["clip_count"].double() / rl.updates_per_batch
+        grad_norm = _clip_gradients(model, rl.grad_clip)
+        sums[4] += grad_norm / rl.updates_per_batch
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    all_reduce_sum(sums, dist)
+    loss_mean = float(sums[0]) / dist.world_size  # each rank's loss already is a share of the global mean
+    return {
+        "loss": loss_mean,
+        "kl": float(sums[1]) / global_tokens,
+        "entropy": float(sums[2]) / global_tokens,
+        "clip_frac": float(sums[3]) / global_tokens,
+        "grad_norm": float(sums[4]) / dist.world_size,
+    }
+
+
+def _clip_gradients(model, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+
+def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, stop_ids: frozenset[int], pad_id: int,
+                 generator: torch.Generator) -> tuple[list[Sequence_], dict[str, float]]:
+    """Sample, reward and compute advantages for this rank's prompts of one step."""
+    from integration_training.chat import render_prompt
+    from integration_training.evaluate import decode
+    from integration_training.rewards import resolve_reward
+    from integration_training.rollout import sample
+
+    prompt_ids = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
+    completions = sample(model, prompt_ids, rl.num_samples, rl.max_new_tokens, rl.temperature, rl.top_k, stop_ids,
+                         pad_id, generator, rl.device_batch_size)
+    rewards = torch.tensor([
+        [float(resolve_reward(e.reward).strict(decode(tokenizer, c.token_ids), e.reference)) for c in group]
+        for e, group in zip(examples, completions, strict=True)
+    ])
+    advantages = group_advantages(rewards, rl.advantage)
+    rows = make_rows(prompt_ids, completions, rewards, advantages)
+    # Sampled tokens' −logp averages to the policy entropy when sampling at temperature 1 (cheap, all rows).
+    sampled_nll = -sum(lp for r in rows for lp in r.old_logprobs)
+    stats = {
+        "reward_sum": float(rewards.sum()),
+        "completions": float(rewards.numel()),
+        "tokens": float(sum(len(r.completion_ids) for r in rows)),
+        "groups_any_correct": float((rewards > 0.5).any(dim=1).sum()),
+        "uniform_groups": float((rewards == rewards[:, :1]).all(dim=1).sum()),
+        "groups": float(rewards.shape[0]),
+        "sampled_nll": sampled_nll,
+        "finished": float(sum(c.finished for g in completions for c in g)),
+    }
+    return rows, stats
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+
+
+def rl_examples(specs, seed: int, what: str) -> list[Example]:
+    from integration_training.data import build_mixture
+
+    examples = build_mixture(specs, seed).examples
+    missing = sorted({e.source for e in examples if e.reward is None})
+    if missing:
+        raise UserError(
+            f"data.{what}: {', '.join(missing)} has no verifier (reward=None); RL needs a task with answers "
+            "or DatasetSpec.reward='module:function'"
+        )
+    if not examples:
+        raise UserError(f"data.{what}: no examples")
+    return examples
+
+
+def drop_overlong(examples: list[Example], tokenizer, max_length: int, max_new_tokens: int, what: str) -> list[Example]:
+    """Prompts that cannot fit prompt + max_new_tokens in max_length are reported (count) and left out."""
+    from integration_training.chat import render_prompt
+
+    budget = max_length - max_new_tokens
+    kept = [e for e in examples if len(render_prompt(tokenizer, list(e.messages[:-1]))) <= budget]
+    if len(kept) < len(examples):
+        logger.warning("data.%s: %d of %d prompts exceed data.max_length - rl.max_new_tokens = %d tokens; left out",
+                       what, len(examples) - len(kept), len(examples), budget)
+    if not kept:
+        raise UserError(f"data.{what}: every prompt is longer than data.max_length - rl.max_new_tokens = {budget} "
+                        "tokens; raise data.max_length or lower rl.max_new_tokens")
+    return kept
+
+
+def run_eval(model, tokenizer, examples: Sequence[Example], rl: RLConfig, seed: int, dist, run_dir: Path, step: int,
+             ) -> dict[str, float]:
+    """The shared harness on this rank's shard of the eval problems; rank 0 aggregates and writes the JSONL."""
+    from integration_training.distributed import shard
+    from integration_training.evaluate import aggregate, eval_records_path, score_problems, write_records
+
+    indices = shard(list(range(len(examples))), dist) if dist.world_size > 1 else list(range(len(examples)))
+    records = score_problems(model, tokenizer, [examples[i] for i in indices], indices, rl.eval_k, rl.temperature,
+                             rl.top_k, rl.max_new_tokens, rl.device_batch_size, seed)
+    if dist.world_size > 1:
+        gathered: list = [None] * dist.world_size
+        torch.distributed.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    result = aggregate(records, rl.eval_k, seed)
+    if dist.is_main:
+        write_records(result, eval_records_path(run_dir, STAGE, step))
+    return result.summary(prefix="eval/")
+
+
+def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) -> Path:
+    """Run the RL stage from `init_model`; return the final RL checkpoint directory."""
+    from integration_training.checkpoint import (
+        capture_rng_state,
+        latest_checkpoint,
+        load_train_state,
+        restore_rng_state,
+        save_checkpoint,
+    )
+    from integration_training.chat import stop_token_ids
+    from integration_training.distributed import any_rank, barrier, init_distributed, unwrap_model, wrap_model
+    from integration_training.metrics import MetricsLogger
+    from integration_training.optim import apply_lr, build_optimizer, lr_multiplier
+    from integration_training.signals import StopRequest
+
+    rl, seed = config.rl, config.data.shuffle_seed
+    run_dir = Path(run_dir)
+    stage_dir = run_dir / "checkpoints" / STAGE
+    dist = init_distributed(config.target)
+    latest = latest_checkpoint(stage_dir) if resume else None
+    if not resume and latest_checkpoint(stage_dir) is not None:
+        raise UserError(f"{stage_dir} already has RL checkpoints; pass --resume to continue, or use a new "
+                        "output.experiment_name")
+    policy, tokenizer = load_policy(latest if latest is not None else init_model, config.model, dist.device)
+    ref_model = load_reference(init_model, config.model, dist.device) if rl.kl_coef > 0 else None
+    stop_ids = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id
+    assert pad_id is not None  # load_tokenizer guarantees one
+
+    train_examples = drop_overlong(rl_examples(config.data.rl_mixture, seed, "rl_mixture"), tokenizer,
+                                   config.data.max_length, rl.max_new_tokens, "rl_mixture")
+    eval_examples = drop_overlong(rl_examples(config.data.rl_eval_mixture, seed, "rl_eval_mixture"), tokenizer,
+                                  config.data.max_length, rl.max_new_tokens, "rl_eval_mixture")[: rl.eval_examples]
+    steps = total_steps(rl, len(train_examples))
+    model = wrap_model(policy, config.target, dist)
+    optimizer = build_optimizer(policy, rl)
+    start = 0
+    if latest is not None:
+        state = load_train_state(latest)
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng_state(state["rng"])
+        start = int(state["step"])
+        assert start == int(latest.name.removeprefix("step_")), f"{latest}: train_state step {start} != dir name"
+        logger.info("RL: resuming from %s (step %d of %d)", latest, start, steps)
+    metrics = MetricsLogger(run_dir, STAGE, dist.is_main, config.output.use_wandb, config.output.wandb_project,
+                            config.output.experiment_name, to_dict(config))
+    metrics.truncate_after(start if latest is not None else -1)
+    per_rank = rl.examples_per_step // dist.world_size
+    logger.info("RL: %d steps × %d prompts × %d samples (%d prompts per rank), %d train / %d eval prompts",
+                steps, rl.examples_per_step, rl.num_samples, per_rank, len(train_examples), len(eval_examples))
+
+    def save(step: int) -> Path:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
+                 "data_position": step * rl.examples_per_step, "total_steps": steps}
+        path = stage_dir / f"step_{step:06d}"
+        if dist.is_main:
+            path = save_checkpoint(stage_dir, step, policy, tokenizer, state)
+        barrier(dist)
+        return path
+
+    final: Path | None = None
+    stop = StopRequest()
+    try:
+        with stop.handle_signals():
+            if start == 0:
+                values = run_eval(policy, tokenizer, eval_examples, rl, seed, dist, run_dir, 0)
+                metrics.log(0, values)
+                logger.info("RL step 0 (baseline): %s", _brief(values))
+            for step in range(start, steps):
+                values = _one_step(model, policy, ref_model, optimizer, tokenizer, train_examples, rl, seed, step,
+                                   steps, stop_ids, pad_id, dist, apply_lr, lr_multiplier)
+                done = step + 1
+                if done % rl.eval_every == 0 or done == steps:
+                    values |= run_eval(policy, tokenizer, eval_examples, rl, seed, dist, run_dir, done)
+                if done % rl.log_every == 0 or done == steps or "eval/pass@1_strict" in values:
+                    metrics.log(done, values)
+                    logger.info("RL step %d/%d: %s", done, steps, _brief(values))
+                stopping = any_rank(stop.requested, dist)
+                if done % rl.save_every == 0 or done == steps or stopping:
+                    final = save(done)
+                if stopping:
+                    logger.warning("RL: stopped at step %d (%s); resume with --resume", done, stop.reason)
+                    return final
+            if final is None:  # resumed at the very end: the final checkpoint already exists
+                final = latest_checkpoint(stage_dir)
+    finally:
+        metrics.close()
+    assert final is not None
+    return final
+
+
+def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed, step, steps, stop_ids, pad_id, dist,
+              apply_lr, lr_multiplier) -> dict[str, float]:
+    from integration_training.distributed import all_reduce_sum, shard
+
+    global_indices = step_prompt_indices(step, rl.examples_per_step, len(examples), seed)
+    mine = [examples[i] for i in shard(global_indices, dist)]
+    generator = torch.Generator(device=dist.device).manual_seed(sampling_seed(seed, step, dist.rank))
+    t0 = time.perf_counter()
+    rows, stats = rollout_step(policy, tokenizer, mine, rl, stop_ids, pad_id, generator)
+    t1 = time.perf_counter()
+    multiplier = lr_multiplier(step, steps, rl)
+    apply_lr(optimizer, multiplier)
+    train = train_on_rows(model, ref_model, optimizer, rows, rl, pad_id, dist)
+    t2 = time.perf_counter()
+    keys = sorted(stats)
+    reduced = all_reduce_sum(torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=dist.device), dist)
+    s = dict(zip(keys, reduced.tolist(), strict=True))
+    gen_seconds, train_seconds = t1 - t0, t2 - t1
+    return {
+        "reward": s["reward_sum"] / s["completions"],
+        f"train_pass@{rl.num_samples}": s["groups_any_correct"] / s["groups"],
+        "uniform_groups": s["uniform_groups"] / s["groups"],
+        "response_tokens": s["tokens"] / s["completions"],
+        "finished": s["finished"] / s["completions"],
+        "loss": train["loss"],
+        "kl": train["kl"],
+        "entropy": train["entropy"],
+        "sampled_nll": s["sampled_nll"] / s["tokens"],
+        "clip_frac": train["clip_frac"],
+        "grad_norm": train["grad_norm"],
+        "lr_multiplier": multiplier,
+        "gen_seconds": gen_seconds,
+        "train_seconds": train_seconds,
+        "tokens_per_s": s["tokens"] / max(gen_seconds + train_seconds, 1e-9),
+    }
+
+
+def _brief(values: dict[str, float]) -> str:
+    shown = ("reward", "loss", "kl", "entropy", "response_tokens", "eval/pass@1_strict", "eval/greedy_strict",
+             "gen_seconds", "train_seconds")
+    return " ".join(f"{k}={values[k]:.4g}" for k in shown if k in values and not math.isnan(values[k]))

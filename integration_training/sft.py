@@ -1,0 +1,463 @@
+"""Supervised fine-tuning: the loop, its data stream, loss, evaluation, checkpoints and exact resume.
+
+Vocabulary used below:
+- a *sequence* (what `batch_size` and `target_examples_per_step` count) is one row of a micro-batch: with
+  `packing=True` a packed row of up to `max_length` tokens holding several conversations (each attending only to
+  itself), with `packing=False` one right-padded conversation;
+- a *step* is one optimizer update over `target_examples_per_step` sequences from all ranks, split into
+  `accumulation = target_examples_per_step / (batch_size × world_size)` micro-batches per rank.
+
+Loss: cross-entropy summed over supervised tokens of every micro-batch of the step, divided by the supervised-token
+count of the whole step over all ranks (counted before any backward), so long and short examples weigh per token
+and a micro-batch without supervised tokens contributes exactly 0 (no 0/0).
+
+Data order is a pure function of (shuffle_seed, epoch): each epoch shuffles the rendered conversations with its own
+seeded permutation, packs them in that order and cuts whole steps (the tail that does not fill a step is skipped
+that epoch and seen in other epochs' orders). The position saved in a checkpoint is just the step number, from
+which (epoch, step within epoch) follows; so a resumed run sees exactly the data an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from integration_training import checkpoint, chat, distributed, metrics, models, optim
+from integration_training.chat import IGNORE_INDEX, Batch, Rendered
+from integration_training.config import Config, SFTConfig, to_dict
+from integration_training.errors import UserError
+from integration_training.signals import StopRequest
+
+logger = logging.getLogger(__name__)
+
+STAGE = "sft"
+
+
+class TrainingDiverged(Exception):
+    """The loss or gradient norm became non-finite; no update from that step was applied or saved."""
+
+    def __init__(self, stage: str, step: int, loss: float, grad_norm: float, last_checkpoint: Path | None) -> None:
+        self.stage, self.step, self.loss, self.grad_norm, self.last_checkpoint = stage, step, loss, grad_norm, last_checkpoint
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        super().__init__(
+            f"{stage} training diverged at step {step}: loss={loss}, grad_norm={grad_norm} (non-finite); the update "
+            f"was not applied; {where}. Lower the learning rates, enable grad_clip, or use float32"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+
+
+def _plain_lm_head(model: nn.Module) -> bool:
+    """True when logits are exactly lm_head(last hidden state) (no soft-capping / scaling), as for Llama/Qwen."""
+    config = model.config
+    return not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", None) in (None, 1.0)
+
+
+class SupervisedTokenLoss(nn.Module):
+    """forward(...) → summed next-token CE over supervised positions (float32 scalar).
+
+    Runs the decoder, keeps only hidden states at supervised positions and applies the LM head to those: the
+    [tokens × vocab] logits of unsupervised tokens (prompts, padding) are never materialised. This module, not the
+    HF model, is what gets wrapped by DDP/FSDP2 so that gradient sync sees a forward through the wrapper.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        supervised = labels != IGNORE_INDEX
+        if _plain_lm_head(self.model):
+            hidden = self.model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+            logits = self.model.get_output_embeddings()(hidden[supervised])
+        else:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            logits = out.logits[supervised]
+        return F.cross_entropy(logits.float(), labels[supervised], reduction="sum")
+
+
+def batch_loss_sum(module: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    return module(
+        batch.input_ids.to(device), batch.labels.to(device), batch.attention_mask.to(device), batch.position_ids.to(device)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def gradient_accumulation(stage: SFTConfig, world_size: int) -> int:
+    per_pass = stage.batch_size * world_size
+    assert stage.target_examples_per_step % per_pass == 0, "config validation guarantees divisibility"
+    return stage.target_examples_per_step // per_pass
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of the conversations for `epoch`: a pure function of (seed, epoch)."""
+    order = list(range(count))
+    random.Random(f"sft/{seed}/{epoch}").shuffle(order)
+    return order
+
+
+def epoch_rows(rendered: Sequence[Rendered], seed: int, epoch: int, packing: bool, max_length: int) -> list[list[Rendered]]:
+    """The epoch's sequences in order; each is a list of conversations (exactly one when not packing)."""
+    ordered = [rendered[i] for i in epoch_order(len(rendered), seed, epoch)]
+    if packing:
+        return chat.pack_greedy(ordered, max_length)
+    return [[r] for r in ordered]
+
+
+@dataclasses.dataclass
+class SFTStream:
+    """Step-indexed access to the training sequences, epochs computed lazily and cached."""
+
+    rendered: list[Rendered]
+    seed: int
+    packing: bool
+    max_length: int
+    sequences_per_step: int
+    _epochs: dict[int, list[list[Rendered]]] = dataclasses.field(default_factory=dict)
+
+    def rows(self, epoch: int) -> list[list[Rendered]]:
+        if epoch not in self._epochs:
+            self._epochs = {epoch: epoch_rows(self.rendered, self.seed, epoch, self.packing, self.max_length)}
+        return self._epochs[epoch]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return len(self.rows(epoch)) // self.sequences_per_step
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, step within epoch) of the 0-based global `step`."""
+        epoch = 0
+        while step >= (n := self.steps_in_epoch(epoch)):
+            assert n > 0, "every epoch has at least one step (checked when the stream is built)"
+            step -= n
+            epoch += 1
+        return epoch, step
+
+    def step_sequences(self, step: int) -> list[list[Rendered]]:
+        epoch, index = self.locate(step)
+        start = index * self.sequences_per_step
+        return self.rows(epoch)[start : start + self.sequences_per_step]
+
+
+def total_steps(stage: SFTConfig, stream: SFTStream) -> int:
+    if stage.num_iterations != -1:
+        return stage.num_iterations
+    return sum(stream.steps_in_epoch(epoch) for epoch in range(stage.num_epochs))
+
+
+def collate(sequences: Sequence[list[Rendered]], packing: bool, pad_id: int) -> Batch:
+    if packing:
+        width = max(sum(len(r) for r in row) for row in sequences)  # trim to the longest row, not max_length
+        return chat.collate_packed(sequences, width, pad_id)
+    assert all(len(row) == 1 for row in sequences)
+    return chat.collate_padded([row[0] for row in sequences], pad_id)
+
+
+def rank_micro_batches(
+    sequences: Sequence[list[Rendered]], batch_size: int, dist: distributed.Dist, packing: bool, pad_id: int
+) -> list[Batch]:
+    """This rank's micro-batches of one step: micro-batch m of rank r holds sequences block (m × world + r)."""
+    per_block = batch_size * dist.world_size
+    assert len(sequences) % per_block == 0
+    return [
+        collate(sequences[m * per_block + dist.rank * batch_size : m * per_block + (dist.rank + 1) * batch_size], packing, pad_id)
+        for m in range(len(sequences) // per_block)
+    ]
+
+
+def validation_batches(
+    rendered: Sequence[Rendered], stage: SFTConfig, max_length: int, dist: distributed.Dist, pad_id: int
+) -> list[Batch]:
+    """The first `eval_steps × batch_size × world_size` validation sequences (fixed order), this rank's share."""
+    rows = chat.pack_greedy(list(rendered), max_length) if stage.packing else [[r] for r in rendered]
+    rows = distributed.shard(rows[: stage.eval_steps * stage.batch_size * dist.world_size], dist)
+    if not rows:
+        raise UserError(
+            f"data.sft_val_mixture: {len(rendered)} usable conversations, fewer than the {dist.world_size} processes; "
+            "add validation rows (max_samples) or use fewer processes"
+        )
+    return [collate(rows[i : i + stage.batch_size], stage.packing, pad_id) for i in range(0, len(rows), stage.batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------- steps
+
+
+@torch.no_grad()
+def validation_loss(module: nn.Module, batches: Sequence[Batch], dist: distributed.Dist) -> float:
+    """Mean per-token loss over the validation batches of all ranks."""
+    was_training = module.training
+    module.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    for batch in batches:
+        totals[0] += batch_loss_sum(module, batch, dist.device).double()
+        totals[1] += batch.num_supervised
+    module.train(was_training)
+    distributed.all_reduce_sum(totals, dist)
+    return float(totals[0] / totals[1].clamp_min(1))
+
+
+def _grad_norm_and_clip(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 grad norm (always reported); clip to `max_norm` when > 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    loss: float
+    grad_norm: float
+    supervised_tokens: int
+    tokens: int
+
+
+def train_step(
+    module: nn.Module,
+    optimizer,
+    params: list[nn.Parameter],
+    micro_batches: Sequence[Batch],
+    tokens: int,
+    lr_multiplier: float,
+    grad_clip: float,
+    dist: distributed.Dist,
+) -> StepResult:
+    """One optimizer update over this rank's micro-batches; the update is skipped when it would be non-finite.
+
+    `tokens`: conversation tokens (no padding) of the whole step over all ranks, for throughput only.
+    """
+    counts = torch.tensor([sum(b.num_supervised for b in micro_batches)], dtype=torch.float64, device=dist.device)
+    supervised = int(distributed.all_reduce_sum(counts, dist)[0])
+    # DDP/FSDP average gradients over ranks; × world_size turns that average back into a sum over the step.
+    scale = dist.world_size / max(supervised, 1)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    for index, batch in enumerate(micro_batches):
+        with distributed.gradient_sync(module, enabled=index == len(micro_batches) - 1):
+            micro_sum = batch_loss_sum(module, batch, dist.device)
+            (micro_sum * scale).backward()
+        loss_sum += micro_sum.detach().double()
+    distributed.all_reduce_sum(loss_sum, dist)
+    loss = float(loss_sum) / max(supervised, 1)
+    grad_norm = float(_grad_norm_and_clip(params, grad_clip))
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optim.apply_lr(optimizer, lr_multiplier)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss, grad_norm=grad_norm, supervised_tokens=supervised, tokens=tokens)
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+def _stage_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / STAGE
+
+
+def _render(tokenizer, specs, config: Config, what: str) -> list[Rendered]:
+    from integration_training.data import build_mixture
+
+    mixture = build_mixture(specs, config.data.shuffle_seed)
+    rendered, report = chat.render_examples(tokenizer, mixture.examples, config.data.max_length)
+    for line in report.lines():
+        logger.info("%s: %s", what, line)
+    if report.dropped:
+        logger.warning(
+            "%s: %d conversations are longer than data.max_length=%d and are not used (see counts above)",
+            what, report.dropped, config.data.max_length,
+        )
+    if not rendered:
+        raise UserError(f"data.{what}: no conversation fits data.max_length={config.data.max_length}; raise it")
+    return rendered
+
+
+def _prepare_model(config: Config, path: str, dist: distributed.Dist) -> nn.Module:
+    model = models.load_model(path, config.model.dtype, config.model.attn_implementation, dist.device)
+    model.config.use_cache = False
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _train_state(step: int, stream: SFTStream, optimizer, dist: distributed.Dist, total: int) -> dict[str, Any]:
+    epoch, epoch_step = stream.locate(step) if step < total else (None, None)
+    return {
+        "stage": STAGE,
+        "step": step,
+        "total_steps": total,
+        "epoch": epoch,  # informative; the data position is derived from `step`
+        "epoch_step": epoch_step,
+        "sequences_per_step": stream.sequences_per_step,
+        "world_size": dist.world_size,
+        "optimizer": optimizer.state_dict(),
+        "rng": checkpoint.capture_rng_state(),
+    }
+
+
+def run_sft(
+    config: Config,
+    run_dir: Path,
+    resume: bool,
+    *,
+    stop: StopRequest | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> Path:
+    """Train per `config.sft`; return the final (or, when stopped, the latest) SFT checkpoint directory.
+
+    `stop`: set by SIGTERM/SIGINT while this runs (installed here); the loop checkpoints at the next step boundary
+    and returns — the caller checks `stop.requested` to tell a stop from completion. `after_step(step)` is called
+    after every completed step (tests use it to request a stop at a given step).
+    """
+    stop = stop if stop is not None else StopRequest()
+    stage = config.sft
+    run_dir = Path(run_dir)
+    dist = distributed.init_distributed(config.target)
+    stage_dir = _stage_dir(run_dir)
+    resume_from = checkpoint.latest_checkpoint(stage_dir) if resume else None
+    if not resume and checkpoint.latest_checkpoint(stage_dir) is not None:
+        raise UserError(f"{stage_dir} already has checkpoints; pass --resume to continue, or pick a new experiment_name")
+
+    torch.manual_seed(config.data.shuffle_seed)  # anything stochastic in the model (dropout) starts reproducibly
+    base_path = models.resolve_model_path(config.model.name)
+    tokenizer = models.load_tokenizer(base_path)
+    model = _prepare_model(config, str(resume_from) if resume_from else base_path, dist)
+    optimizer = optim.build_optimizer(model, stage)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    loss_module = SupervisedTokenLoss(model)
+    train_module = distributed.wrap_model(loss_module, config.target, dist)
+    if config.model.compile:
+        train_module = torch.compile(train_module, dynamic=True)
+
+    accumulation = gradient_accumulation(stage, dist.world_size)
+    stream = SFTStream(
+        rendered=_render(tokenizer, config.data.sft_mixture, config, "sft_mixture"),
+        seed=config.data.shuffle_seed,
+        packing=stage.packing,
+        max_length=config.data.max_length,
+        sequences_per_step=stage.target_examples_per_step,
+    )
+    if stream.steps_in_epoch(0) == 0:
+        raise UserError(
+            f"sft.target_examples_per_step: {stage.target_examples_per_step} sequences per step, but the SFT data "
+            f"gives only {len(stream.rows(0))} sequences per epoch (packing={stage.packing}); add data or lower it"
+        )
+    total = total_steps(stage, stream)
+    val = validation_batches(_render(tokenizer, config.data.sft_val_mixture, config, "sft_val_mixture"), stage, config.data.max_length, dist, tokenizer.pad_token_id)
+
+    step = 0
+    if resume_from is not None:
+        state = checkpoint.load_train_state(resume_from)
+        if state["world_size"] != dist.world_size or state["sequences_per_step"] != stream.sequences_per_step:
+            raise UserError(
+                f"{resume_from}: saved with world_size={state['world_size']} and {state['sequences_per_step']} "
+                f"sequences/step; this run has {dist.world_size} and {stream.sequences_per_step}. Resume with the same "
+                "target and sft.target_examples_per_step"
+            )
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        checkpoint.restore_rng_state(state["rng"])
+        logger.info("resuming SFT from %s (step %d of %d)", resume_from, step, total)
+
+    logger.info(
+        "SFT: %d steps, %d sequences/step (batch_size %d × accumulation %d × world %d), packing=%s, %d conversations",
+        total, stage.target_examples_per_step, stage.batch_size, accumulation, dist.world_size, stage.packing, len(stream.rendered),
+    )
+    metric_log = metrics.MetricsLogger(
+        run_dir, STAGE, dist.is_main, config.output.use_wandb, config.output.wandb_project,
+        config.output.experiment_name, to_dict(config),
+    )
+    if resume_from is not None:
+        metric_log.truncate_after(step)
+    progress = metrics.Progress(total=total, initial=step, is_main=dist.is_main, description="sft")
+    last_saved = resume_from
+
+    def save(at_step: int) -> Path:
+        state = _train_state(at_step, stream, optimizer, dist, total)
+        path = _stage_dir(run_dir) / checkpoint.step_dir_name(at_step)
+        if dist.is_main:
+            path = checkpoint.save_checkpoint(stage_dir, at_step, model, tokenizer, state)
+            logger.info("saved checkpoint %s", path)
+        distributed.barrier(dist)
+        return path
+
+    try:
+        with stop.handle_signals():
+            if step == 0:
+                val_loss = validation_loss(train_module, val, dist)
+                metric_log.log(0, {"val_loss": val_loss})
+                logger.info("step 0: val_loss %.4f", val_loss)
+            while step < total:
+                started = time.perf_counter()
+                multiplier = optim.lr_multiplier(step, total, stage)
+                sequences = stream.step_sequences(step)
+                micro = rank_micro_batches(sequences, stage.batch_size, dist, stage.packing, tokenizer.pad_token_id)
+                assert len(micro) == accumulation
+                tokens = sum(len(r) for row in sequences for r in row)
+                result = train_step(train_module, optimizer, params, micro, tokens, multiplier, stage.grad_clip, dist)
+                if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+                    raise TrainingDiverged(STAGE, step + 1, result.loss, result.grad_norm, last_saved)
+                step += 1
+                elapsed = time.perf_counter() - started
+                last = step == total
+                values: dict[str, Any] = {}
+                if step % stage.log_every == 0 or last:
+                    epoch, _ = stream.locate(step - 1)
+                    values.update(
+                        loss=result.loss,
+                        lr=_matrix_lr(optimizer),
+                        lr_multiplier=multiplier,
+                        grad_norm=result.grad_norm,
+                        supervised_tokens=result.supervised_tokens,
+                        tokens=result.tokens,
+                        tokens_per_s=result.tokens / max(elapsed, 1e-9),
+                        epoch=epoch,
+                    )
+                if step % stage.eval_every == 0 or last:
+                    values["val_loss"] = validation_loss(train_module, val, dist)
+                if values:
+                    metric_log.log(step, values)
+                    logger.info("step %d/%d: %s", step, total, " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+                progress.update({"loss": f"{result.loss:.4f}", "tok/s": f"{result.tokens / max(elapsed, 1e-9):.0f}"})
+                if after_step is not None:
+                    after_step(step)
+                stopping = distributed.any_rank(stop.requested, dist)
+                if last or stopping or step % stage.checkpoint_every == 0:
+                    last_saved = save(step)
+                if stopping and not last:
+                    logger.warning("stopped at step %d/%d (%s); continue with --resume", step, total, stop.reason)
+                    return last_saved
+            if last_saved is None or checkpoint.checkpoint_step(last_saved) != total:
+                last_saved = save(total)  # resumed exactly at the end: make sure the final step exists
+            return last_saved
+    finally:
+        progress.close()
+        metric_log.close()
+
+
+def _matrix_lr(optimizer) -> float:
+    """The LR of the `matrix` group (the bulk of the weights); the others follow the same multiplier."""
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    return float(groups.get("matrix", optimizer.param_groups[0])["lr"])
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

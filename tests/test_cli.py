@@ -1,0 +1,132 @@
+"""deploy.py as a user meets it: exit codes, one-line errors, dry-run plans, refusal to overwrite."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from integration_training import cli
+from integration_training.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def deploy(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    # No network: hub sources must be described, never fetched, by a dry run.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(
+        [sys.executable, str(REPO / "deploy.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_line_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def config_text(**replacements: str) -> str:
+    text = (REPO / "configs" / "00_offline_cpu.py").read_text()
+    for old, new in replacements.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+def test_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from base_config import Config\n\nconfig = Config(\n  target=(\n")
+    result = deploy(str(bad), "--dry-run")
+    assert_one_line_user_error(result, f"{bad}:", "syntax error")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_file_without_config_exits_2(tmp_path):
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    result = deploy(str(empty), "--dry-run")
+    assert_one_line_user_error(result, "defines no `config`")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    assert_one_line_user_error(deploy(str(tmp_path / "nope.py")), "does not exist")
+
+
+def test_missing_field_in_file_names_line_and_field(tmp_path):
+    path = tmp_path / "missing.py"
+    path.write_text(config_text(**{"        master_port=29500,\n": ""}))
+    result = deploy(str(path), "--dry-run")
+    assert_one_line_user_error(result, "TargetConfig.master_port: missing", f"{path}:")
+
+
+def test_validation_reports_all_problems_at_once(tmp_path):
+    path = tmp_path / "many.py"
+    path.write_text(config_text(**{'log_level="INFO"': 'log_level="LOUD"', "batch_size=8,": "batch_size=3,"}))
+    result = deploy(str(path), "--dry-run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "output.log_level" in result.stderr and "sft.target_examples_per_step" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["00_offline_cpu.py", "01_debug_sft_rl.py", "02_nanochat_reference.py"])
+def test_dry_run_of_shipped_configs(name):
+    result = deploy(f"configs/{name}", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "== plan for" in result.stdout and "SFT:" in result.stdout and "RL:" in result.stdout
+
+
+def test_dry_run_of_cuda_config_says_the_device_is_absent():
+    result = deploy("configs/01_debug_sft_rl.py", "--dry-run")
+    assert "no CUDA GPU is visible" in result.stdout
+    assert "downloaded at run time" in result.stdout
+
+
+def test_offline_dry_run_shows_counts_and_a_marked_example():
+    result = deploy("configs/00_offline_cpu.py", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "arithmetic" in result.stdout and "240 selected" in result.stdout
+    assert "«" in result.stdout and "»" in result.stdout
+
+
+def test_real_run_of_cuda_config_without_gpu_exits_2_before_loading(tmp_path):
+    result = deploy(str(REPO / "configs" / "01_debug_sft_rl.py"), cwd=tmp_path)
+    assert_one_line_user_error(result, "no CUDA GPU is visible", "device_type='cpu'")
+    assert not (tmp_path / "results").exists()
+
+
+def test_existing_checkpoints_are_never_overwritten_without_resume(tmp_path):
+    config = cli.load_config_file(REPO / "configs" / "00_offline_cpu.py")
+    import dataclasses
+
+    config = dataclasses.replace(config, output=dataclasses.replace(config.output, save_dir=tmp_path))
+    step = tmp_path / "00_offline_cpu" / "checkpoints" / "sft" / "step_000003"
+    step.mkdir(parents=True)
+    (step / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="--resume"):
+        cli.prepare_run_dir(config, resume=False, is_main=True)
+    run_dir = cli.prepare_run_dir(config, resume=True, is_main=True)
+    assert (run_dir / "config.json").is_file()
+
+
+def test_resume_without_checkpoints_is_refused(tmp_path):
+    import dataclasses
+
+    config = cli.load_config_file(REPO / "configs" / "00_offline_cpu.py")
+    config = dataclasses.replace(config, output=dataclasses.replace(config.output, save_dir=tmp_path))
+    with pytest.raises(UserError, match="no checkpoints"):
+        cli.prepare_run_dir(config, resume=True, is_main=True)
+
+
+def test_torchrun_command_carries_the_rendezvous():
+    import dataclasses
+
+    config = cli.load_config_file(REPO / "configs" / "00_offline_cpu.py")
+    target = dataclasses.replace(config.target, processes_per_node=2, num_nodes=2, node_rank=1, master_port=29555)
+    command = cli.torchrun_command(dataclasses.replace(config, target=target), "configs/x.py", resume=True)
+    for flag in ("--nproc_per_node=2", "--nnodes=2", "--node_rank=1", "--master_port=29555", "--master_addr=127.0.0.1"):
+        assert flag in command
+    assert command[-2:] == ["configs/x.py", "--resume"]

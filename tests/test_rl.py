@@ -1,0 +1,394 @@
+"""RL stage: advantages and loss against hand computation, the SFT→RL hand-off, learning signal, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from integration_training import rl
+from integration_training.config import (
+    Config,
+    DataConfig,
+    DatasetSpec,
+    ModelConfig,
+    OutputConfig,
+    RLConfig,
+    SFTConfig,
+    TargetConfig,
+    validate,
+)
+from integration_training.distributed import Dist
+from integration_training.errors import UserError
+from integration_training.metrics import read_metrics
+
+TARGET_DIGIT = "7"
+PROMPT = "Pick a digit."
+CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
+
+
+# ---------------------------------------------------------------------------------------------------- reward used
+# by the learning-signal test through the "module:function" path
+
+
+def starts_with_reference(completion: str, reference: str) -> float:
+    return 1.0 if completion.strip().startswith(reference) else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from integration_training.models import load_tokenizer, provision_offline_model
+
+    return load_tokenizer(str(provision_offline_model()))
+
+
+def tiny_llama(vocab_size: int, seed: int = 0) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=None,
+        bos_token_id=None, eos_token_id=None,
+    )
+    config._attn_implementation = "sdpa"
+    return transformers.LlamaForCausalLM(config).float()
+
+
+@pytest.fixture(scope="module")
+def digit_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random model whose next token after PROMPT is (almost only) one of the ten digits, ~10% each.
+
+    The LM head rows of the digits point along the prompt's final hidden state and all other rows are zero, so
+    the reward "answer starts with 7" starts near 0.1 and a working policy gradient must concentrate on one row.
+    """
+    from integration_training.chat import render_prompt
+
+    model = tiny_llama(len(tokenizer))
+    prompt = render_prompt(tokenizer, [{"role": "user", "content": PROMPT}])
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0, -1]
+        head = torch.zeros_like(model.lm_head.weight)
+        digits = [tokenizer.encode(str(d), add_special_tokens=False) for d in range(10)]
+        assert all(len(d) == 1 for d in digits)
+        for (token,) in digits:
+            head[token] = 14.0 * hidden / hidden.norm() ** 2  # logit 14 ≫ log(vocab) for each digit
+        model.lm_head.weight.copy_(head)
+    out = tmp_path_factory.mktemp("digit_model")
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def write_digit_data(directory: Path, count: int) -> Path:
+    path = directory / "digits.jsonl"
+    line = {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": TARGET_DIGIT}],
+            "reference": TARGET_DIGIT}
+    path.write_text("".join(json.dumps(line) + "\n" for _ in range(count)))
+    return path
+
+
+def make_config(tmp: Path, model_dir: Path, data: Path, **rl_overrides: Any) -> Config:
+    spec = DatasetSpec(name="custom_json", split="train", subset=None, max_samples=None, repeat=1, path=str(data),
+                       reward=f"{__name__}:starts_with_reference")
+    rl_fields: dict[str, Any] = dict(
+        num_epochs=1, num_iterations=4, examples_per_step=4, num_samples=8, device_batch_size=16, max_new_tokens=2,
+        temperature=1.0, top_k=0, optimizer="adamw", embedding_lr=3e-3, unembedding_lr=3e-3, matrix_lr=3e-3,
+        weight_decay=0.0, init_lr_frac=1.0, warmup_ratio=0.0, lr_schedule="constant", grad_clip=1.0, advantage="mean",
+        kl_coef=0.0, clip_eps=0.2, updates_per_batch=1, eval_every=1000, eval_examples=4, eval_k=2, save_every=1000,
+        log_every=1,
+    )
+    rl_fields.update(rl_overrides)
+    config = Config(
+        target=TargetConfig(gpu_ranks=[], device_type="cpu", processes_per_node=1, parallelism="none", num_nodes=1,
+                            node_rank=0, master_addr="127.0.0.1", master_port=29500),
+        model=ModelConfig(name=str(model_dir), dtype="float32", compile=False, attn_implementation="sdpa",
+                          gradient_checkpointing=False),
+        data=DataConfig(sft_mixture=[spec], sft_val_mixture=[spec], rl_mixture=[spec], rl_eval_mixture=[spec],
+                        max_length=128, shuffle_seed=7),
+        sft=SFTConfig(num_epochs=1, num_iterations=1, batch_size=1, target_examples_per_step=1, optimizer="adamw",
+                      embedding_lr=1e-4, unembedding_lr=1e-4, matrix_lr=1e-4, weight_decay=0.0, init_lr_frac=1.0,
+                      warmup_ratio=0.0, lr_schedule="constant", grad_clip=1.0, packing=False, eval_every=1,
+                      eval_steps=1, checkpoint_every=1, log_every=1),
+        rl=RLConfig(**rl_fields),
+        output=OutputConfig(save_dir=tmp, log_level="INFO", experiment_name="rl_test", use_wandb=False,
+                            wandb_project="x", mode="rl", source_checkpoint=str(model_dir)),
+    )
+    validate(config)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------- advantages
+
+
+def test_mean_advantage_by_hand() -> None:
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    adv = rl.group_advantages(rewards, "mean")
+    expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0], [-0.25, -0.25, -0.25, 0.75]])
+    torch.testing.assert_close(adv, expected)
+    assert bool((adv[1] == 0).all())  # uniform group: exactly zero
+
+
+def test_mean_std_advantage_by_hand() -> None:
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    adv = rl.group_advantages(rewards, "mean_std", eps=1e-6)
+    std = math.sqrt(((0.5**2) * 4) / 3)  # unbiased std of [1, 0, 0, 1]
+    expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4]) / torch.tensor([[std + 1e-6], [1e-6]])
+    torch.testing.assert_close(adv, expected)
+    assert bool((adv[1] == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+
+
+def test_reinforce_loss_token_normalisation_by_hand() -> None:
+    logprobs = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    adv = torch.tensor([0.5, 0.5, -1.0])
+    loss, parts = rl.policy_loss(logprobs, logprobs.detach(), None, adv, normaliser=10.0, kl_coef=0.0, clip_eps=0.2,
+                                 use_ratio=False)
+    assert loss.item() == pytest.approx(-(-1.0 * 0.5 + -2.0 * 0.5 + -0.5 * -1.0) / 10.0)
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, -adv / 10.0)
+    assert parts["kl_sum"].item() == 0.0 and parts["clip_count"].item() == 0.0
+
+
+def test_k3_kl_penalty_by_hand() -> None:
+    logprobs = torch.tensor([-1.0, -3.0], requires_grad=True)
+    ref = torch.tensor([-2.0, -3.0])
+    adv = torch.zeros(2)
+    loss, parts = rl.policy_loss(logprobs, logprobs.detach(), ref, adv, normaliser=4.0, kl_coef=0.5, clip_eps=0.2,
+                                 use_ratio=False)
+    kl0 = math.exp(-1.0) + 1.0 - 1.0  # exp(ref−logp) − (ref−logp) − 1 with ref−logp = −1
+    assert parts["kl_sum"].item() == pytest.approx(kl0)
+    assert loss.item() == pytest.approx(0.5 * kl0 / 4.0)
+    loss.backward()
+    # d/dlogp [exp(r − l) − (r − l) − 1] = −exp(r − l) + 1
+    expected = torch.tensor([0.5 * (1.0 - math.exp(-1.0)) / 4.0, 0.0])
+    torch.testing.assert_close(logprobs.grad, expected)
+
+
+def test_ppo_clipping_by_hand() -> None:
+    old = torch.zeros(4)
+    logprobs = torch.tensor([0.5, 0.5, math.log(0.5), math.log(1.1)], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 1.0, 1.0])
+    loss, parts = rl.policy_loss(logprobs, old, None, adv, normaliser=4.0, kl_coef=0.0, clip_eps=0.2, use_ratio=True)
+    r = math.exp(0.5)
+    # token 0: ratio 1.65 > 1.2 with A>0 → clipped (1.2, no gradient); token 1: A<0 → min picks −1.65 (gradient);
+    # token 2: ratio 0.5 with A>0 → min is the unclipped 0.5; token 3: inside the band.
+    objective = [1.2, -r, 0.5, 1.1]
+    assert loss.item() == pytest.approx(-sum(objective) / 4.0)
+    assert parts["clip_count"].item() == 1.0
+    loss.backward()
+    expected = torch.tensor([0.0, r, -0.5, -1.1]) / 4.0  # −d(ratio·A)/dlogp = −ratio·A
+    torch.testing.assert_close(logprobs.grad, expected)
+
+
+def _rows(tokenizer, rewards: list[list[float]], seed: int = 0) -> list[rl.Sequence_]:
+    """Rows with varied prompt and completion lengths and real sampler log-probs of a tiny model."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [[1, 5, 9, 13, 17][: 2 + p] for p in range(len(rewards))]
+    adv = rl.group_advantages(torch.tensor(rewards), "mean")
+    rows = []
+    for p, group in enumerate(rewards):
+        for s, reward in enumerate(group):
+            length = 1 + int(torch.randint(0, 4, (1,), generator=gen))
+            completion = torch.randint(20, 90, (length,), generator=gen).tolist()
+            rows.append(rl.Sequence_(prompts[p], completion, [-1.0] * length, float(adv[p, s]), reward))
+    return rows
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+class _Capture:
+    """An optimizer stand-in that records the gradients it was asked to apply."""
+
+    def __init__(self, model) -> None:
+        self.model, self.grads = model, None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.model.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.grads = _grads(self.model)
+
+
+def _rl_cfg(**overrides) -> RLConfig:
+    fields: dict[str, Any] = dict(
+        num_epochs=1, num_iterations=1, examples_per_step=2, num_samples=3, device_batch_size=6, max_new_tokens=4,
+        temperature=1.0, top_k=0, optimizer="adamw", embedding_lr=1e-3, unembedding_lr=1e-3, matrix_lr=1e-3,
+        weight_decay=0.0, init_lr_frac=1.0, warmup_ratio=0.0, lr_schedule="constant", grad_clip=0.0,
+        advantage="mean", kl_coef=0.0, clip_eps=0.2, updates_per_batch=1, eval_every=1, eval_examples=1, eval_k=1,
+        save_every=1, log_every=1,
+    )
+    fields.update(overrides)
+    return RLConfig(**fields)
+
+
+def test_token_level_normalisation_across_micro_batches() -> None:
+    model = tiny_llama(96)
+    rows = _rows(None, [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    grads = {}
+    for micro in (1, 2, 6):
+        capture = _Capture(model)
+        rl.train_on_rows(model, None, capture, rows, _rl_cfg(device_batch_size=micro), pad_id=0, dist=CPU)
+        grads[micro] = capture.grads
+    # By hand: one batch, −Σ_all tokens logp·adv / total tokens.
+    model.zero_grad()
+    batch = rl.build_batch(rows, 0, torch.device("cpu"))
+    logprobs, _ = rl.completion_logprobs(model, batch)
+    (-(logprobs * batch.advantages).sum() / batch.num_tokens).backward()
+    by_hand = _grads(model)
+    for micro, got in grads.items():
+        for name in by_hand:
+            torch.testing.assert_close(got[name], by_hand[name], rtol=1e-4, atol=1e-7, msg=f"micro={micro} {name}")
+
+
+def test_completion_logprobs_match_full_forward() -> None:
+    model = tiny_llama(96).eval()
+    rows = _rows(None, [[1.0, 0.0, 1.0]])
+    batch = rl.build_batch(rows, 0, torch.device("cpu"))
+    with torch.no_grad():
+        flat, entropy = rl.completion_logprobs(model, batch, with_entropy=True)
+        full = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, -1)
+    expected = []
+    for b, r in enumerate(rows):
+        p = len(r.prompt_ids)
+        expected += [full[b, p - 1 + i, t].item() for i, t in enumerate(r.completion_ids)]
+    torch.testing.assert_close(flat, torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    assert entropy is not None and bool((entropy > 0).all())
+
+
+def test_uniform_reward_groups_give_exactly_zero_gradient() -> None:
+    model = tiny_llama(96)
+    rows = _rows(None, [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    assert all(r.advantage == 0.0 for r in rows)
+    for cfg in (_rl_cfg(), _rl_cfg(advantage="mean_std"), _rl_cfg(updates_per_batch=2)):
+        capture = _Capture(model)
+        rl.train_on_rows(model, None, capture, rows, cfg, pad_id=0, dist=CPU)
+        assert all(bool((g == 0).all()) for g in capture.grads.values())
+
+
+def test_kl_penalty_gradient_when_policy_differs_from_reference() -> None:
+    model, ref = tiny_llama(96, seed=0), tiny_llama(96, seed=1)
+    rows = _rows(None, [[1.0, 1.0, 1.0]])  # no policy-gradient signal: only KL moves the weights
+    capture = _Capture(model)
+    stats = rl.train_on_rows(model, ref, capture, rows, _rl_cfg(kl_coef=0.1), pad_id=0, dist=CPU)
+    assert stats["kl"] > 0
+    assert any(bool((g != 0).any()) for g in capture.grads.values())
+    same = _Capture(model)
+    stats_same = rl.train_on_rows(model, model, same, rows, _rl_cfg(kl_coef=0.1), pad_id=0, dist=CPU)
+    assert stats_same["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- schedule
+
+
+def test_total_steps_and_prompt_order() -> None:
+    assert rl.total_steps(_rl_cfg(num_iterations=-1, num_epochs=2, examples_per_step=4), 10) == 5
+    assert rl.total_steps(_rl_cfg(num_iterations=3), 10) == 3
+    with pytest.raises(UserError, match="num_iterations"):
+        rl.total_steps(_rl_cfg(num_iterations=-1, examples_per_step=4), 3)
+    first_epoch = [i for s in range(3) for i in rl.step_prompt_indices(s, 2, 6, seed=0)]
+    assert first_epoch == list(range(6))
+    second_epoch = [i for s in range(3, 6) for i in rl.step_prompt_indices(s, 2, 6, seed=0)]
+    assert sorted(second_epoch) == list(range(6))
+
+
+# ---------------------------------------------------------------------------------------------------- stage runs
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_handoff_loads_exact_sft_weights(digit_model_dir: Path) -> None:
+    model, tokenizer = rl.load_policy(digit_model_dir, ModelConfig(
+        name="unused", dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False),
+        torch.device("cpu"))
+    saved = _weights(digit_model_dir)
+    state = model.state_dict()
+    assert set(saved) <= set(state)
+    assert all(torch.equal(state[name], tensor) for name, tensor in saved.items())
+    assert tokenizer.pad_token_id is not None
+
+
+def test_missing_init_model_is_user_error_naming_path(tmp_path: Path) -> None:
+    cfg = ModelConfig(name="x", dtype="float32", compile=False, attn_implementation="sdpa",
+                      gradient_checkpointing=False)
+    missing = tmp_path / "nope" / "step_000010"
+    with pytest.raises(UserError, match="step_000010"):
+        rl.load_policy(missing, cfg, torch.device("cpu"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty"):
+        rl.load_policy(tmp_path / "empty", cfg, torch.device("cpu"))
+
+
+def test_learning_signal_reward_rises(tmp_path: Path, digit_model_dir: Path) -> None:
+    data = write_digit_data(tmp_path, 64)
+    config = make_config(tmp_path, digit_model_dir, data, num_iterations=16, eval_every=1000, max_new_tokens=1,
+                         embedding_lr=1e-2, unembedding_lr=1e-2, matrix_lr=1e-2)
+    final = rl.run_rl(config, tmp_path / "run", digit_model_dir, resume=False)
+    rows = read_metrics(tmp_path / "run", "rl")
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    assert rewards[0] < 0.2, rewards
+    assert max(rewards[-3:]) > 0.8 and rewards[-1] > 0.8, rewards
+    baseline, end = rows[0], rows[-1]
+    assert baseline["step"] == 0 and "eval/pass@1_strict" in baseline
+    assert end["eval/pass@1_strict"] > baseline["eval/pass@1_strict"]
+    assert {"loss", "kl", "entropy", "response_tokens", "tokens_per_s", "gen_seconds", "train_seconds"} <= set(end)
+    assert final.name == "step_000016" and (tmp_path / "run" / "eval" / "rl_step_000016.jsonl").is_file()
+
+
+def test_resume_is_bitwise_and_metrics_have_no_gaps(tmp_path: Path, digit_model_dir: Path, monkeypatch) -> None:
+    data = write_digit_data(tmp_path, 64)
+    kwargs = dict(num_iterations=4, save_every=1, eval_every=2, max_new_tokens=2, updates_per_batch=2,
+                  kl_coef=0.05, advantage="mean_std")
+    straight = make_config(tmp_path / "a", digit_model_dir, data, **kwargs)
+    final_a = rl.run_rl(straight, tmp_path / "a" / "run", digit_model_dir, resume=False)
+
+    # Interrupted run: a stop request after step 2 (what SIGTERM does), then --resume.
+    broken = make_config(tmp_path / "b", digit_model_dir, data, **kwargs)
+    run_b = tmp_path / "b" / "run"
+    real_one_step = rl._one_step
+
+    def one_step_then_stop(*args, **kw):
+        values = real_one_step(*args, **kw)
+        if args[8] == 1:  # the 0-based step index: stop after step 2 has been trained
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+        return values
+
+    monkeypatch.setattr(rl, "_one_step", one_step_then_stop)
+    stopped = rl.run_rl(broken, run_b, digit_model_dir, resume=False)
+    assert stopped.name == "step_000002"
+    # Simulate a crash after step 3's metrics line was written but before its checkpoint: resume must drop it.
+    with open(run_b / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"stage": "rl", "step": 3, "reward": -1}) + "\n")
+    monkeypatch.setattr(rl, "_one_step", real_one_step)
+    with pytest.raises(UserError, match="--resume"):
+        rl.run_rl(broken, run_b, digit_model_dir, resume=False)
+    final_b = rl.run_rl(broken, run_b, digit_model_dir, resume=True)
+
+    a, b = _weights(final_a), _weights(final_b)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    steps_a = [r["step"] for r in read_metrics(tmp_path / "a" / "run", "rl")]
+    steps_b = [r["step"] for r in read_metrics(run_b, "rl")]
+    assert steps_a == steps_b == [0, 1, 2, 3, 4]
+    timing = {"gen_seconds", "train_seconds", "tokens_per_s"}
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+    assert strip(read_metrics(tmp_path / "a" / "run", "rl")) == strip(read_metrics(run_b, "rl"))
