@@ -39,10 +39,13 @@ def checkpoint_step(path: Path) -> int:
     return int(match.group(1))
 
 
-def save_checkpoint(stage_dir: Path, step: int, model, tokenizer, train_state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    stage_dir: Path, step: int, model, tokenizer, train_state: dict[str, Any], *, state_dict: dict | None = None
+) -> Path:
     """Write model, tokenizer and train state for `step`; return the final directory.
 
     Call on the main rank only. Re-saving an existing step (a resumed run reaching the same step) replaces it.
+    `state_dict`: the model weights to write instead of `model`'s own (FSDP2 gathers full weights first).
     """
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -51,7 +54,7 @@ def save_checkpoint(stage_dir: Path, step: int, model, tokenizer, train_state: d
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    model.save_pretrained(str(staging))
+    model.save_pretrained(str(staging), state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(staging))
     torch.save(train_state, staging / TRAIN_STATE)

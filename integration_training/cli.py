@@ -244,11 +244,17 @@ def _run(config: Config, args: argparse.Namespace) -> int:
 
 def dispatch(config: Config, run_dir: Path, resume: bool) -> None:
     """Run the stages `output.mode` names; RL in sft+rl starts from SFT's final checkpoint."""
+    from integration_training.signals import StopRequest
+
     init_model = config.output.source_checkpoint
     if runs_sft(config):
         from integration_training.sft import run_sft
 
-        init_model = str(run_sft(config, run_dir, resume))
+        stop = StopRequest()
+        init_model = str(run_sft(config, run_dir, resume, stop=stop))
+        if stop.requested:  # SIGTERM/SIGINT during SFT: checkpointed; RL must not start on a half-trained model
+            log.warning("stopped during SFT (%s); continue with: python deploy.py CONFIG --resume", stop.reason)
+            return
     if runs_rl(config):
         from integration_training.rl import run_rl
 

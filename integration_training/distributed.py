@@ -79,6 +79,27 @@ def init_distributed(target: TargetConfig) -> Dist:
     return Dist(rank=rank, local_rank=local_rank, world_size=world, device=device, is_main=rank == 0)
 
 
+def check_port_free(master_addr: str, master_port: int) -> None:
+    """Refuse a rendezvous port that something on this machine already listens on (a stale run, another job).
+
+    Only checks addresses this machine owns; a remote master_addr cannot be probed from here and is skipped.
+    """
+    import errno
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((master_addr, master_port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise UserError(
+                    f"target.master_port: {master_addr}:{master_port} is already in use (another run?); "
+                    "pick a free port or stop the other process"
+                ) from error
+            if error.errno not in (errno.EADDRNOTAVAIL, errno.EINVAL):
+                raise
+
+
 def destroy_distributed(dist: Dist) -> None:
     if dist.world_size > 1 and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
@@ -165,3 +186,37 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
             inner.set_requires_gradient_sync(True)
     else:
         yield
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP2 state
+
+
+def is_sharded(target: TargetConfig, dist: Dist) -> bool:
+    """True when parameters (and optimizer state) are FSDP2 shards, so checkpoints must gather them first."""
+    return target.parallelism == "fsdp2" and dist.world_size > 1
+
+
+def full_model_state(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """Gather the full (unsharded) state dict on rank 0 (CPU); other ranks get {}. Call on every rank.
+
+    `prefix` is stripped from the keys (the HF model's name inside the wrapping loss module, e.g. "model.").
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {key.removeprefix(prefix): value for key, value in state.items()}
+
+
+def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state gathered to rank 0 (CPU), keyed by parameter name. Call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of `full_optimizer_state`: rank 0 passes the loaded state, other ranks {}; rank 0 broadcasts it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=options)

@@ -48,10 +48,10 @@ class ProblemRecord:
     prompt: list[dict[str, str]]
     reference: str | None
     reward: str
-    greedy: str
-    greedy_strict: float
-    greedy_lenient: float
-    greedy_tokens: int
+    greedy: str | None  # None when the greedy pass was skipped (CLI --no-greedy)
+    greedy_strict: float | None
+    greedy_lenient: float | None
+    greedy_tokens: int | None
     completions: list[str]
     strict: list[float]
     lenient: list[float]
@@ -114,14 +114,16 @@ def aggregate(problems: Sequence[ProblemRecord], k: int, seed: int = 0) -> EvalR
     """Pure: per-problem records → aggregated metrics with intervals."""
     assert problems, "nothing to aggregate"
     assert all(len(p.strict) == k for p in problems), "every problem needs exactly k samples"
-    columns: dict[str, list[float]] = {"greedy_strict": [], "greedy_lenient": []}
+    with_greedy = all(p.greedy_strict is not None for p in problems)
+    columns: dict[str, list[float]] = {"greedy_strict": [], "greedy_lenient": []} if with_greedy else {}
     ks = sorted({1, k})
     for j in ks:
         columns[f"pass@{j}_strict"] = []
         columns[f"pass@{j}_lenient"] = []
     for p in problems:
-        columns["greedy_strict"].append(float(p.greedy_strict > CORRECT_THRESHOLD))
-        columns["greedy_lenient"].append(float(p.greedy_lenient > CORRECT_THRESHOLD))
+        if with_greedy:
+            columns["greedy_strict"].append(float(p.greedy_strict > CORRECT_THRESHOLD))
+            columns["greedy_lenient"].append(float(p.greedy_lenient > CORRECT_THRESHOLD))
         for mode, rewards in (("strict", p.strict), ("lenient", p.lenient)):
             correct = sum(r > CORRECT_THRESHOLD for r in rewards)
             for j in ks:
@@ -150,10 +152,11 @@ def evaluate(
     max_new_tokens: int,
     batch_size: int,
     seed: int,
+    greedy: bool = True,
 ) -> EvalResult:
     """Score `examples` (greedy + k samples each) and aggregate; see the module docstring."""
     records = score_problems(model, tokenizer, examples, range(len(examples)), k, temperature, top_k,
-                             max_new_tokens, batch_size, seed)
+                             max_new_tokens, batch_size, seed, greedy)
     return aggregate(records, k, seed)
 
 
@@ -168,6 +171,7 @@ def score_problems(
     max_new_tokens: int,
     batch_size: int,
     seed: int,
+    greedy: bool = True,
 ) -> list[ProblemRecord]:
     """Per-problem records; `indices` are the problems' global numbers (kept in the records for ordering)."""
     from integration_training.chat import render_prompt, stop_token_ids
@@ -188,15 +192,18 @@ def score_problems(
     pad = _pad_id(tokenizer)
     # Greedy first, then samples, each from its own seeded generator: results do not depend on batch layout
     # across the two phases, and the same seed gives the same numbers.
-    greedy = sample(model, prompts, 1, max_new_tokens, 0.0, 0, stops, pad,
-                    torch.Generator(device=device).manual_seed(seed), batch_size)
+    greedy_out = None
+    if greedy:
+        greedy_out = sample(model, prompts, 1, max_new_tokens, 0.0, 0, stops, pad,
+                            torch.Generator(device=device).manual_seed(seed), batch_size)
     sampled = sample(model, prompts, k, max_new_tokens, temperature, top_k, stops, pad,
                      torch.Generator(device=device).manual_seed(seed + 1), batch_size)
     letters = _letter_choices(model, tokenizer, examples, prompts, batch_size)
     records = []
     for i, example in enumerate(examples):
         verifier = resolve_reward(example.reward)
-        g_text = decode(tokenizer, greedy[i][0].token_ids)
+        g_ids = greedy_out[i][0].token_ids if greedy_out is not None else None
+        g_text = decode(tokenizer, g_ids) if g_ids is not None else None
         texts = [decode(tokenizer, c.token_ids) for c in sampled[i]]
         letter = letters.get(i)
         records.append(ProblemRecord(
@@ -206,9 +213,9 @@ def score_problems(
             reference=example.reference,
             reward=example.reward,
             greedy=g_text,
-            greedy_strict=float(verifier.strict(g_text, example.reference)),
-            greedy_lenient=float(verifier.lenient(g_text, example.reference)),
-            greedy_tokens=len(greedy[i][0].token_ids),
+            greedy_strict=None if g_text is None else float(verifier.strict(g_text, example.reference)),
+            greedy_lenient=None if g_text is None else float(verifier.lenient(g_text, example.reference)),
+            greedy_tokens=None if g_ids is None else len(g_ids),
             completions=texts,
             strict=[float(verifier.strict(t, example.reference)) for t in texts],
             lenient=[float(verifier.lenient(t, example.reference)) for t in texts],
@@ -333,6 +340,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-greedy", action="store_true", help="skip the greedy pass (halves the prompt work)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--out", default=None, help="JSON results file (default: eval_results.json)")
@@ -384,7 +392,7 @@ def run_cli(args: argparse.Namespace) -> dict:
     model = load_model(path, args.dtype, "sdpa", device)
     start = time.perf_counter()
     result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.top_k, args.max_new_tokens,
-                      args.batch_size, args.seed)
+                      args.batch_size, args.seed, greedy=not args.no_greedy)
     seconds = time.perf_counter() - start
     settings = {key: getattr(args, key) for key in vars(args)} | {"seconds": seconds, "device": str(device)}
     payload = result_to_json(result, settings)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,7 @@ def _start_wandb(run_dir: Path, stage: str, project: str, experiment_name: str, 
     if id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
     return wandb.init(
         project=project,

@@ -298,7 +298,9 @@ def _prepare_model(config: Config, path: str, dist: distributed.Dist) -> nn.Modu
     return model
 
 
-def _train_state(step: int, stream: SFTStream, optimizer, dist: distributed.Dist, total: int) -> dict[str, Any]:
+def _train_state(
+    step: int, stream: SFTStream, optimizer_state: dict, dist: distributed.Dist, total: int, parallelism: str
+) -> dict[str, Any]:
     epoch, epoch_step = stream.locate(step) if step < total else (None, None)
     return {
         "stage": STAGE,
@@ -308,7 +310,8 @@ def _train_state(step: int, stream: SFTStream, optimizer, dist: distributed.Dist
         "epoch_step": epoch_step,
         "sequences_per_step": stream.sequences_per_step,
         "world_size": dist.world_size,
-        "optimizer": optimizer.state_dict(),
+        "parallelism": parallelism,  # FSDP2 saves the optimizer state keyed by parameter name, others by index
+        "optimizer": optimizer_state,
         "rng": checkpoint.capture_rng_state(),
     }
 
@@ -325,7 +328,7 @@ def run_sft(
 
     `stop`: set by SIGTERM/SIGINT while this runs (installed here); the loop checkpoints at the next step boundary
     and returns — the caller checks `stop.requested` to tell a stop from completion. `after_step(step)` is called
-    after every completed step (tests use it to request a stop at a given step).
+    after every completed step, before that step's checkpoint (tests use it to stop or crash at a given step).
     """
     stop = stop if stop is not None else StopRequest()
     stage = config.sft
@@ -340,10 +343,17 @@ def run_sft(
     base_path = models.resolve_model_path(config.model.name)
     tokenizer = models.load_tokenizer(base_path)
     model = _prepare_model(config, str(resume_from) if resume_from else base_path, dist)
-    optimizer = optim.build_optimizer(model, stage)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = distributed.is_sharded(config.target, dist)
+    if sharded and stage.optimizer == "muon":
+        raise UserError(
+            "sft.optimizer: 'muon' orthogonalises whole matrices but target.parallelism='fsdp2' shards them; "
+            "use parallelism='ddp' or optimizer='adamw'"
+        )
     loss_module = SupervisedTokenLoss(model)
     train_module = distributed.wrap_model(loss_module, config.target, dist)
+    # After wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold.
+    optimizer = optim.build_optimizer(model, stage)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     if config.model.compile:
         train_module = torch.compile(train_module, dynamic=True)
 
@@ -366,13 +376,17 @@ def run_sft(
     step = 0
     if resume_from is not None:
         state = checkpoint.load_train_state(resume_from)
-        if state["world_size"] != dist.world_size or state["sequences_per_step"] != stream.sequences_per_step:
+        saved = (state["world_size"], state["parallelism"], state["sequences_per_step"])
+        now = (dist.world_size, config.target.parallelism, stream.sequences_per_step)
+        if saved != now:
             raise UserError(
-                f"{resume_from}: saved with world_size={state['world_size']} and {state['sequences_per_step']} "
-                f"sequences/step; this run has {dist.world_size} and {stream.sequences_per_step}. Resume with the same "
-                "target and sft.target_examples_per_step"
+                f"{resume_from}: saved with (world_size, parallelism, sequences/step) = {saved}, this run has {now}; "
+                "resume with the same target and sft.target_examples_per_step"
             )
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            distributed.load_full_optimizer_state(train_module, optimizer, state["optimizer"] if dist.is_main else {})
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         checkpoint.restore_rng_state(state["rng"])
         logger.info("resuming SFT from %s (step %d of %d)", resume_from, step, total)
@@ -391,10 +405,16 @@ def run_sft(
     last_saved = resume_from
 
     def save(at_step: int) -> Path:
-        state = _train_state(at_step, stream, optimizer, dist, total)
+        weights = None
+        if sharded:  # every rank takes part in gathering the shards; rank 0 writes
+            weights = distributed.full_model_state(loss_module, prefix="model.")
+            optimizer_state = distributed.full_optimizer_state(loss_module, optimizer)
+        else:
+            optimizer_state = optimizer.state_dict()
+        state = _train_state(at_step, stream, optimizer_state, dist, total, config.target.parallelism)
         path = _stage_dir(run_dir) / checkpoint.step_dir_name(at_step)
         if dist.is_main:
-            path = checkpoint.save_checkpoint(stage_dir, at_step, model, tokenizer, state)
+            path = checkpoint.save_checkpoint(stage_dir, at_step, model, tokenizer, state, state_dict=weights)
             logger.info("saved checkpoint %s", path)
         distributed.barrier(dist)
         return path

@@ -106,6 +106,7 @@ def test_existing_checkpoints_are_never_overwritten_without_resume(tmp_path):
     step = tmp_path / "00_offline_cpu" / "checkpoints" / "sft" / "step_000003"
     step.mkdir(parents=True)
     (step / "config.json").write_text("{}")
+    (step / "train_state.pt").write_bytes(b"")  # presence marks a complete checkpoint
     with pytest.raises(UserError, match="--resume"):
         cli.prepare_run_dir(config, resume=False, is_main=True)
     run_dir = cli.prepare_run_dir(config, resume=True, is_main=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -107,7 +108,7 @@ def test_muon_uses_torch_muon_for_matrices_and_state_round_trips():
     assert [g["name"] for g in muon.param_groups] == ["matrix"]
     assert "matrix" not in [g["name"] for g in adamw.param_groups]
     one_step(model, opt)
-    state = opt.state_dict()
+    state = copy.deepcopy(opt.state_dict())  # load_state_dict aliases same-device tensors
 
     twin = tiny_model(VOCAB, 0)
     twin.load_state_dict(model.state_dict())

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from helpers import smollm2_tokenizer  # also pins torch to one thread (faster for tiny models on 2 cores)
 from integration_training import rl
 from integration_training.config import (
     Config,
@@ -45,9 +46,7 @@ def starts_with_reference(completion: str, reference: str) -> float:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from integration_training.models import load_tokenizer, provision_offline_model
-
-    return load_tokenizer(str(provision_offline_model()))
+    return smollm2_tokenizer()
 
 
 def tiny_llama(vocab_size: int, seed: int = 0) -> transformers.LlamaForCausalLM:
@@ -351,7 +350,7 @@ def test_learning_signal_reward_rises(tmp_path: Path, digit_model_dir: Path) -> 
 
 def test_resume_is_bitwise_and_metrics_have_no_gaps(tmp_path: Path, digit_model_dir: Path, monkeypatch) -> None:
     data = write_digit_data(tmp_path, 64)
-    kwargs = dict(num_iterations=4, save_every=1, eval_every=2, max_new_tokens=2, updates_per_batch=2,
+    kwargs = dict(num_iterations=4, save_every=2, eval_every=2, max_new_tokens=2, updates_per_batch=2,
                   kl_coef=0.05, advantage="mean_std")
     straight = make_config(tmp_path / "a", digit_model_dir, data, **kwargs)
     final_a = rl.run_rl(straight, tmp_path / "a" / "run", digit_model_dir, resume=False)

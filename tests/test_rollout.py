@@ -14,6 +14,16 @@ PAD = 0
 PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [11, 3], [60, 61, 62, 63, 64], [8]]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    # The tiny model's ops are too small to gain from threads, and on a shared CPU thread contention makes
+    # them many times slower; restore the setting for other modules.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
