@@ -28,6 +28,9 @@ from integration_training.errors import UserError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
 TORCHRUN_MARKER = "INTEGRATION_TRAINING_UNDER_TORCHRUN"
+# Set by the relaunching parent: a file where ranks append the user errors they hit (one JSON line each), so that the
+# parent can exit 2 with the message instead of torchrun's generic "child failed" (exit 1).
+USER_ERROR_FILE = "INTEGRATION_TRAINING_USER_ERROR_FILE"
 log = logging.getLogger("integration_training")
 
 
@@ -58,6 +61,13 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _user_error(message: str) -> int:
+    report_to = os.environ.get(USER_ERROR_FILE)
+    if report_to and TORCHRUN_MARKER in os.environ:
+        # A rank under torchrun: the parent prints the message once for all ranks. Exiting 2 now (instead of
+        # waiting in a collective) makes torchrun stop the other ranks promptly.
+        with open(report_to, "a") as sink:
+            sink.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "message": message}) + "\n")
+        return EXIT_USER_ERROR
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USER_ERROR
 
@@ -163,17 +173,45 @@ def torchrun_command(config: Config, config_path: str, resume: bool) -> list[str
 
 
 def _relaunch_under_torchrun(config: Config, args: argparse.Namespace) -> int:
+    """Run this node's processes under torchrun and wait; exit 2 when any rank reported a user error.
+
+    torchrun stops every rank as soon as one exits non-zero (so a crash never leaves the others hanging in a
+    collective) and then exits 1 whatever the cause; the ranks' user-error file tells the two cases apart.
+    SIGTERM/SIGINT sent to this process are passed on, so the ranks checkpoint and stop rather than being orphaned.
+    """
+    import signal
     import subprocess
+    import tempfile
 
     from integration_training.distributed import check_port_free
 
-    if config.target.node_rank == 0:
+    if config.target.node_rank == 0:  # only the master node binds master_port
         check_port_free(config.target.master_addr, config.target.master_port)
-    environment = dict(os.environ, **{TORCHRUN_MARKER: "1"})
-    result = subprocess.run(torchrun_command(config, args.config, args.resume), env=environment)
-    if result.returncode == EXIT_USER_ERROR:
+    with tempfile.TemporaryDirectory(prefix="integration_training-") as scratch:
+        errors = Path(scratch) / "user_errors.jsonl"
+        environment = dict(os.environ, **{TORCHRUN_MARKER: "1", USER_ERROR_FILE: str(errors)})
+        child = subprocess.Popen(torchrun_command(config, args.config, args.resume), env=environment)
+        forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            returncode = child.wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        messages = _reported_user_errors(errors)
+    if messages:
+        for message in messages:
+            print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
-    return EXIT_OK if result.returncode == 0 else EXIT_FAILURE
+    return EXIT_OK if returncode == 0 else EXIT_FAILURE
+
+
+def _reported_user_errors(path: Path) -> list[str]:
+    """The distinct messages ranks wrote (every rank usually hits the same one), in first-reported order."""
+    if not path.is_file():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return list(dict.fromkeys(entry["message"] for entry in lines))
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -250,11 +288,15 @@ def dispatch(config: Config, run_dir: Path, resume: bool) -> None:
     if runs_sft(config):
         from integration_training.sft import run_sft
 
+        if config.data.rl_eval_mixture:
+            held_out_eval(config, run_dir, config.model.name, "baseline", 0)
         stop = StopRequest()
         init_model = str(run_sft(config, run_dir, resume, stop=stop))
         if stop.requested:  # SIGTERM/SIGINT during SFT: checkpointed; RL must not start on a half-trained model
             log.warning("stopped during SFT (%s); continue with: python deploy.py CONFIG --resume", stop.reason)
             return
+        if config.data.rl_eval_mixture and not runs_rl(config):
+            held_out_eval(config, run_dir, init_model, "sft", _checkpoint_step(Path(init_model)))
     if runs_rl(config):
         from integration_training.rl import run_rl
 
@@ -271,3 +313,31 @@ def _has_checkpoints(stage_dir: Path) -> bool:
     from integration_training.checkpoint import latest_checkpoint
 
     return latest_checkpoint(stage_dir) is not None
+
+
+def _checkpoint_step(path: Path) -> int:
+    from integration_training.checkpoint import checkpoint_step
+
+    return checkpoint_step(path)
+
+
+def held_out_eval(config: Config, run_dir: Path, model_name: str, stage: str, step: int) -> None:
+    """Evaluate a model on `rl_eval_mixture` with RL's eval settings; records go to eval/{stage}_step_N.jsonl.
+
+    The baseline before SFT and the after-SFT score of an SFT-only run use the very harness and problems that RL
+    evaluates with, so the final table compares like with like. Skipped when the file exists (a resumed run).
+    """
+    from integration_training.distributed import barrier, init_distributed
+    from integration_training.evaluate import eval_records_path
+    from integration_training.rl import drop_overlong, load_policy, rl_examples, run_eval
+
+    if eval_records_path(run_dir, stage, step).is_file():
+        return
+    rl, seed = config.rl, config.data.shuffle_seed
+    dist = init_distributed(config.target)
+    model, tokenizer = load_policy(model_name, config.model, dist.device)
+    problems = rl_examples(config.data.rl_eval_mixture, seed, "rl_eval_mixture")
+    problems = drop_overlong(problems, tokenizer, config.data.max_length, rl.max_new_tokens, "rl_eval_mixture")
+    values = run_eval(model, tokenizer, problems[: rl.eval_examples], rl, seed, dist, run_dir, step, stage)
+    barrier(dist)
+    log.info("%s evaluation: %s", stage, {k: round(v, 4) for k, v in values.items() if not k.endswith(("_low", "_high"))})

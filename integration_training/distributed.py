@@ -88,6 +88,9 @@ def check_port_free(master_addr: str, master_port: int) -> None:
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As torch's TCPStore does: a port whose old connections linger in TIME_WAIT (the previous run) is free;
+        # only a socket that still listens on it makes the bind fail.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((master_addr, master_port))
         except OSError as error:
@@ -131,6 +134,15 @@ def any_rank(flag: bool, dist: Dist) -> bool:
     """True when `flag` is true on any rank; all ranks get the same answer (e.g. a stop request)."""
     value = torch.tensor([1.0 if flag else 0.0], device=dist.device)
     return bool(all_reduce_max(value, dist).item() > 0)
+
+
+def all_gather_objects(items: list[T], dist: Dist) -> list[T]:
+    """Every rank's `items` concatenated in rank order (lists may differ in length); identity for one process."""
+    if dist.world_size == 1:
+        return list(items)
+    gathered: list = [None] * dist.world_size
+    torch_dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
 
 
 def barrier(dist: Dist) -> None:
@@ -220,3 +232,63 @@ def load_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimize
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=options)
+
+
+# ---------------------------------------------------------------------------------------------------- lockstep
+
+
+class LockstepModel:
+    """A sharded (FSDP2) model whose forward calls stay paired across ranks, however many each rank makes.
+
+    Every FSDP2 forward all-gathers the parameters, so all ranks must call forward equally often. Generation does
+    not: a rank whose rows all stop early makes fewer decode calls, and uneven eval shards make fewer chunks.
+    Each real forward first all-reduces an "I am computing" flag; `drain()` (called by every rank when its own
+    work is done) keeps running a 1-token dummy forward while any other rank still computes, and returns once
+    every rank is draining. Everything else (`parameters()`, `training`, `eval()`, ...) is the model's own.
+    """
+
+    def __init__(self, model: nn.Module, dist: Dist) -> None:
+        self.model = model
+        self.dist = dist
+        self.forward_calls = 0  # real forwards of this rank (tests check the pairing)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        any_rank(True, self.dist)  # pairs with the other ranks' flag: a real or a dummy forward follows
+        self.forward_calls += 1
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, *args, **kwargs):
+        # FSDP2 allocates its all-gather buffers on first use and reuses them in training; buffers made under
+        # inference_mode could never be written again, so sampling runs the model under no_grad instead.
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                return self.model(*args, **kwargs)
+        return self.model(*args, **kwargs)
+
+    def drain(self) -> int:
+        """Pair the other ranks' remaining forwards with dummy ones; return how many dummies this rank ran."""
+        dummies = 0
+        device = next(self.model.parameters()).device
+        while any_rank(False, self.dist):
+            with torch.no_grad():
+                self._forward(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+            dummies += 1
+        return dummies
+
+
+@contextlib.contextmanager
+def lockstep(model: nn.Module, target: TargetConfig, dist: Dist) -> Iterator[nn.Module]:
+    """Yield what to generate/evaluate with: a `LockstepModel` when parameters are FSDP2 shards, else `model`.
+
+    Only the forward calls made through the yielded object are paired; on leaving, this rank drains. On an
+    exception the rank does not drain: it is about to exit, and torchrun then stops the others.
+    """
+    if not is_sharded(target, dist):
+        yield model
+        return
+    proxy = LockstepModel(model, dist)
+    yield proxy  # type: ignore[misc]
+    proxy.drain()

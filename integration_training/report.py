@@ -68,8 +68,9 @@ def stage_checkpoints(run_dir: Path) -> list[Checkpoint]:
         checkpoints.append(load_eval(baseline[-1][1], "baseline"))
     if sft_final:
         checkpoints.append(load_eval(sft_final[-1][1], "after SFT"))
-    elif rl and rl[0][0] == 0 and baseline:
-        checkpoints.append(load_eval(rl[0][1], "after SFT"))  # RL's step-0 eval is the SFT model
+    elif rl and rl[0][0] == 0:
+        # RL's step-0 eval scores the model RL starts from: SFT's result, or the source checkpoint in mode "rl".
+        checkpoints.append(load_eval(rl[0][1], "after SFT" if baseline else "RL start (source checkpoint)"))
     if rl and rl[-1][0] > 0:
         checkpoints.append(load_eval(rl[-1][1], "after RL"))
     for c in checkpoints[1:]:
@@ -185,16 +186,16 @@ def write_plots(run_dir: Path) -> list[Path]:
     plots = run_dir / "plots"
     sft = read_metrics(run_dir, "sft")
     rl = read_metrics(run_dir, "rl")
-    pass_keys = sorted({k for r in rl for k in r if k.startswith("eval_pass@") and not k.endswith(("_low", "_high"))})
+    pass_keys = sorted({k for r in rl for k in r if k.startswith("eval/pass@") and not k.endswith(("_low", "_high"))})
     made = [
         _plot(plots / "sft_loss.png", "SFT loss", "loss", [("train loss", *_series(sft, "loss")),
                                                           ("val loss", *_series(sft, "val_loss"))]),
         _plot(plots / "rl_reward.png", "RL mean reward (sampled, training prompts)", "reward",
               [("mean reward", *_series(rl, "reward"))]),
         _plot(plots / "rl_pass_at_k.png", "held-out pass@k during RL", "score",
-              [(k.removeprefix("eval_"), *_series(rl, k)) for k in pass_keys]),
+              [(k.removeprefix("eval/"), *_series(rl, k)) for k in pass_keys]),
         _plot(plots / "rl_response_length.png", "RL response length", "tokens",
-              [("mean completion tokens", *_series(rl, "response_length"))]),
+              [("mean completion tokens", *_series(rl, "response_tokens"))]),
     ]
     return [p for p in made if p is not None]
 

@@ -404,21 +404,24 @@ def drop_overlong(examples: list[Example], tokenizer, max_length: int, max_new_t
 
 
 def run_eval(model, tokenizer, examples: Sequence[Example], rl: RLConfig, seed: int, dist, run_dir: Path, step: int,
-             ) -> dict[str, float]:
-    """The shared harness on this rank's shard of the eval problems; rank 0 aggregates and writes the JSONL."""
-    from integration_training.distributed import shard
+             stage: str) -> dict[str, float]:
+    """The shared harness on this rank's shard of the eval problems; rank 0 aggregates and writes the JSONL.
+
+    Every problem is scored exactly once (round-robin shards may differ by one problem: none is dropped). With an
+    FSDP2 policy, pass the `distributed.lockstep` proxy so that ranks with fewer problems keep pairing forwards.
+    """
+    from integration_training.distributed import all_gather_objects
     from integration_training.evaluate import aggregate, eval_records_path, score_problems, write_records
 
-    indices = shard(list(range(len(examples))), dist) if dist.world_size > 1 else list(range(len(examples)))
+    indices = list(range(len(examples)))[dist.rank :: dist.world_size]
     records = score_problems(model, tokenizer, [examples[i] for i in indices], indices, rl.eval_k, rl.temperature,
                              rl.top_k, rl.max_new_tokens, rl.device_batch_size, seed)
-    if dist.world_size > 1:
-        gathered: list = [None] * dist.world_size
-        torch.distributed.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
+    # Problem order, not rank order: aggregates (bootstrap intervals) then match a single-process evaluation.
+    records = sorted(all_gather_objects(records, dist), key=lambda r: r.index)
+    assert [r.index for r in records] == list(range(len(examples))), "each eval problem scored exactly once"
     result = aggregate(records, rl.eval_k, seed)
     if dist.is_main:
-        write_records(result, eval_records_path(run_dir, STAGE, step))
+        write_records(result, eval_records_path(run_dir, stage, step))
     return result.summary(prefix="eval/")
 
 
@@ -432,7 +435,17 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
         save_checkpoint,
     )
     from integration_training.chat import stop_token_ids
-    from integration_training.distributed import any_rank, barrier, init_distributed, unwrap_model, wrap_model
+    from integration_training.distributed import (
+        any_rank,
+        barrier,
+        full_model_state,
+        full_optimizer_state,
+        init_distributed,
+        is_sharded,
+        load_full_optimizer_state,
+        lockstep,
+        wrap_model,
+    )
     from integration_training.metrics import MetricsLogger
     from integration_training.optim import apply_lr, build_optimizer, lr_multiplier
     from integration_training.signals import StopRequest
@@ -445,6 +458,12 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
     if not resume and latest_checkpoint(stage_dir) is not None:
         raise UserError(f"{stage_dir} already has RL checkpoints; pass --resume to continue, or use a new "
                         "output.experiment_name")
+    sharded = is_sharded(config.target, dist)
+    if sharded and rl.optimizer == "muon":
+        raise UserError(
+            "rl.optimizer: 'muon' orthogonalises whole matrices but target.parallelism='fsdp2' shards them; "
+            "use parallelism='ddp' or optimizer='adamw'"
+        )
     policy, tokenizer = load_policy(latest if latest is not None else init_model, config.model, dist.device)
     ref_model = load_reference(init_model, config.model, dist.device) if rl.kl_coef > 0 else None
     stop_ids = stop_token_ids(tokenizer)
@@ -461,7 +480,11 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
     start = 0
     if latest is not None:
         state = load_train_state(latest)
-        optimizer.load_state_dict(state["optimizer"])
+        _check_same_layout(latest, state, dist.world_size, config.target.parallelism)
+        if sharded:  # saved gathered (keyed by name); rank 0 scatters it into the shards
+            load_full_optimizer_state(policy, optimizer, state["optimizer"] if dist.is_main else {})
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"])
         start = int(state["step"])
         assert start == int(latest.name.removeprefix("step_")), f"{latest}: train_state step {start} != dir name"
@@ -474,11 +497,18 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
                 steps, rl.examples_per_step, rl.num_samples, per_rank, len(train_examples), len(eval_examples))
 
     def save(step: int) -> Path:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
-                 "data_position": step * rl.examples_per_step, "total_steps": steps}
+        weights = None
+        if sharded:  # every rank takes part in gathering the shards; rank 0 writes a full HF directory
+            weights = full_model_state(policy, prefix="")
+            optimizer_state = full_optimizer_state(policy, optimizer)
+        else:
+            optimizer_state = optimizer.state_dict()
+        state = {"step": step, "optimizer": optimizer_state, "rng": capture_rng_state(),
+                 "data_position": step * rl.examples_per_step, "total_steps": steps,
+                 "world_size": dist.world_size, "parallelism": config.target.parallelism}
         path = stage_dir / f"step_{step:06d}"
         if dist.is_main:
-            path = save_checkpoint(stage_dir, step, policy, tokenizer, state)
+            path = save_checkpoint(stage_dir, step, policy, tokenizer, state, state_dict=weights)
         barrier(dist)
         return path
 
@@ -487,15 +517,17 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
     try:
         with stop.handle_signals():
             if start == 0:
-                values = run_eval(policy, tokenizer, eval_examples, rl, seed, dist, run_dir, 0)
+                with lockstep(policy, config.target, dist) as sampler:
+                    values = run_eval(sampler, tokenizer, eval_examples, rl, seed, dist, run_dir, 0, STAGE)
                 metrics.log(0, values)
                 logger.info("RL step 0 (baseline): %s", _brief(values))
             for step in range(start, steps):
                 values = _one_step(model, policy, ref_model, optimizer, tokenizer, train_examples, rl, seed, step,
-                                   steps, stop_ids, pad_id, dist, apply_lr, lr_multiplier)
+                                   steps, stop_ids, pad_id, dist, apply_lr, lr_multiplier, config.target)
                 done = step + 1
                 if done % rl.eval_every == 0 or done == steps:
-                    values |= run_eval(policy, tokenizer, eval_examples, rl, seed, dist, run_dir, done)
+                    with lockstep(policy, config.target, dist) as sampler:
+                        values |= run_eval(sampler, tokenizer, eval_examples, rl, seed, dist, run_dir, done, STAGE)
                 if done % rl.log_every == 0 or done == steps or "eval/pass@1_strict" in values:
                     metrics.log(done, values)
                     logger.info("RL step %d/%d: %s", done, steps, _brief(values))
@@ -514,14 +546,16 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
 
 
 def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed, step, steps, stop_ids, pad_id, dist,
-              apply_lr, lr_multiplier) -> dict[str, float]:
-    from integration_training.distributed import all_reduce_sum, shard
+              apply_lr, lr_multiplier, target) -> dict[str, float]:
+    from integration_training.distributed import all_reduce_sum, lockstep, shard
 
     global_indices = step_prompt_indices(step, rl.examples_per_step, len(examples), seed)
     mine = [examples[i] for i in shard(global_indices, dist)]
     generator = torch.Generator(device=dist.device).manual_seed(sampling_seed(seed, step, dist.rank))
     t0 = time.perf_counter()
-    rows, stats = rollout_step(policy, tokenizer, mine, rl, stop_ids, pad_id, generator)
+    # Rows stop at different decode steps on different ranks; under FSDP2 the lockstep proxy pairs the forwards.
+    with lockstep(policy, target, dist) as sampler:
+        rows, stats = rollout_step(sampler, tokenizer, mine, rl, stop_ids, pad_id, generator)
     t1 = time.perf_counter()
     multiplier = lr_multiplier(step, steps, rl)
     apply_lr(optimizer, multiplier)
@@ -548,6 +582,16 @@ def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed
         "train_seconds": train_seconds,
         "tokens_per_s": s["tokens"] / max(gen_seconds + train_seconds, 1e-9),
     }
+
+
+def _check_same_layout(path: Path, state: dict, world_size: int, parallelism: str) -> None:
+    """Resuming needs the world size and parallelism the checkpoint was written with (data shards, RNG per rank)."""
+    saved = (state.get("world_size", 1), state.get("parallelism", "none"))
+    if saved != (world_size, parallelism):
+        raise UserError(
+            f"{path}: saved with (world_size, parallelism) = {saved}, this run has {(world_size, parallelism)}; "
+            "resume with the same target (processes_per_node × num_nodes and parallelism)"
+        )
 
 
 def _brief(values: dict[str, float]) -> str:
