@@ -40,7 +40,7 @@ def _time(fn) -> float:
 
 def _ours(model, prompts, samples, new_tokens, pad_id, device, batch_size):
     gen = torch.Generator(device=device).manual_seed(0)
-    return sample(model, prompts, samples, new_tokens, 1.0, 0, frozenset(), pad_id, gen, batch_size)
+    return sample(model, prompts, samples, new_tokens, 1.0, 0, frozenset(), pad_id, gen, batch_size, greedy_first=False)
 
 
 def _hf(model, prompts, samples, new_tokens, pad_id, device):

@@ -190,14 +190,11 @@ def score_problems(
     prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
     stops = stop_token_ids(tokenizer)
     pad = _pad_id(tokenizer)
-    # Greedy first, then samples, each from its own seeded generator: results do not depend on batch layout
-    # across the two phases, and the same seed gives the same numbers.
-    greedy_out = None
-    if greedy:
-        greedy_out = sample(model, prompts, 1, max_new_tokens, 0.0, 0, stops, pad,
-                            torch.Generator(device=device).manual_seed(seed), batch_size)
-    sampled = sample(model, prompts, k, max_new_tokens, temperature, top_k, stops, pad,
-                     torch.Generator(device=device).manual_seed(seed + 1), batch_size)
+    # One prefill per prompt: with `greedy` the first row of each prompt is argmax, the other k rows sample.
+    out = sample(model, prompts, k + int(greedy), max_new_tokens, temperature, top_k, stops, pad,
+                 torch.Generator(device=device).manual_seed(seed), batch_size, greedy_first=greedy)
+    greedy_out = [row[:1] for row in out] if greedy else None
+    sampled = [row[int(greedy):] for row in out]
     letters = _letter_choices(model, tokenizer, examples, prompts, batch_size)
     records = []
     for i, example in enumerate(examples):

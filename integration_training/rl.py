@@ -117,10 +117,20 @@ class Sequence_:
 
 @dataclass(frozen=True)
 class TrainBatch:
-    input_ids: torch.Tensor  # [B, T] prompt + completion, right-padded
-    attention_mask: torch.Tensor  # [B, T]
-    keep: torch.Tensor  # [B, T] bool: position t predicts a completion token (input_ids[t+1])
-    targets: torch.Tensor  # [n] the completion tokens, flat in row-major order of `keep`
+    """A micro-batch in the grouped layout: each distinct prompt once, its samples' completions beside it.
+
+    Scoring runs the distinct prompts once (with gradient) and expands their KV cache to every sample row, so a
+    group of `num_samples` completions pays for its shared prompt once instead of `num_samples` times.
+    """
+
+    prompt_ids: torch.Tensor  # [P, Tp] distinct prompts, left-padded
+    prompt_mask: torch.Tensor  # [P, Tp]
+    prompt_positions: torch.Tensor  # [P, Tp] positions counting real tokens only
+    row_prompt: torch.Tensor  # [R] which prompt each completion row continues
+    completion_inputs: torch.Tensor  # [R, Wc] each completion without its last token, right-padded (Wc may be 0)
+    completion_mask: torch.Tensor  # [R, Wc]
+    order: torch.Tensor  # [n] puts (first-token logits [R] ++ later-token logits [n − R]) in row-major order
+    targets: torch.Tensor  # [n] the completion tokens, flat in row-major order
     old_logprobs: torch.Tensor  # [n]
     advantages: torch.Tensor  # [n] each completion's advantage repeated over its tokens
 
@@ -130,43 +140,77 @@ class TrainBatch:
 
 
 def build_batch(rows: Sequence[Sequence_], pad_id: int, device: torch.device) -> TrainBatch:
-    """Right-pad prompt+completion rows; mark the positions whose next token is a completion token."""
+    """Group rows by prompt; lay out completions so that position j of a row predicts completion token j+1."""
+    from integration_training.rollout import left_pad
+
     assert rows and all(r.completion_ids for r in rows), "every row needs at least one completion token"
-    width = max(len(r.prompt_ids) + len(r.completion_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    prompts = list(dict.fromkeys(tuple(r.prompt_ids) for r in rows))  # distinct, first-seen order
+    slot = {p: i for i, p in enumerate(prompts)}
+    prompt_ids, prompt_mask, prompt_positions = left_pad([list(p) for p in prompts], pad_id, device)
+    width = max(len(r.completion_ids) for r in rows) - 1
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    keep = torch.zeros((len(rows), width), dtype=torch.bool)
-    targets, old, adv = [], [], []
+    targets, old, adv, order = [], [], [], []
+    later = len(rows)  # later-token logits follow the R first-token logits
     for b, r in enumerate(rows):
         assert len(r.old_logprobs) == len(r.completion_ids)
-        p, c = len(r.prompt_ids), len(r.completion_ids)
-        ids[b, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
-        mask[b, : p + c] = 1
-        keep[b, p - 1 : p + c - 1] = True  # position p-1 predicts the first completion token
+        c = len(r.completion_ids)
+        inputs[b, : c - 1] = torch.tensor(r.completion_ids[:-1], dtype=torch.long)
+        mask[b, : c - 1] = 1
+        order += [b] + list(range(later, later + c - 1))
+        later += c - 1
         targets += r.completion_ids
         old += r.old_logprobs
         adv += [r.advantage] * c
     batch = TrainBatch(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        keep=keep.to(device),
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        prompt_positions=prompt_positions,
+        row_prompt=torch.tensor([slot[tuple(r.prompt_ids)] for r in rows], dtype=torch.long, device=device),
+        completion_inputs=inputs.to(device),
+        completion_mask=mask.to(device),
+        order=torch.tensor(order, dtype=torch.long, device=device),
         targets=torch.tensor(targets, dtype=torch.long, device=device),
         old_logprobs=torch.tensor(old, dtype=torch.float32, device=device),
         advantages=torch.tensor(adv, dtype=torch.float32, device=device),
     )
-    assert int(batch.keep.sum()) == batch.num_tokens
+    assert batch.order.numel() == batch.num_tokens == len(rows) + int(batch.completion_mask.sum())
     return batch
 
 
-def completion_logprobs(model, batch: TrainBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Flat log-probs of the completion tokens (+ optional detached per-token entropy), LM head only where needed."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=batch.keep,
-                use_cache=False)
-    logits = out.logits
-    if logits.ndim == 3:  # a model that ignores a boolean logits_to_keep: select the positions ourselves
-        logits = logits[batch.keep]
+def completion_logits(model, batch: TrainBatch) -> torch.Tensor:
+    """Logits [n, V] predicting each completion token, LM head only where a completion token is predicted.
+
+    Pass 1 runs the distinct prompts (with gradient) and keeps their KV cache; the cache is gathered to the sample
+    rows — autograd sums each row's gradient back into its prompt's single forward. Pass 2 runs the completions
+    on that cache. Exact: the same numbers as scoring every prompt+completion row in full.
+    """
+    first = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                  position_ids=batch.prompt_positions, use_cache=True, logits_to_keep=1)
+    cache = first.past_key_values
+    cache.batch_select_indices(batch.row_prompt)
+    pieces = [first.logits[batch.row_prompt, -1, :]]
+    if batch.completion_inputs.shape[1] > 0:
+        keep = batch.completion_mask.bool()
+        width = batch.completion_inputs.shape[1]
+        start = batch.prompt_positions[batch.row_prompt, -1:] + 1
+        later = model(
+            input_ids=batch.completion_inputs,
+            attention_mask=torch.cat([batch.prompt_mask[batch.row_prompt], batch.completion_mask], dim=1),
+            position_ids=start + torch.arange(width, device=start.device)[None, :],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        ).logits
+        pieces.append(later[keep] if later.ndim == 3 else later)  # some models ignore a boolean logits_to_keep
+    logits = torch.cat(pieces, dim=0)
     assert logits.shape[0] == batch.num_tokens, (tuple(logits.shape), batch.num_tokens)
-    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    return logits[batch.order]
+
+
+def completion_logprobs(model, batch: TrainBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flat log-probs of the completion tokens (+ optional detached per-token entropy)."""
+    logp_all = torch.log_softmax(completion_logits(model, batch).float(), dim=-1)
     logprobs = logp_all.gather(1, batch.targets[:, None]).squeeze(1)
     entropy = None
     if with_entropy:
@@ -348,7 +392,7 @@ def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, st
 
     prompt_ids = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
     completions = sample(model, prompt_ids, rl.num_samples, rl.max_new_tokens, rl.temperature, rl.top_k, stop_ids,
-                         pad_id, generator, rl.device_batch_size)
+                         pad_id, generator, rl.device_batch_size, greedy_first=False)
     rewards = torch.tensor([
         [float(resolve_reward(e.reward).strict(decode(tokenizer, c.token_ids), e.reference)) for c in group]
         for e, group in zip(examples, completions, strict=True)

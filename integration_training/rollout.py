@@ -41,10 +41,13 @@ def sample(
     pad_id: int,
     generator: torch.Generator,
     batch_size: int,
+    greedy_first: bool,
 ) -> list[list[Completion]]:
     """Sample `num_samples` completions per prompt; result indexed `[prompt][sample]`.
 
-    temperature == 0 (or top_k == 1) is greedy; top_k == 0 disables the top-k filter. `generator` must live
+    temperature == 0 (or top_k == 1) is greedy; top_k == 0 disables the top-k filter. `greedy_first=True` makes
+    sample 0 of every prompt greedy (argmax) while the others sample: evaluation gets its greedy answer and its
+    k samples from one shared prefill instead of two. `generator` must live
     on the model's device (sampling happens there). The model is put in eval mode for the call and its
     previous mode restored afterwards.
     """
@@ -75,6 +78,7 @@ def sample(
                 pad_id=pad_id,
                 generator=generator,
                 device=device,
+                greedy_rows=torch.tensor([greedy_first and s == 0 for _, s in chunk], device=device),
             )
             for (p, s), completion in zip(chunk, completions, strict=True):
                 results[p][s] = completion
@@ -93,6 +97,7 @@ def _sample_chunk(
     pad_id: int,
     generator: torch.Generator,
     device: torch.device,
+    greedy_rows: torch.Tensor,
 ) -> list[Completion]:
     num_rows = len(row_prompt)
     if max_new_tokens == 0:
@@ -125,6 +130,11 @@ def _sample_chunk(
 
     for step in range(max_new_tokens):
         token, logprob = pick_tokens(logits, temperature, top_k, generator)
+        if bool(greedy_rows.any()):  # rare path (evaluation); a no-op for RL sampling
+            greedy = greedy_rows[live]
+            argmax = logits.argmax(dim=-1)
+            token = torch.where(greedy, argmax, token)
+            logprob = torch.where(greedy, torch.log_softmax(logits.float(), -1).gather(1, argmax[:, None]).squeeze(1), logprob)
         tokens_out[live, step] = token
         logprobs_out[live, step] = logprob
         lengths[live] = step + 1

@@ -200,7 +200,7 @@ def lockstep_sampling(model_dir: Path, config: Config, dist: distributed.Dist) -
     prompts = [[11, 12, 13], [21, 22], [31, 32, 33, 34]] if dist.rank == 0 else [[41, 42]]
     stops = frozenset() if dist.rank == 0 else frozenset(range(model.config.vocab_size))
     proxy = distributed.LockstepModel(model, dist)
-    out = sample(proxy, prompts, 1, 4, 0.0, 0, stops, 0, torch.Generator().manual_seed(0), 2)
+    out = sample(proxy, prompts, 1, 4, 0.0, 0, stops, 0, torch.Generator().manual_seed(0), 2, greedy_first=False)
     calls = proxy.forward_calls
     dummies = proxy.drain()
     return {"prompts": prompts, "stops": sorted(stops)[:1], "tokens": [c[0].token_ids for c in out],
@@ -252,7 +252,7 @@ def test_ddp_and_fsdp2_updates_equal_one_process_with_the_same_global_batch(tmp_
     model = load_model(str(model_dir), "float32", "sdpa", torch.device("cpu"))
     for r in ranks:
         stops = frozenset(range(model.config.vocab_size)) if r["stops"] else frozenset()
-        out = sample(model, r["prompts"], 1, 4, 0.0, 0, stops, 0, torch.Generator().manual_seed(0), 2)
+        out = sample(model, r["prompts"], 1, 4, 0.0, 0, stops, 0, torch.Generator().manual_seed(0), 2, greedy_first=False)
         assert [c[0].token_ids for c in out] == r["tokens"]
 
 

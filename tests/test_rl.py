@@ -256,11 +256,11 @@ def test_completion_logprobs_match_full_forward() -> None:
     batch = rl.build_batch(rows, 0, torch.device("cpu"))
     with torch.no_grad():
         flat, entropy = rl.completion_logprobs(model, batch, with_entropy=True)
-        full = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, -1)
-    expected = []
-    for b, r in enumerate(rows):
-        p = len(r.prompt_ids)
-        expected += [full[b, p - 1 + i, t].item() for i, t in enumerate(r.completion_ids)]
+        expected = []
+        for r in rows:  # each prompt+completion scored alone, in full: what the grouped layout must reproduce
+            full = torch.log_softmax(model(input_ids=torch.tensor([r.prompt_ids + r.completion_ids])).logits[0], -1)
+            p = len(r.prompt_ids)
+            expected += [full[p - 1 + i, t].item() for i, t in enumerate(r.completion_ids)]
     torch.testing.assert_close(flat, torch.tensor(expected), rtol=1e-5, atol=1e-5)
     assert entropy is not None and bool((entropy > 0).all())
 
@@ -391,3 +391,25 @@ def test_resume_is_bitwise_and_metrics_have_no_gaps(tmp_path: Path, digit_model_
         return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
     assert strip(read_metrics(tmp_path / "a" / "run", "rl")) == strip(read_metrics(run_b, "rl"))
+
+
+def test_grouped_scoring_matches_full_rows_in_values_and_gradients() -> None:
+    """The shared prompt runs once per group; the loss and every gradient equal scoring each row in full."""
+    model = tiny_llama(96)
+    rows = _rows(None, [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    batch = rl.build_batch(rows, 0, torch.device("cpu"))
+    assert batch.prompt_ids.shape[0] == 3 and batch.row_prompt.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    logprobs, _ = rl.completion_logprobs(model, batch)
+    (logprobs * batch.advantages).sum().backward()
+    grouped = _grads(model)
+    model.zero_grad()
+    total = torch.zeros(())
+    for r in rows:
+        logits = model(input_ids=torch.tensor([r.prompt_ids + r.completion_ids])).logits[0]
+        p = len(r.prompt_ids)
+        picked = torch.log_softmax(logits[p - 1 : p - 1 + len(r.completion_ids)], -1)
+        total = total + (picked.gather(1, torch.tensor(r.completion_ids)[:, None]).sum() * r.advantage)
+    total.backward()
+    full = _grads(model)
+    for name in full:
+        torch.testing.assert_close(grouped[name], full[name], rtol=1e-4, atol=1e-6, msg=name)
