@@ -7,11 +7,13 @@ This is the only module that decides exit codes or prints user-error messages.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import runpy
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -289,24 +291,38 @@ def dispatch(config: Config, run_dir: Path, resume: bool) -> None:
         from integration_training.sft import run_sft
 
         if config.data.rl_eval_mixture:
-            held_out_eval(config, run_dir, config.model.name, "baseline", 0)
+            with _timed(run_dir, "baseline evaluation"):
+                held_out_eval(config, run_dir, config.model.name, "baseline", 0)
         stop = StopRequest()
-        init_model = str(run_sft(config, run_dir, resume, stop=stop))
+        with _timed(run_dir, "SFT"):
+            init_model = str(run_sft(config, run_dir, resume, stop=stop))
         if stop.requested:  # SIGTERM/SIGINT during SFT: checkpointed; RL must not start on a half-trained model
             log.warning("stopped during SFT (%s); continue with: python deploy.py CONFIG --resume", stop.reason)
             return
         if config.data.rl_eval_mixture and not runs_rl(config):
-            held_out_eval(config, run_dir, init_model, "sft", _checkpoint_step(Path(init_model)))
+            with _timed(run_dir, "after-SFT evaluation"):
+                held_out_eval(config, run_dir, init_model, "sft", _checkpoint_step(Path(init_model)))
     if runs_rl(config):
         from integration_training.rl import run_rl
 
         assert init_model is not None, "validation guarantees a source for RL"
         rl_resume = resume and _has_checkpoints(run_dir / "checkpoints" / "rl")
-        run_rl(config, run_dir, init_model, rl_resume)
+        with _timed(run_dir, "RL (with its evaluations)"):
+            run_rl(config, run_dir, init_model, rl_resume)
     if os.environ.get("RANK", "0") == "0":
         from integration_training import report
 
         report.finish_run(config, run_dir)
+
+
+@contextlib.contextmanager
+def _timed(run_dir: Path, phase: str):
+    """Append the phase's wall time to run_dir/timings.jsonl (rank 0), for the report."""
+    start = time.perf_counter()
+    yield
+    if os.environ.get("RANK", "0") == "0":
+        with open(run_dir / "timings.jsonl", "a") as sink:
+            sink.write(json.dumps({"phase": phase, "seconds": round(time.perf_counter() - start, 1)}) + "\n")
 
 
 def _has_checkpoints(stage_dir: Path) -> bool:

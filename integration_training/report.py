@@ -234,11 +234,24 @@ def build_report(run_dir: Path) -> tuple[str, str]:
         + (f", final loss {sft[-1].get('loss', float('nan')):.4f}" if sft and "loss" in sft[-1] else ""),
         f"- RL: {len([r for r in rl if 'reward' in r])} logged steps",
         "",
+        "## Wall time",
+        "",
+        *_timing_lines(run_dir),
+        "",
         "## Plots",
         "",
     ]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
     return table, "\n".join(lines) + "\n"
+
+
+def _timing_lines(run_dir: Path) -> list[str]:
+    path = run_dir / "timings.jsonl"
+    if not path.is_file():
+        return ["(not recorded)"]
+    phases = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [f"- {p['phase']}: {p['seconds']:.0f} s" for p in phases]
+    return lines + [f"- total: {sum(p['seconds'] for p in phases):.0f} s"]
 
 
 def write_report(run_dir: Path) -> str:

@@ -101,14 +101,14 @@ def test_several_problems_are_reported_in_one_error():
     base = shipped("00_offline_cpu.py")
     config = replace(base, "target", gpu_ranks=[0], parallelism="ddp")
     config = replace(config, "output", mode="rl", log_level="LOUD")
-    config = replace(config, "sft", target_examples_per_step=12)
+    config = replace(config, "sft", target_examples_per_step=6)
     problems = problems_of(config)
     expected = [
         "target.gpu_ranks",  # cpu with GPUs
         "target.parallelism",  # one process with ddp
         "output.source_checkpoint",  # rl without a source
         "output.log_level",
-        "sft.target_examples_per_step",  # 12 not divisible by batch 8
+        "sft.target_examples_per_step",  # 6 not divisible by batch 4
     ]
     for prefix in expected:
         assert any(p.startswith(prefix) for p in problems), (prefix, problems)
