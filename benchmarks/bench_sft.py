@@ -64,6 +64,13 @@ def load_model_and_tokenizer():
     return load_model(path, "float32", "sdpa", "cpu"), load_tokenizer(path)
 
 
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -96,7 +103,8 @@ def run_ours(args) -> dict:
     stream = sft.SFTStream(rendered=rendered, seed=0, packing=True, max_length=args.max_length,
                            sequences_per_step=stage.target_examples_per_step)
     total = args.warmup + args.steps
-    assert stream.steps_in_epoch(0) >= total, f"need {total} steps of data, have {stream.steps_in_epoch(0)}; raise --rows"
+    have = stream.steps_in_epoch(0)
+    assert have >= total, f"need {total} steps of data, have {have}; raise --rows"
 
     tokens = supervised = 0
     losses = []
@@ -178,6 +186,7 @@ def run_trl(args) -> dict:
 
 
 def child(args) -> None:
+    set_threads(args.threads)
     result = run_ours(args) if args.side == "ours" else run_trl(args)
     result["rep"] = args.rep
     print(MARK + json.dumps(result), flush=True)
@@ -185,7 +194,7 @@ def child(args) -> None:
 
 def run_child(side: str, rep: int, args) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--rep", str(rep)]
-    for name in ("data", "rows", "max_length", "batch_size", "accum", "steps", "warmup", "lr"):
+    for name in ("data", "rows", "max_length", "batch_size", "accum", "steps", "warmup", "lr", "threads"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
@@ -257,10 +266,12 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K train.jsonl")
     parser.add_argument("--rows", type=int, default=256, help="GSM8K rows to load (seeded sample)")
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4, help="packed rows per micro-batch")
+    parser.add_argument("--batch-size", type=int, default=2, help="packed rows per micro-batch")
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps (after --warmup)")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads per side (0 = torch default, one per core)")
     parser.add_argument("--lr", type=float, default=1e-5)
     args = parser.parse_args()
     assert args.warmup >= 1, "the first step is always excluded"
@@ -272,7 +283,7 @@ def main() -> None:
     print(f"SFT benchmark: {args.reps} alternating repetitions; SmolLM2-135M-Instruct float32 CPU sdpa; "
           f"GSM8K {args.rows} rows from {args.data}; max_length {args.max_length}; effective batch "
           f"{args.batch_size}x{args.accum} packed rows of <= {args.max_length} tokens; {args.warmup} warm-up + "
-          f"{args.steps} timed steps")
+          f"{args.steps} timed steps; torch threads per side: {args.threads or 'default'}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; {versions()}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("ours: chat.render_examples (assistant-only mask) -> chat.pack_greedy -> collate_packed (4-D block mask) "

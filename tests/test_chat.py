@@ -177,11 +177,14 @@ def test_collate_padded_labels_are_pre_shifted() -> None:
     assert batch.num_supervised == 3
 
 
-def test_pack_greedy_is_in_order_and_fits() -> None:
+def test_pack_greedy_is_best_fit_in_order_and_fits() -> None:
     items = [Rendered([1] * n, [1] * n) for n in (5, 4, 3, 6, 1, 2)]
     rows = pack_greedy(items, max_length=10)
-    assert [[len(r) for r in row] for row in rows] == [[5, 4], [3, 6, 1], [2]]
+    assert [[len(r) for r in row] for row in rows] == [[5, 4, 1], [3, 6], [2]]
     assert pack_greedy(items, 10) == rows
+    # Next-fit would need three rows here ([6], [6, 4], [4]); best-fit closes both rows exactly.
+    tight = [Rendered([1] * n, [1] * n) for n in (6, 6, 4, 4)]
+    assert [[len(r) for r in row] for row in pack_greedy(tight, 10)] == [[6, 4], [6, 4]]
 
 
 def test_packed_logits_equal_separate_runs(smol: Any) -> None:
