@@ -288,6 +288,7 @@ def dispatch(config: Config, run_dir: Path, resume: bool) -> None:
 
     init_model = config.output.source_checkpoint
     if runs_sft(config):
+        from integration_training.checkpoint import checkpoint_step
         from integration_training.sft import run_sft
 
         if config.data.rl_eval_mixture:
@@ -301,7 +302,7 @@ def dispatch(config: Config, run_dir: Path, resume: bool) -> None:
             return
         if config.data.rl_eval_mixture and not runs_rl(config):
             with _timed(run_dir, "after-SFT evaluation"):
-                held_out_eval(config, run_dir, init_model, "sft", _checkpoint_step(Path(init_model)))
+                held_out_eval(config, run_dir, init_model, "sft", checkpoint_step(Path(init_model)))
     if runs_rl(config):
         from integration_training.rl import run_rl
 
@@ -329,12 +330,6 @@ def _has_checkpoints(stage_dir: Path) -> bool:
     from integration_training.checkpoint import latest_checkpoint
 
     return latest_checkpoint(stage_dir) is not None
-
-
-def _checkpoint_step(path: Path) -> int:
-    from integration_training.checkpoint import checkpoint_step
-
-    return checkpoint_step(path)
 
 
 def held_out_eval(config: Config, run_dir: Path, model_name: str, stage: str, step: int) -> None:

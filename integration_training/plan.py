@@ -7,12 +7,10 @@ SFT data is rendered so that over-long conversations and token counts are real n
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from integration_training.config import Config, DatasetSpec, run_dir, runs_rl, runs_sft, world_size
-from integration_training.errors import UserError
 
 HUB_NOTE = "downloaded at run time"
 
@@ -116,15 +114,11 @@ def _sft_lines(config: Config, sequences: int, supervised_tokens: int | None, to
         f"{s.checkpoint_every} steps and at the end; log every {s.log_every}",
     ]
     if total_tokens:
-        per_step = total_tokens / max(len_or_one(sequences), 1) * s.target_examples_per_step
+        per_step = total_tokens / max(sequences, 1) * s.target_examples_per_step
         lines.append(
             f"  data: {total_tokens} tokens, {supervised_tokens} supervised; ≈ {per_step:.0f} tokens/step"
         )
     return lines
-
-
-def len_or_one(value: int) -> int:
-    return value if value else 1
 
 
 def _rl_lines(config: Config, prompts: int | None) -> list[str]:
@@ -228,10 +222,3 @@ def _sft_data_estimate(config: Config, tokenizer, offline: bool, lines: list[str
     total = sum(len(r.input_ids) for r in rendered)
     sequences = len(chat.pack_greedy(rendered, data.max_length)) if config.sft.packing else len(rendered)
     return sequences, supervised, total
-
-
-def steps_from_epochs(rows: int, epochs: int, per_step: int) -> int:
-    return epochs * max(math.floor(rows / per_step), 1)
-
-
-__all__ = ["render_plan", "count_sources", "UserError"]
