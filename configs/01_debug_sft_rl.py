@@ -93,6 +93,7 @@ config = Config(
         examples_per_step=16,
         num_samples=8,
         device_batch_size=16,
+        sample_batch_size=128,  # sampling holds no activations: batch wider than training
         max_new_tokens=256,
         temperature=1.0,
         top_k=50,

@@ -84,6 +84,7 @@ config = Config(
         examples_per_step=16,
         num_samples=16,
         device_batch_size=8,
+        sample_batch_size=256,  # sampling holds no activations: batch wider than training
         max_new_tokens=256,
         temperature=1.0,
         top_k=50,

@@ -128,7 +128,10 @@ class RLConfig:
     num_iterations: int  # -1 = derived from num_epochs
     examples_per_step: int  # prompts per optimizer step over all ranks
     num_samples: int  # completions per prompt (the group)
-    device_batch_size: int  # sequences per forward/backward and per sampling batch on one device
+    device_batch_size: int  # sequences per training forward/backward on one device
+    # Sequences per sampling forward (rollouts and evaluation) on one device. Sampling keeps no activations, so it
+    # can be far larger than device_batch_size; on CPU decode only reaches matmul speed from a few hundred rows.
+    sample_batch_size: int
     max_new_tokens: int
     temperature: float
     top_k: int  # 0 = no top-k filter
@@ -372,7 +375,8 @@ def _sft_problems(s: SFTConfig, world: int) -> list[str]:
 def _rl_problems(r: RLConfig, world: int) -> list[str]:
     p = _optimizer_problems(r, "rl")
     p += _one_of(r.advantage, ADVANTAGES, "rl.advantage")
-    for field in ("examples_per_step", "num_samples", "device_batch_size", "max_new_tokens", "updates_per_batch"):
+    for field in ("examples_per_step", "num_samples", "device_batch_size", "sample_batch_size", "max_new_tokens",
+                  "updates_per_batch"):
         p += _at_least(getattr(r, field), 1, f"rl.{field}")
     for field in ("eval_examples", "eval_k", "save_every"):
         p += _at_least(getattr(r, field), 1, f"rl.{field}")

@@ -136,7 +136,7 @@ def _rl_lines(config: Config, prompts: int | None) -> list[str]:
         f"  {r.examples_per_step} prompts × {r.num_samples} samples = {r.examples_per_step * r.num_samples} "
         f"completions/step ({r.examples_per_step // world} prompts per process); {steps} steps ({how})",
         f"  max_new_tokens={r.max_new_tokens} temperature={r.temperature} top_k={r.top_k}; "
-        f"device_batch_size={r.device_batch_size}",
+        f"device_batch_size={r.device_batch_size} (training), sample_batch_size={r.sample_batch_size} (sampling)",
         f"  objective: REINFORCE, advantage={r.advantage}, token-level normalisation, kl_coef={r.kl_coef}, "
         f"updates_per_batch={r.updates_per_batch} (clip_eps={r.clip_eps})",
         f"  optimizer={r.optimizer} lr(embedding/unembedding/matrix)={r.embedding_lr}/{r.unembedding_lr}/"

@@ -328,15 +328,26 @@ def train_on_rows(
 ) -> dict[str, float]:
     """Forward/backward over micro-batches of `device_batch_size` rows, `updates_per_batch` optimizer steps.
 
-    Returns step-level means (over tokens of all ranks): loss, kl, entropy, clip_frac, grad_norm.
+    Without a reference model, rows whose advantage is 0 (every row of a group with uniform rewards) add exactly
+    nothing to the loss: they are left out of the forward/backward and only their tokens count in the
+    normaliser, so the gradient is the same as training on every row.
+    Returns step-level means (over tokens of all ranks): loss, kl, clip_frac and grad_norm over every completion
+    token; entropy over the tokens trained on; skipped_frac, the share of rows left out.
     """
     from integration_training.distributed import all_reduce_sum, gradient_sync
 
     device = dist.device
-    batches = [build_batch(rows[i : i + rl.device_batch_size], pad_id, device)
-               for i in range(0, len(rows), rl.device_batch_size)]
-    local_tokens = sum(b.num_tokens for b in batches)
-    global_tokens = int(all_reduce_sum(torch.tensor([float(local_tokens)], device=device), dist).item())
+    trained = [r for r in rows if r.advantage != 0.0] if ref_model is None else list(rows)
+    # Keep one (zero-loss) row when nothing is left, so every rank still runs backward: DDP and FSDP2 gradient
+    # reductions are collectives that all ranks must join.
+    trained = trained or list(rows[:1])
+    batches = [build_batch(trained[i : i + rl.device_batch_size], pad_id, device)
+               for i in range(0, len(trained), rl.device_batch_size)]
+    local_tokens = sum(len(r.completion_ids) for r in rows)
+    counts = torch.tensor([float(local_tokens), float(sum(b.num_tokens for b in batches)), float(len(rows)),
+                           float(len(rows) - len(trained))], dtype=torch.float64, device=device)
+    all_reduce_sum(counts, dist)
+    global_tokens, trained_tokens, global_rows, skipped_rows = (float(c) for c in counts)
     # DDP averages gradients over ranks; multiplying by world size turns that average back into the global sum.
     normaliser = global_tokens / dist.world_size
     ref_logprobs = []
@@ -367,9 +378,10 @@ def train_on_rows(
     return {
         "loss": loss_mean,
         "kl": float(sums[1]) / global_tokens,
-        "entropy": float(sums[2]) / global_tokens,
+        "entropy": float(sums[2]) / trained_tokens,
         "clip_frac": float(sums[3]) / global_tokens,
         "grad_norm": float(sums[4]) / dist.world_size,
+        "skipped_frac": skipped_rows / global_rows,
     }
 
 
@@ -392,7 +404,7 @@ def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, st
 
     prompt_ids = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
     completions = sample(model, prompt_ids, rl.num_samples, rl.max_new_tokens, rl.temperature, rl.top_k, stop_ids,
-                         pad_id, generator, rl.device_batch_size, greedy_first=False)
+                         pad_id, generator, rl.sample_batch_size, greedy_first=False)
     rewards = torch.tensor([
         [float(resolve_reward(e.reward).strict(decode(tokenizer, c.token_ids), e.reference)) for c in group]
         for e, group in zip(examples, completions, strict=True)
@@ -459,7 +471,7 @@ def run_eval(model, tokenizer, examples: Sequence[Example], rl: RLConfig, seed: 
 
     indices = list(range(len(examples)))[dist.rank :: dist.world_size]
     records = score_problems(model, tokenizer, [examples[i] for i in indices], indices, rl.eval_k, rl.temperature,
-                             rl.top_k, rl.max_new_tokens, rl.device_batch_size, seed)
+                             rl.top_k, rl.max_new_tokens, rl.sample_batch_size, seed)
     # Problem order, not rank order: aggregates (bootstrap intervals) then match a single-process evaluation.
     records = sorted(all_gather_objects(records, dist), key=lambda r: r.index)
     assert [r.index for r in records] == list(range(len(examples))), "each eval problem scored exactly once"

@@ -112,7 +112,8 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
             checkpoint_every=100, log_every=1,
         ),
         "rl": RLConfig(
-            num_epochs=1, num_iterations=2, examples_per_step=2, num_samples=2, device_batch_size=2, max_new_tokens=8,
+            num_epochs=1, num_iterations=2, examples_per_step=2, num_samples=2, device_batch_size=2, sample_batch_size=4,
+            max_new_tokens=8,
             temperature=1.0, top_k=0, optimizer="adamw", embedding_lr=1e-5, unembedding_lr=1e-5, matrix_lr=1e-5,
             weight_decay=0.0, init_lr_frac=1.0, warmup_ratio=0.0, lr_schedule="constant", grad_clip=1.0,
             advantage="mean", kl_coef=0.0, clip_eps=0.2, updates_per_batch=1, eval_every=100, eval_examples=4,

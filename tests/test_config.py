@@ -123,6 +123,8 @@ def test_cross_field_rules():
     assert any(p.startswith("output.source_checkpoint: must be None") for p in problems_of(sft_rl_with_source))
     rl_batches = replace(base, "rl", device_batch_size=7)
     assert any(p.startswith("rl.device_batch_size") for p in problems_of(rl_batches))
+    no_sampling_rows = replace(base, "rl", sample_batch_size=0)
+    assert any(p.startswith("rl.sample_batch_size") for p in problems_of(no_sampling_rows))
     no_eval = replace(base, "data", rl_eval_mixture=[])
     assert any(p.startswith("data.rl_eval_mixture") for p in problems_of(no_eval))
 

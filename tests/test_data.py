@@ -187,7 +187,8 @@ def test_arithmetic_format_and_train_test_never_overlap() -> None:
     for ex in train[:200] + test[:200]:
         a, b, c = triple(ex)
         assert ex.reference == str(a + b - c) and int(ex.reference) >= 0
-        assert ex.messages[1]["content"] == f"{a} + {b} = {a + b}\n{a + b} - {c} = {a + b - c}\n#### {a + b - c}"
+        assert ex.messages[1]["content"] == f"{a}+{b}={a + b}\n{a + b}-{c}={a + b - c}\n#### {a + b - c}"
+        assert 2 <= a <= 49 and 2 <= b <= 49 and 1 <= c <= a + b
         assert ex.reward == "arithmetic"
 
 

@@ -97,7 +97,8 @@ def make_config(tmp: Path, model_dir: Path, data: Path, **rl_overrides: Any) -> 
     spec = DatasetSpec(name="custom_json", split="train", subset=None, max_samples=None, repeat=1, path=str(data),
                        reward=f"{__name__}:starts_with_reference")
     rl_fields: dict[str, Any] = dict(
-        num_epochs=1, num_iterations=4, examples_per_step=4, num_samples=8, device_batch_size=16, max_new_tokens=2,
+        num_epochs=1, num_iterations=4, examples_per_step=4, num_samples=8, device_batch_size=16, sample_batch_size=32,
+        max_new_tokens=2,
         temperature=1.0, top_k=0, optimizer="adamw", embedding_lr=3e-3, unembedding_lr=3e-3, matrix_lr=3e-3,
         weight_decay=0.0, init_lr_frac=1.0, warmup_ratio=0.0, lr_schedule="constant", grad_clip=1.0, advantage="mean",
         kl_coef=0.0, clip_eps=0.2, updates_per_batch=1, eval_every=1000, eval_examples=4, eval_k=2, save_every=1000,
@@ -221,7 +222,8 @@ class _Capture:
 
 def _rl_cfg(**overrides) -> RLConfig:
     fields: dict[str, Any] = dict(
-        num_epochs=1, num_iterations=1, examples_per_step=2, num_samples=3, device_batch_size=6, max_new_tokens=4,
+        num_epochs=1, num_iterations=1, examples_per_step=2, num_samples=3, device_batch_size=6, sample_batch_size=6,
+        max_new_tokens=4,
         temperature=1.0, top_k=0, optimizer="adamw", embedding_lr=1e-3, unembedding_lr=1e-3, matrix_lr=1e-3,
         weight_decay=0.0, init_lr_frac=1.0, warmup_ratio=0.0, lr_schedule="constant", grad_clip=0.0,
         advantage="mean", kl_coef=0.0, clip_eps=0.2, updates_per_batch=1, eval_every=1, eval_examples=1, eval_k=1,
@@ -248,6 +250,30 @@ def test_token_level_normalisation_across_micro_batches() -> None:
     for micro, got in grads.items():
         for name in by_hand:
             torch.testing.assert_close(got[name], by_hand[name], rtol=1e-4, atol=1e-7, msg=f"micro={micro} {name}")
+
+
+def test_zero_advantage_rows_are_skipped_with_the_same_gradient(monkeypatch) -> None:
+    model = tiny_llama(96)
+    rows = _rows(None, [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])  # two uniform groups: 6 rows of 9
+    built: list[int] = []
+    real_build = rl.build_batch
+    monkeypatch.setattr(rl, "build_batch", lambda r, *a: built.append(len(r)) or real_build(r, *a))
+    capture = _Capture(model)
+    stats = rl.train_on_rows(model, None, capture, rows, _rl_cfg(device_batch_size=9), pad_id=0, dist=CPU)
+    assert built == [3] and stats["skipped_frac"] == pytest.approx(6 / 9)
+    # By hand over all 9 rows: the skipped rows' tokens still count in the token-level mean.
+    model.zero_grad()
+    batch = real_build(rows, 0, torch.device("cpu"))
+    logprobs, _ = rl.completion_logprobs(model, batch)
+    (-(logprobs * batch.advantages).sum() / batch.num_tokens).backward()
+    by_hand = _grads(model)
+    for name in by_hand:
+        torch.testing.assert_close(capture.grads[name], by_hand[name], rtol=1e-4, atol=1e-7, msg=name)
+    # With a reference model (KL term) nothing may be skipped.
+    built.clear()
+    rl.train_on_rows(model, tiny_llama(96, seed=1), _Capture(model), rows,
+                     _rl_cfg(device_batch_size=9, kl_coef=0.1), pad_id=0, dist=CPU)
+    assert built == [9]
 
 
 def test_completion_logprobs_match_full_forward() -> None:
@@ -413,3 +439,22 @@ def test_grouped_scoring_matches_full_rows_in_values_and_gradients() -> None:
     full = _grads(model)
     for name in full:
         torch.testing.assert_close(grouped[name], full[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sample_batch_size_sets_the_sampling_chunks_of_rollouts_and_evaluation(tmp_path: Path, digit_model_dir: Path,
+                                                                               monkeypatch) -> None:
+    from integration_training import rollout
+
+    chunks: list[int] = []
+    real = rollout._sample_chunk
+
+    def spy(model, unique_prompts, row_prompt, **kwargs):
+        chunks.append(len(row_prompt))
+        return real(model, unique_prompts, row_prompt, **kwargs)
+
+    monkeypatch.setattr(rollout, "_sample_chunk", spy)
+    data = write_digit_data(tmp_path, 8)
+    # 4 prompts × 8 samples = 32 rollout rows per step in chunks of 12; eval: 4 problems × (2 samples + greedy).
+    config = make_config(tmp_path, digit_model_dir, data, num_iterations=1, sample_batch_size=12, max_new_tokens=1)
+    rl.run_rl(config, tmp_path / "run", digit_model_dir, resume=False)
+    assert chunks == [12] + [12, 12, 8] + [12], chunks  # step-0 eval, the step's rollouts, final eval

@@ -6,12 +6,24 @@ import pytest
 import torch
 import transformers
 
-from integration_training.rollout import Completion, left_pad, sample, sequence_logprobs
+from integration_training.rollout import (
+    Completion,
+    draw,
+    left_pad,
+    pick_tokens,
+    preallocated_cache,
+    sample,
+    sequence_logprobs,
+    shared_prefix_length,
+)
 
 VOCAB = 96
 PAD = 0
 # Different lengths so one batch exercises left padding; the first and last share nothing.
 PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [11, 3], [60, 61, 62, 63, 64], [8]]
+# The same prompts behind a common "system prompt": prefill runs the shared prefix once and pads in the middle.
+SYSTEM = [70, 71, 72, 73, 74, 75]
+PREFIXED = [SYSTEM + p for p in PROMPTS]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,11 +88,12 @@ def _recompute_batched(model, pairs: list[tuple[list[int], list[int]]]) -> list[
     return [logprobs[row, ids.shape[1] - len(c):].tolist() for row, (_, c) in enumerate(pairs)]
 
 
+@pytest.mark.parametrize("prompts", [PROMPTS, PREFIXED], ids=["distinct", "shared-prefix"])
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (0.7, 20)])
-def test_logprobs_match_plain_forward(model, temperature, top_k):
-    results = _run(model, temperature=temperature, top_k=top_k, batch_size=5)  # 12 rows in 3 uneven chunks
+def test_logprobs_match_plain_forward(model, temperature, top_k, prompts):
+    results = _run(model, prompts, temperature=temperature, top_k=top_k, batch_size=5)  # 12 rows, 3 uneven chunks
     pairs = []
-    for prompt, completions in zip(PROMPTS, results, strict=True):
+    for prompt, completions in zip(prompts, results, strict=True):
         assert len(completions) == 3
         for completion in completions:
             assert len(completion.token_ids) == len(completion.logprobs) == 12
@@ -108,10 +121,11 @@ def _hf_greedy(model, prompts, max_new_tokens, stop_ids=()) -> list[list[int]]:
     return trimmed
 
 
-def test_greedy_matches_hf_generate(model):
-    expected = _hf_greedy(model, PROMPTS, 16)
+@pytest.mark.parametrize("prompts", [PROMPTS, PREFIXED], ids=["distinct", "shared-prefix"])
+def test_greedy_matches_hf_generate(model, prompts):
+    expected = _hf_greedy(model, prompts, 16)
     for temperature, top_k in [(0.0, 0), (1.0, 1), (0.0, 5)]:
-        results = _run(model, num_samples=2, max_new_tokens=16, temperature=temperature, top_k=top_k)
+        results = _run(model, prompts, num_samples=2, max_new_tokens=16, temperature=temperature, top_k=top_k)
         for completions, want in zip(results, expected, strict=True):
             for completion in completions:
                 assert completion.token_ids == want
@@ -129,6 +143,24 @@ def test_greedy_with_stop_matches_hf_generate(model):
         for completion in completions:
             assert completion.token_ids == want
             assert completion.finished == (want[-1] in stop_ids)
+
+
+def test_shared_prefix_length_leaves_every_prompt_a_token():
+    assert shared_prefix_length(PREFIXED) == len(SYSTEM)
+    assert shared_prefix_length(PROMPTS) == 0
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter prompt keeps its last token
+    assert shared_prefix_length([[4, 5, 6]]) == 2
+
+
+def test_preallocated_cache_fills_in_place_and_refuses_overflow(model):
+    cache = preallocated_cache(model, capacity=6)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]), past_key_values=cache, use_cache=True)
+        buffer = cache.layers[0]._key_buffer
+        model(input_ids=torch.tensor([[9, 10]]), past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == 6 and cache.layers[0]._key_buffer is buffer  # no reallocation
+        with pytest.raises(AssertionError, match="cache full"):
+            model(input_ids=torch.tensor([[11]]), past_key_values=cache, use_cache=True)
 
 
 def test_per_row_stop_invariants(model):
@@ -186,3 +218,25 @@ def test_greedy_first_row_is_greedy_and_the_rest_sample(model):
         torch.testing.assert_close(torch.tensor(mixed[p][0].logprobs), torch.tensor(greedy[p][0].logprobs),
                                    rtol=1e-4, atol=1e-4)
     assert any(mixed[p][s].token_ids != mixed[p][0].token_ids for p in range(len(PROMPTS)) for s in (1, 2, 3))
+
+
+def test_draw_matches_the_weights_across_blocks_and_never_draws_a_zero():
+    # 600 entries = 2 full blocks + a padded third; mass split over all three, most entries zero.
+    weights = torch.zeros(600)
+    weights[[3, 255, 256, 300, 599]] = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15])
+    draws = draw(weights.expand(100_000, -1).contiguous(), _gen(1))
+    counts = torch.bincount(draws, minlength=600).double() / draws.numel()
+    assert set(torch.nonzero(counts).squeeze(1).tolist()) <= {3, 255, 256, 300, 599}
+    # 4.5 standard errors of a proportion near 0.3 over 1e5 draws: ~0.0065.
+    torch.testing.assert_close(counts[[3, 255, 256, 300, 599]], weights[[3, 255, 256, 300, 599]].double(),
+                               atol=0.0065, rtol=0)
+
+
+def test_pick_tokens_greedy_rows_take_the_argmax_and_all_rows_report_untempered_logprobs():
+    logits = torch.randn(64, VOCAB, generator=_gen(2)) * 3
+    greedy = torch.arange(64) % 2 == 0
+    token, logprob = pick_tokens(logits, 1.5, 0, _gen(3), greedy)
+    assert torch.equal(token[greedy], logits.argmax(-1)[greedy])
+    assert not torch.equal(token[~greedy], logits.argmax(-1)[~greedy])  # hot sampling leaves the argmax often
+    expected = torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)
+    torch.testing.assert_close(logprob, expected, atol=1e-5, rtol=0)

@@ -15,6 +15,9 @@ NAME = "arithmetic"
 REWARD = "arithmetic"
 SPLITS = ("train", "test")
 TEST_FRACTION_MOD = 5  # 1 in 5 triples is a test problem
+# a, b ≤ 49 keeps every number at most two digits: the worked answer is ≤ 22 tokens with SmolLM2's digit-by-digit
+# tokenizer (sampling cost on CPU is per token), and two-digit carries still leave a 135M model plenty to learn.
+OPERAND_MIN, OPERAND_MAX = 2, 49
 
 _NAMES = ("Mia", "Noah", "Ava", "Liam", "Zoe", "Omar", "Lena", "Ravi", "Sofia", "Ken", "Ivy", "Tom")
 _ITEMS = ("marbles", "stickers", "apples", "coins", "books", "shells", "cards", "pencils", "stamps", "cookies")
@@ -35,7 +38,9 @@ def split_of(a: int, b: int, c: int) -> str:
 def render(name: str, item: str, story: str, a: int, b: int, c: int) -> tuple[str, str]:
     question = f"{name} has {a} {item}. {story.format(name=name, b=b, c=c)} How many {item} does {name} have now?"
     total = a + b
-    answer = f"{a} + {b} = {total}\n{total} - {c} = {total - c}\n#### {total - c}"
+    # GSM8K's worked-answer shape (one line per operation, then "#### N"), written like the calculator
+    # annotations inside GSM8K's <<...>>: no spaces, which the tokenizer would spend a token on each.
+    answer = f"{a}+{b}={total}\n{total}-{c}={total - c}\n#### {total - c}"
     return question, answer
 
 
@@ -46,7 +51,7 @@ def generate(split: str, count: int, seed: int, source: str, reward: str | None)
     seen: set[tuple[int, int, int]] = set()
     examples = []
     while len(examples) < count:
-        a, b = rng.randint(5, 99), rng.randint(2, 99)
+        a, b = rng.randint(OPERAND_MIN, OPERAND_MAX), rng.randint(OPERAND_MIN, OPERAND_MAX)
         c = rng.randint(1, a + b)  # never negative: the answer is a count of things
         if (a, b, c) in seen or split_of(a, b, c) != split:
             continue
