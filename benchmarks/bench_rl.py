@@ -3,8 +3,12 @@
     .venv/bin/pip install -e '.[bench]' && .venv/bin/python benchmarks/bench_rl.py
 
 One optimizer step = `--prompts` GSM8K train prompts × `--samples` completions of at most `--new-tokens` tokens,
-rewarded 0/1 by our strict GSM8K verifier (the same function on both sides), group-normalised advantages, one
-forward/backward over all the step's completions, one AdamW step. The default is 2 × 8 × 32 (16 completions per
+rewarded 0/1 by `parity_reward` (the same function on both sides), group-normalised advantages, one
+forward/backward over all the step's completions, one AdamW step. The reward is a stand-in on purpose: the base model
+scores 0 on GSM8K's verifier, so every group would be uniform, every advantage 0, and our trainer — which leaves
+zero-advantage rows out of the forward/backward, exactly — would time no training at all. A reward that is 1 for an
+even number of characters is ~50 % per sample and independent across samples, so ~99 % of groups carry a gradient
+and both sides train on (almost) every row. The default is 2 × 8 × 32 (16 completions per
 step) so that the default run stays under ~10 minutes on 2 CPU cores; `--prompts 8` gives the 8 × 8 × 32
 (64-completion) step, which takes far longer per repetition on such a machine.
 
@@ -55,6 +59,17 @@ from benchmarks.bench_sft import (  # noqa: E402
 )
 
 
+# ---------------------------------------------------------------------------------------------------- reward
+
+
+def parity_reward(completion: str, reference: str) -> float:
+    """1.0 for an even number of characters: ~50 % per sample, so groups are almost never uniform."""
+    return float(len(completion) % 2 == 0)
+
+
+PARITY = f"{__name__ if __name__ != '__main__' else 'benchmarks.bench_rl'}:parity_reward"
+
+
 # ---------------------------------------------------------------------------------------------------- our side
 
 
@@ -64,7 +79,9 @@ def run_ours(args) -> dict:
     from integration_training import chat, distributed, optim, rl
     from integration_training.config import RLConfig, TargetConfig
 
-    examples = load_examples(args.data, args.rows)
+    import dataclasses
+
+    examples = [dataclasses.replace(e, reward=PARITY) for e in load_examples(args.data, args.rows)]
     model, tokenizer = load_model_and_tokenizer()
     target = TargetConfig(gpu_ranks=[], device_type="cpu", processes_per_node=1, parallelism="none", num_nodes=1,
                           node_rank=0, master_addr="127.0.0.1", master_port=29500)
@@ -82,22 +99,24 @@ def run_ours(args) -> dict:
     optim.apply_lr(optimizer, 1.0)
     stop_ids = chat.stop_token_ids(tokenizer)
     model.train()
-    gen, train, tokens, rewards = [], [], [], []
+    gen, train, tokens, rewards, skipped = [], [], [], [], []
     for step in range(args.warmup + args.steps):
         batch = examples[step * args.prompts : (step + 1) * args.prompts]
         generator = torch.Generator(device="cpu").manual_seed(1000 + step)
         t0 = time.perf_counter()
         rows, stats = rl.rollout_step(model, tokenizer, batch, config, stop_ids, tokenizer.pad_token_id, generator)
         t1 = time.perf_counter()
-        rl.train_on_rows(model, None, optimizer, rows, config, tokenizer.pad_token_id, dist)
+        trained = rl.train_on_rows(model, None, optimizer, rows, config, tokenizer.pad_token_id, dist)
         t2 = time.perf_counter()
+        skipped.append(trained["skipped_frac"])
         if step >= args.warmup:
             gen.append(t1 - t0)
             train.append(t2 - t1)
             tokens.append(stats["tokens"] / stats["completions"])
             rewards.append(stats["reward_sum"] / stats["completions"])
     return {"side": "ours", "gen": gen, "train": train, "completion_len": statistics.mean(tokens),
-            "reward": statistics.mean(rewards), "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+            "reward": statistics.mean(rewards), "skipped_rows": statistics.mean(skipped), "peak_rss_mb": peak_rss_mb(),
+            "threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------------------------------- TRL side
@@ -109,18 +128,14 @@ def run_trl(args) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from integration_training.rewards import resolve_reward
-
     examples = load_examples(args.data, args.rows)
     model, tokenizer = load_model_and_tokenizer()
     total = args.warmup + args.steps
     needed = total * args.prompts
     dataset = Dataset.from_list([{"prompt": [dict(m) for m in e.messages[:-1]], "reference": e.reference}
                                  for e in examples[:needed]])
-    verifier = resolve_reward("gsm8k")
-
-    def gsm8k_strict(completions, reference, **kwargs):
-        return [float(verifier.strict(c[0]["content"], r)) for c, r in zip(completions, reference, strict=True)]
+    def parity(completions, reference, **kwargs):
+        return [parity_reward(c[0]["content"], r) for c, r in zip(completions, reference, strict=True)]
 
     marks: list[float] = []
     gen_times: list[float] = []
@@ -154,7 +169,7 @@ def run_trl(args) -> dict:
             max_steps=total, logging_steps=1, save_strategy="no", report_to=[], seed=0, shuffle_dataset=False,
             dataloader_num_workers=0, disable_tqdm=True, log_completions=False,
         )
-        trainer = Timed(model=model, reward_funcs=gsm8k_strict, args=config, train_dataset=dataset,
+        trainer = Timed(model=model, reward_funcs=parity, args=config, train_dataset=dataset,
                         processing_class=tokenizer, callbacks=[Clock()])
         trainer.train()
     assert len(marks) == total and len(gen_times) == total, (len(marks), len(gen_times), total)
@@ -197,7 +212,8 @@ def summarise(results: list[dict]) -> None:
         steps = [round(g + t, 2) for g, t in zip(r["gen"], r["train"], strict=True)]
         print(f"  rep {r['rep']} {r['side']:>4}: step {per_step(r, 'step'):.2f}s = generation "
               f"{per_step(r, 'gen'):.2f}s + training {per_step(r, 'train'):.2f}s; mean completion "
-              f"{r['completion_len']:.1f} tokens, reward {r['reward']:.3f}, peak RSS {r['peak_rss_mb']:.0f} MB; "
+              f"{r['completion_len']:.1f} tokens, reward {r['reward']:.3f}"
+              f"{', rows skipped ' + format(r['skipped_rows'], '.1%') if 'skipped_rows' in r else ''}, peak RSS {r['peak_rss_mb']:.0f} MB; "
               f"steps {steps}")
     ours = [r for r in results if r["side"] == "ours"]
     trl = [r for r in results if r["side"] == "trl"]
