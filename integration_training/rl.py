@@ -17,6 +17,8 @@ pure function of the step number, so a resumed run replays exactly what an unint
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 import random
@@ -334,17 +336,22 @@ def train_on_rows(
     Returns step-level means (over tokens of all ranks): loss, kl, clip_frac and grad_norm over every completion
     token; entropy over the tokens trained on; skipped_frac, the share of rows left out.
     """
-    from integration_training.distributed import all_reduce_sum, gradient_sync
+    from integration_training.distributed import all_reduce_max, all_reduce_sum, gradient_sync
 
     device = dist.device
     trained = [r for r in rows if r.advantage != 0.0] if ref_model is None else list(rows)
-    # Keep one (zero-loss) row when nothing is left, so every rank still runs backward: DDP and FSDP2 gradient
-    # reductions are collectives that all ranks must join.
-    trained = trained or list(rows[:1])
     batches = [build_batch(trained[i : i + rl.device_batch_size], pad_id, device)
                for i in range(0, len(trained), rl.device_batch_size)]
+    real_batches = len(batches)
+    # Every rank runs the same number of forward/backward passes, at least one: FSDP2 all-gathers parameters in
+    # every forward and DDP reduces gradients in the last backward, collectives all ranks must join. Ranks with
+    # fewer rows left pad with a zero-advantage row (loss exactly 0; left out of the entropy).
+    most = int(all_reduce_max(torch.tensor([float(max(real_batches, 1))], device=device), dist).item())
+    batches += [build_batch([dataclasses.replace(rows[0], advantage=0.0)], pad_id, device)
+                for _ in range(most - real_batches)]
     local_tokens = sum(len(r.completion_ids) for r in rows)
-    counts = torch.tensor([float(local_tokens), float(sum(b.num_tokens for b in batches)), float(len(rows)),
+    trained_tokens_here = sum(b.num_tokens for b in batches[:real_batches])
+    counts = torch.tensor([float(local_tokens), float(trained_tokens_here), float(len(rows)),
                            float(len(rows) - len(trained))], dtype=torch.float64, device=device)
     all_reduce_sum(counts, dist)
     global_tokens, trained_tokens, global_rows, skipped_rows = (float(c) for c in counts)
@@ -365,7 +372,7 @@ def train_on_rows(
                                           batch.advantages, normaliser, rl.kl_coef, rl.clip_eps, use_ratio)
                 loss.backward()
             sums[0] += loss.detach().double() / rl.updates_per_batch
-            sums[2] += entropy.sum().double() if entropy is not None else 0.0
+            sums[2] += entropy.sum().double() if entropy is not None and i < real_batches else 0.0
             if update == 0:
                 sums[1] += parts["kl_sum"].double()
             sums[3] += parts["clip_count"].double() / rl.updates_per_batch
@@ -378,7 +385,7 @@ def train_on_rows(
     return {
         "loss": loss_mean,
         "kl": float(sums[1]) / global_tokens,
-        "entropy": float(sums[2]) / trained_tokens,
+        "entropy": float(sums[2]) / trained_tokens if trained_tokens else 0.0,
         "clip_frac": float(sums[3]) / global_tokens,
         "grad_norm": float(sums[4]) / dist.world_size,
         "skipped_frac": skipped_rows / global_rows,

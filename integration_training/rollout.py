@@ -208,7 +208,12 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
 
 
 class PreallocatedLayer(DynamicLayer):
-    """A DynamicLayer that writes into buffers sized once, returning views, instead of concatenating per step."""
+    """A DynamicLayer that writes into buffers sized once, returning views, instead of concatenating per step.
+
+    The buffers are always normal tensors (made with inference mode off): sampling runs under inference mode,
+    but FSDP2's lockstep proxy runs the forward itself under no_grad, and an inference-mode tensor could not be
+    written in place there. Normal tensors can be written in place under either.
+    """
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
@@ -218,8 +223,10 @@ class PreallocatedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads, _, dim = key_states.shape
-        self._key_buffer = key_states.new_empty((batch, heads, self.capacity, dim))
-        self._value_buffer = value_states.new_empty((batch, value_states.shape[1], self.capacity, value_states.shape[3]))
+        with torch.inference_mode(False):
+            self._key_buffer = key_states.new_empty((batch, heads, self.capacity, dim))
+            self._value_buffer = value_states.new_empty((batch, value_states.shape[1], self.capacity,
+                                                         value_states.shape[3]))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -238,8 +245,9 @@ class PreallocatedLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
-            self._key_buffer = self._key_buffer[indices]
-            self._value_buffer = self._value_buffer[indices]
+            with torch.inference_mode(False):
+                self._key_buffer = self._key_buffer[indices]
+                self._value_buffer = self._value_buffer[indices]
             self._refresh_views()
 
     def _refresh_views(self) -> None:

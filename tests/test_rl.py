@@ -458,3 +458,24 @@ def test_sample_batch_size_sets_the_sampling_chunks_of_rollouts_and_evaluation(t
     config = make_config(tmp_path, digit_model_dir, data, num_iterations=1, sample_batch_size=12, max_new_tokens=1)
     rl.run_rl(config, tmp_path / "run", digit_model_dir, resume=False)
     assert chunks == [12] + [12, 12, 8] + [12], chunks  # step-0 eval, the step's rollouts, final eval
+
+
+def test_a_rank_with_fewer_batches_pads_to_the_busiest_rank_with_zero_loss(monkeypatch) -> None:
+    """Another rank needing 3 micro-batches (simulated through all_reduce_max): this rank runs 3 as well."""
+    from integration_training import distributed
+
+    model = tiny_llama(96)
+    rows = _rows(None, [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # 3 rows to train, 3 skipped
+    alone = _Capture(model)
+    stats_alone = rl.train_on_rows(model, None, alone, rows, _rl_cfg(device_batch_size=3), pad_id=0, dist=CPU)
+    sizes: list[int] = []
+    real_build = rl.build_batch
+    monkeypatch.setattr(rl, "build_batch", lambda r, *a: sizes.append(len(r)) or real_build(r, *a))
+    monkeypatch.setattr(distributed, "all_reduce_max", lambda tensor, dist: tensor.fill_(3.0))
+    padded = _Capture(model)
+    stats = rl.train_on_rows(model, None, padded, rows, _rl_cfg(device_batch_size=3), pad_id=0, dist=CPU)
+    assert sizes == [3, 1, 1]  # the real micro-batch, then two one-row zero-advantage pads
+    for name in alone.grads:
+        torch.testing.assert_close(padded.grads[name], alone.grads[name], rtol=1e-5, atol=1e-8, msg=name)
+    assert stats["entropy"] == pytest.approx(stats_alone["entropy"])
+    assert stats["loss"] == pytest.approx(stats_alone["loss"])

@@ -240,3 +240,24 @@ def test_pick_tokens_greedy_rows_take_the_argmax_and_all_rows_report_untempered_
     assert not torch.equal(token[~greedy], logits.argmax(-1)[~greedy])  # hot sampling leaves the argmax often
     expected = torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)
     torch.testing.assert_close(logprob, expected, atol=1e-5, rtol=0)
+
+
+class _NoGradForward:
+    """Runs the model's forward with inference mode off, as FSDP2's lockstep proxy (distributed.LockstepModel) does."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return self.model(*args, **kwargs)
+
+
+def test_sampling_through_a_forward_outside_inference_mode_matches(model):
+    # Shared prefix + several samples: exercises the cache's buffer creation, gather and in-place writes.
+    expected = _run(model, PREFIXED, num_samples=3, max_new_tokens=10, batch_size=5)
+    got = _run(_NoGradForward(model), PREFIXED, num_samples=3, max_new_tokens=10, batch_size=5)
+    assert [[c.token_ids for c in row] for row in got] == [[c.token_ids for c in row] for row in expected]
