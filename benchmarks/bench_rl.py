@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,13 +47,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_sft import (  # noqa: E402
-    DEFAULT_DATA,
     MARK,
+    add_common_arguments,
     cpu_model,
     load_examples,
     load_model_and_tokenizer,
     peak_rss_mb,
+    run_child,
     set_threads,
+    step_clock,
     versions,
 )
 
@@ -125,7 +126,6 @@ def run_ours(args) -> dict:
 def run_trl(args) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     examples = load_examples(args.data, args.rows)
@@ -151,14 +151,6 @@ def run_trl(args) -> dict:
             lengths.append(float(mask.sum(dim=1).float().mean()))
             return out
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, _args, state, control, **kwargs):
-            marks.append(time.perf_counter())
-
-        def on_log(self, _args, state, control, logs=None, **kwargs):
-            if logs and "reward" in logs:
-                rewards.append(float(logs["reward"]))
-
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
             output_dir=out, use_vllm=False, use_cpu=True, bf16=False, fp16=False, beta=0.0,
@@ -170,7 +162,7 @@ def run_trl(args) -> dict:
             dataloader_num_workers=0, disable_tqdm=True, log_completions=False,
         )
         trainer = Timed(model=model, reward_funcs=parity, args=config, train_dataset=dataset,
-                        processing_class=tokenizer, callbacks=[Clock()])
+                        processing_class=tokenizer, callbacks=[step_clock(marks, rewards, "reward")])
         trainer.train()
     assert len(marks) == total and len(gen_times) == total, (len(marks), len(gen_times), total)
     steps = [marks[i] - marks[i - 1] for i in range(args.warmup, total)]
@@ -184,18 +176,7 @@ def run_trl(args) -> dict:
 # ---------------------------------------------------------------------------------------------------- driver
 
 
-def run_child(side: str, rep: int, args) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--rep", str(rep)]
-    for name in ("data", "rows", "prompts", "samples", "new_tokens", "batch_size", "steps", "warmup", "lr", "threads"):
-        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(ROOT))
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{side} rep {rep} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len(MARK):])
+CHILD_ARGS = ("data", "rows", "prompts", "samples", "new_tokens", "batch_size", "steps", "warmup", "lr", "threads")
 
 
 def summarise(results: list[dict]) -> None:
@@ -232,11 +213,7 @@ def summarise(results: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--side", choices=["ours", "trl"], help="internal: run one side in this process")
-    parser.add_argument("--rep", type=int, default=0)
-    parser.add_argument("--reps", type=int, default=3, help="alternating A/B repetitions")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K train.jsonl")
-    parser.add_argument("--rows", type=int, default=256, help="GSM8K rows to load (seeded sample)")
+    add_common_arguments(parser)
     parser.add_argument("--prompts", type=int, default=2,
                         help="prompts per step (default 2 keeps the default run under ~10 min on 2 cores; 8 = 8x8x32)")
     parser.add_argument("--samples", type=int, default=8)
@@ -244,9 +221,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=0,
                         help="rows per training micro-batch and sampling batch; 0 = prompts x samples (one of each)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps (after --warmup)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads per side (0 = torch default, one per core)")
     parser.add_argument("--lr", type=float, default=1e-6)
     args = parser.parse_args()
     assert args.warmup >= 1, "the first step is always excluded"
@@ -271,7 +245,7 @@ def main() -> None:
     results = []
     for rep in range(args.reps):
         for side in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
-            result = run_child(side, rep, args)
+            result = run_child(__file__, CHILD_ARGS, side, rep, args)
             step = statistics.median(g + t for g, t in zip(result["gen"], result["train"], strict=True))
             print(f"  rep {rep} {side}: {step:.2f}s/step (generation {statistics.median(result['gen']):.2f}s, "
                   f"training {statistics.median(result['train']):.2f}s)", flush=True)

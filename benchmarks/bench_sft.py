@@ -128,10 +128,24 @@ def run_ours(args) -> dict:
 # ---------------------------------------------------------------------------------------------------- TRL side
 
 
+def step_clock(marks: list[float], logged: list[float], key: str):
+    """A TrainerCallback appending the wall clock at every step end and each logged value of `key` (both scripts)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            marks.append(time.perf_counter())
+
+        def on_log(self, _args, state, control, logs=None, **kwargs):
+            if logs and key in logs:
+                logged.append(float(logs[key]))
+
+    return Clock()
+
+
 def run_trl(args) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     examples = load_examples(args.data, args.rows)
@@ -155,14 +169,6 @@ def run_trl(args) -> dict:
             loss = super().training_step(model, inputs, num_items_in_batch)
             return loss
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, _args, state, control, **kwargs):
-            marks.append(time.perf_counter())
-
-        def on_log(self, _args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
             output_dir=out, max_length=args.max_length, packing=True, packing_strategy="bfd",
@@ -173,7 +179,7 @@ def run_trl(args) -> dict:
             dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False,
         )
         trainer = Counting(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                           callbacks=[Clock()])
+                           callbacks=[step_clock(marks, losses, "loss")])
         trainer.train()
     assert len(marks) == total, (len(marks), total)
     elapsed = marks[-1] - marks[args.warmup - 1]
@@ -192,9 +198,13 @@ def child(args) -> None:
     print(MARK + json.dumps(result), flush=True)
 
 
-def run_child(side: str, rep: int, args) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--rep", str(rep)]
-    for name in ("data", "rows", "max_length", "batch_size", "accum", "steps", "warmup", "lr", "threads"):
+CHILD_ARGS = ("data", "rows", "max_length", "batch_size", "accum", "steps", "warmup", "lr", "threads")
+
+
+def run_child(script: str, names: tuple[str, ...], side: str, rep: int, args) -> dict:
+    """Run one (side, repetition) of `script` in a fresh process with the options `names`; its JSON result line."""
+    command = [sys.executable, str(Path(script).resolve()), "--side", side, "--rep", str(rep)]
+    for name in names:
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
@@ -243,7 +253,7 @@ def summarise(results: list[dict], args) -> None:
         return r["peak_rss_mb"]
 
     print()
-    print(f"| metric | ours (median) | TRL (median) | ours/TRL median | min | max |")
+    print("| metric | ours (median) | TRL (median) | ours/TRL median | min | max |")
     print("|---|---|---|---|---|---|")
     for key in ("sup tok/s", "tok/s", "step s", "peak RSS MB"):
         pairs = list(zip(by["ours"], by["trl"], strict=True))  # paired by repetition
@@ -258,20 +268,25 @@ def summarise(results: list[dict], args) -> None:
           f"({sup_ratio:.2f}x)")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both benchmark scripts take (one side per process, repetitions, data, warm-up, threads)."""
     parser.add_argument("--side", choices=["ours", "trl"], help="internal: run one side in this process")
     parser.add_argument("--rep", type=int, default=0)
     parser.add_argument("--reps", type=int, default=3, help="alternating A/B repetitions")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K train.jsonl")
     parser.add_argument("--rows", type=int, default=256, help="GSM8K rows to load (seeded sample)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads per side (0 = torch default, one per core)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_arguments(parser)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2, help="packed rows per micro-batch")
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after --warmup)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads per side (0 = torch default, one per core)")
     parser.add_argument("--lr", type=float, default=1e-5)
     args = parser.parse_args()
     assert args.warmup >= 1, "the first step is always excluded"
@@ -294,7 +309,7 @@ def main() -> None:
     for rep in range(args.reps):
         order = ("ours", "trl") if rep % 2 == 0 else ("trl", "ours")
         for side in order:
-            result = run_child(side, rep, args)
+            result = run_child(__file__, CHILD_ARGS, side, rep, args)
             print(f"  rep {rep} {side}: {result['tokens'] / result['seconds']:.0f} tok/s, "
                   f"{result['supervised'] / result['seconds']:.0f} supervised tok/s, "
                   f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)

@@ -221,13 +221,11 @@ def _reported_user_errors(path: Path) -> list[str]:
 
 def prepare_run_dir(config: Config, resume: bool, is_main: bool) -> Path:
     """Create the run directory; refuse to overwrite or silently resume; write the config snapshot atomically."""
-    from integration_training.checkpoint import latest_checkpoint
-
     from integration_training.config import run_dir as run_dir_of
 
     run_dir = run_dir_of(config)
     snapshot = run_dir / "config.json"
-    has_checkpoints = any(latest_checkpoint(run_dir / "checkpoints" / s) for s in ("sft", "rl"))
+    has_checkpoints = any(_has_checkpoints(run_dir / "checkpoints" / s) for s in ("sft", "rl"))
     if has_checkpoints and not resume:
         raise UserError(
             f"{run_dir} already holds checkpoints; pass --resume to continue that run, "

@@ -17,14 +17,12 @@ pure function of the step number, so a resumed run replays exactly what an unint
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -347,7 +345,7 @@ def train_on_rows(
     # every forward and DDP reduces gradients in the last backward, collectives all ranks must join. Ranks with
     # fewer rows left pad with a zero-advantage row (loss exactly 0; left out of the entropy).
     most = int(all_reduce_max(torch.tensor([float(max(real_batches, 1))], device=device), dist).item())
-    batches += [build_batch([dataclasses.replace(rows[0], advantage=0.0)], pad_id, device)
+    batches += [build_batch([replace(rows[0], advantage=0.0)], pad_id, device)
                 for _ in range(most - real_batches)]
     local_tokens = sum(len(r.completion_ids) for r in rows)
     trained_tokens_here = sum(b.num_tokens for b in batches[:real_batches])

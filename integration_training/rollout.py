@@ -222,12 +222,14 @@ class PreallocatedLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        batch, heads, _, dim = key_states.shape
         with torch.inference_mode(False):
-            self._key_buffer = key_states.new_empty((batch, heads, self.capacity, dim))
-            self._value_buffer = value_states.new_empty((batch, value_states.shape[1], self.capacity,
-                                                         value_states.shape[3]))
+            self._key_buffer = self._empty_like_with_capacity(key_states)
+            self._value_buffer = self._empty_like_with_capacity(value_states)
         self.is_initialized = True
+
+    def _empty_like_with_capacity(self, states: torch.Tensor) -> torch.Tensor:
+        batch, heads, _, dim = states.shape
+        return states.new_empty((batch, heads, self.capacity, dim))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -300,7 +302,8 @@ def draw(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """
     rows, vocab = weights.shape
     pad = (-vocab) % DRAW_BLOCK
-    blocks = torch.nn.functional.pad(weights, (0, pad)).view(rows, -1, DRAW_BLOCK)
+    padded = torch.nn.functional.pad(weights, (0, pad)) if pad else weights  # padding copies all of [B, V]
+    blocks = padded.view(rows, -1, DRAW_BLOCK)
     block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)
     u = torch.rand((rows, 1), generator=generator, dtype=torch.float64, device=weights.device) * block_cdf[:, -1:]
     block = torch.searchsorted(block_cdf, u, right=True).clamp(max=block_cdf.shape[1] - 1)
