@@ -105,6 +105,11 @@ def paired_p_value(before: list[float], after: list[float], seed: int = 0) -> fl
     return (at_least + 1) / (PERMUTATIONS + 1)
 
 
+def format_p(p: float) -> str:
+    """Four decimals; below 0.0001 (the test resolves ~1/PERMUTATIONS) "< 0.0001" rather than a bare 0.0000."""
+    return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
 def _cell(values: list[float]) -> str:
     low, high = wilson_interval(values)
     return f"{mean(values):.3f} [{low:.2f}, {high:.2f}]"
@@ -140,7 +145,7 @@ def format_table(rows: list[dict], k: int | None) -> str:
     )
     lines = [header, "|---|---|---|---|---|---|---|"]
     for r in rows:
-        p = "—" if r["p_vs_previous"] is None else f"{r['p_vs_previous']:.4f}"
+        p = "—" if r["p_vs_previous"] is None else format_p(r["p_vs_previous"])
         lines.append(
             f"| {r['model']} | {r['problems']} | {r['sampled_strict_cell']} | {r['sampled_lenient_cell']} | "
             f"{r['greedy_strict_cell']} | {r['greedy_lenient_cell']} | {p} |"

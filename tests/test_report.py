@@ -44,6 +44,8 @@ def test_table_orders_stages_and_tests_each_improvement(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "model" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["baseline", "after SFT", "after RL"]
     assert "0.250" in rows[1] and "0.750" in rows[2]
+    # 60 problems all gained: below what 20 000 permutations resolve, printed as a bound rather than 0.0000.
+    assert rows[2].rstrip(" |").endswith("< 0.0001") and "0.0000" not in table
     text = (tmp_path / "report.md").read_text()
     assert table in text  # the report shows exactly the printed numbers
     for plot in ("sft_loss", "rl_reward", "rl_pass_at_k", "rl_response_length"):
@@ -58,6 +60,11 @@ def test_paired_test_detects_a_real_gain_and_not_noise():
     assert report.paired_p_value(before, before) == 1.0
     swapped = before[25:] + before[:25]  # as many gained as lost: no evidence of a gain
     assert report.paired_p_value(before, swapped) > 0.05
+
+
+def test_p_values_below_the_resolution_are_a_bound():
+    assert [report.format_p(p) for p in (0.5, 0.01234, 0.0001, 0.00005, 0.0)] == [
+        "0.5000", "0.0123", "0.0001", "< 0.0001", "< 0.0001"]
 
 
 def test_rl_only_run_labels_its_start_as_the_source_checkpoint(tmp_path):
