@@ -77,7 +77,8 @@ PARITY = f"{__name__ if __name__ != '__main__' else 'benchmarks.bench_rl'}:parit
 def run_ours(args) -> dict:
     import torch
 
-    from integration_training import chat, distributed, optim, rl
+    from integration_training import distributed, optim, rl
+    from integration_training import template
     from integration_training.config import RLConfig, TargetConfig
 
     import dataclasses
@@ -98,7 +99,7 @@ def run_ours(args) -> dict:
     )
     optimizer = optim.build_optimizer(model, config)
     optim.apply_lr(optimizer, 1.0)
-    stop_ids = chat.stop_token_ids(tokenizer)
+    stop_ids = template.stop_token_ids(tokenizer)
     model.train()
     gen, train, tokens, rewards, skipped = [], [], [], [], []
     for step in range(args.warmup + args.steps):

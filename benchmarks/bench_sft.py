@@ -81,7 +81,7 @@ def peak_rss_mb() -> float:
 def run_ours(args) -> dict:
     import torch
 
-    from integration_training import chat, distributed, optim, sft
+    from integration_training import distributed, optim, sft, template
     from integration_training.config import SFTConfig, TargetConfig
 
     examples = load_examples(args.data, args.rows)
@@ -99,7 +99,7 @@ def run_ours(args) -> dict:
     module = sft.SupervisedTokenLoss(model)
     optimizer = optim.build_optimizer(model, stage)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    rendered, _ = chat.render_examples(tokenizer, examples, args.max_length)
+    rendered, _ = template.render_examples(tokenizer, examples, args.max_length)
     stream = sft.SFTStream(rendered=rendered, seed=0, packing=True, max_length=args.max_length,
                            sequences_per_step=stage.target_examples_per_step)
     total = args.warmup + args.steps
@@ -301,7 +301,7 @@ def main() -> None:
           f"{args.steps} timed steps; torch threads per side: {args.threads or 'default'}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; {versions()}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("ours: chat.render_examples (assistant-only mask) -> chat.pack_greedy -> collate_packed (4-D block mask) "
+    print("ours: template.render_examples (assistant-only mask) -> template.pack_greedy -> collate_packed (4-D block mask) "
           "-> sft.train_step with SupervisedTokenLoss (LM head only at supervised positions), AdamW")
     print("TRL : SFTTrainer, conversational prompt-completion dataset, completion_only_loss=True, packing=True "
           "(bfd => padding_free, position_ids), use_cpu=True, bf16=False, adamw_torch")

@@ -174,7 +174,7 @@ def score_problems(
     greedy: bool = True,
 ) -> list[ProblemRecord]:
     """Per-problem records; `indices` are the problems' global numbers (kept in the records for ordering)."""
-    from integration_training.chat import render_prompt, stop_token_ids
+    from integration_training.template import render_prompt, stop_token_ids
     from integration_training.rewards import resolve_reward
     from integration_training.rollout import sample
 

@@ -164,7 +164,7 @@ def _memory_lines(config: Config, params: int | None) -> list[str]:
 
 def render_plan(config: Config, config_path: str, device_note: str | None) -> str:
     """The whole plan as text. Loads tokenizers and local data, never model weights."""
-    from integration_training import chat
+    from integration_training import template
     from integration_training.data import build_mixture
 
     t = config.target
@@ -190,8 +190,8 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
         lines += _sft_lines(config, sequences, supervised, total)
         if tokenizer is not None and sft_offline:
             mixture = build_mixture(data.sft_mixture, data.shuffle_seed)
-            rendered = chat.render_conversation(tokenizer, list(mixture.examples[0].messages))
-            example_text = chat.format_masked_example(tokenizer, rendered)
+            rendered = template.render_conversation(tokenizer, list(mixture.examples[0].messages))
+            example_text = template.format_masked_example(tokenizer, rendered)
     if runs_rl(config):
         rl_offline = all(not _is_hub_source(s) for s in data.rl_mixture)
         prompts = sum(c.selected for c in count_sources(data.rl_mixture, data.shuffle_seed)) if rl_offline else None
@@ -206,7 +206,7 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
 
 def _sft_data_estimate(config: Config, tokenizer, offline: bool, lines: list[str]) -> tuple[int, int | None, int | None]:
     """(sequences per epoch, supervised tokens, total tokens) — exact when data and tokenizer are local."""
-    from integration_training import chat
+    from integration_training import template
     from integration_training.data import build_mixture
 
     data = config.data
@@ -216,9 +216,9 @@ def _sft_data_estimate(config: Config, tokenizer, offline: bool, lines: list[str
     mixture = build_mixture(data.sft_mixture, data.shuffle_seed)
     if tokenizer is None:
         return len(mixture.examples), None, None
-    rendered, report = chat.render_examples(tokenizer, list(mixture.examples), data.max_length)
+    rendered, report = template.render_examples(tokenizer, list(mixture.examples), data.max_length)
     lines += [f"  rendered {line}" for line in report.lines()]
     supervised = sum(sum(r.loss_mask) for r in rendered)
     total = sum(len(r.input_ids) for r in rendered)
-    sequences = len(chat.pack_greedy(rendered, data.max_length)) if config.sft.packing else len(rendered)
+    sequences = len(template.pack_greedy(rendered, data.max_length)) if config.sft.packing else len(rendered)
     return sequences, supervised, total

@@ -402,7 +402,7 @@ def _clip_gradients(model, max_norm: float) -> float:
 def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, stop_ids: frozenset[int], pad_id: int,
                  generator: torch.Generator) -> tuple[list[Sequence_], dict[str, float]]:
     """Sample, reward and compute advantages for this rank's prompts of one step."""
-    from integration_training.chat import render_prompt
+    from integration_training.template import render_prompt
     from integration_training.evaluate import decode
     from integration_training.rewards import resolve_reward
     from integration_training.rollout import sample
@@ -451,7 +451,7 @@ def rl_examples(specs, seed: int, what: str) -> list[Example]:
 
 def drop_overlong(examples: list[Example], tokenizer, max_length: int, max_new_tokens: int, what: str) -> list[Example]:
     """Prompts that cannot fit prompt + max_new_tokens in max_length are reported (count) and left out."""
-    from integration_training.chat import render_prompt
+    from integration_training.template import render_prompt
 
     budget = max_length - max_new_tokens
     kept = [e for e in examples if len(render_prompt(tokenizer, list(e.messages[:-1]))) <= budget]
@@ -495,7 +495,7 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
         restore_rng_state,
         save_checkpoint,
     )
-    from integration_training.chat import stop_token_ids
+    from integration_training.template import stop_token_ids
     from integration_training.distributed import (
         any_rank,
         barrier,

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from integration_training import checkpoint, chat, distributed, metrics, models, optim
-from integration_training.chat import IGNORE_INDEX, Batch, Rendered
+from integration_training import checkpoint, distributed, metrics, models, optim
+from integration_training import template
+from integration_training.template import IGNORE_INDEX, Batch, Rendered
 from integration_training.config import Config, SFTConfig, to_dict
 from integration_training.errors import UserError
 from integration_training.signals import StopRequest
@@ -117,7 +118,7 @@ def epoch_rows(rendered: Sequence[Rendered], seed: int, epoch: int, packing: boo
     """The epoch's sequences in order; each is a list of conversations (exactly one when not packing)."""
     ordered = [rendered[i] for i in epoch_order(len(rendered), seed, epoch)]
     if packing:
-        return chat.pack_greedy(ordered, max_length)
+        return template.pack_greedy(ordered, max_length)
     return [[r] for r in ordered]
 
 
@@ -164,9 +165,9 @@ def total_steps(stage: SFTConfig, stream: SFTStream) -> int:
 def collate(sequences: Sequence[list[Rendered]], packing: bool, pad_id: int) -> Batch:
     if packing:
         width = max(sum(len(r) for r in row) for row in sequences)  # trim to the longest row, not max_length
-        return chat.collate_packed(sequences, width, pad_id)
+        return template.collate_packed(sequences, width, pad_id)
     assert all(len(row) == 1 for row in sequences)
-    return chat.collate_padded([row[0] for row in sequences], pad_id)
+    return template.collate_padded([row[0] for row in sequences], pad_id)
 
 
 def rank_micro_batches(
@@ -185,7 +186,7 @@ def validation_batches(
     rendered: Sequence[Rendered], stage: SFTConfig, max_length: int, dist: distributed.Dist, pad_id: int
 ) -> list[Batch]:
     """The first `eval_steps × batch_size × world_size` validation sequences (fixed order), this rank's share."""
-    rows = chat.pack_greedy(list(rendered), max_length) if stage.packing else [[r] for r in rendered]
+    rows = template.pack_greedy(list(rendered), max_length) if stage.packing else [[r] for r in rendered]
     rows = distributed.shard(rows[: stage.eval_steps * stage.batch_size * dist.world_size], dist)
     if not rows:
         raise UserError(
@@ -276,7 +277,7 @@ def _render(tokenizer, specs, config: Config, what: str) -> list[Rendered]:
     from integration_training.data import build_mixture
 
     mixture = build_mixture(specs, config.data.shuffle_seed)
-    rendered, report = chat.render_examples(tokenizer, mixture.examples, config.data.max_length)
+    rendered, report = template.render_examples(tokenizer, mixture.examples, config.data.max_length)
     for line in report.lines():
         logger.info("%s: %s", what, line)
     if report.dropped:

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import arithmetic, make_config, save_tiny_model_dir, smollm2_tokenizer
-from integration_training import chat, distributed
+from integration_training import distributed
+from integration_training import template
 from integration_training.config import Config, to_json
 from integration_training.data import build_mixture
 from integration_training.rl import Sequence_, step_prompt_indices, train_on_rows
@@ -98,7 +99,7 @@ def rank(r: int) -> distributed.Dist:
 
 def test_ranks_see_disjoint_shards_whose_union_is_the_single_process_epoch():
     # Each conversation is identified by its (unique) token sequence.
-    conversations = [chat.Rendered(input_ids=[i + 1, i + 2, 7], loss_mask=[0, 1, 1]) for i in range(19)]
+    conversations = [template.Rendered(input_ids=[i + 1, i + 2, 7], loss_mask=[0, 1, 1]) for i in range(19)]
     stream = SFTStream(rendered=conversations, seed=3, packing=False, max_length=64, sequences_per_step=GLOBAL_BATCH)
     seen_single, seen_by_rank = [], {0: [], 1: []}
     for step in range(stream.steps_in_epoch(0)):
@@ -131,7 +132,7 @@ def test_ranks_see_disjoint_shards_whose_union_is_the_single_process_epoch():
 def sft_sequences():
     tokenizer = smollm2_tokenizer()
     examples = build_mixture([arithmetic("train", GLOBAL_BATCH)], seed=0).examples
-    rendered, _ = chat.render_examples(tokenizer, examples, 256)
+    rendered, _ = template.render_examples(tokenizer, examples, 256)
     assert len(rendered) == GLOBAL_BATCH
     return [[r] for r in rendered]
 

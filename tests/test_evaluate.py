@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import ROOT, SHARED_DATA, smollm2_tokenizer, tiny_model
-from integration_training.chat import render_prompt
+from integration_training.template import render_prompt
 from integration_training.data import Example
 from integration_training.evaluate import (
     ProblemRecord,

@@ -67,7 +67,7 @@ def digit_model_dir(tmp_path_factory, tokenizer) -> Path:
     The LM head rows of the digits point along the prompt's final hidden state and all other rows are zero, so
     the reward "answer starts with 7" starts near 0.1 and a working policy gradient must concentrate on one row.
     """
-    from integration_training.chat import render_prompt
+    from integration_training.template import render_prompt
 
     model = tiny_llama(len(tokenizer))
     prompt = render_prompt(tokenizer, [{"role": "user", "content": PROMPT}])

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from helpers import arithmetic, make_config, smollm2_tokenizer, tiny_model
-from integration_training import chat, distributed
+from integration_training import distributed
+from integration_training import template
 from integration_training.config import DatasetSpec
 from integration_training.data import build_mixture
 from integration_training.errors import UserError
@@ -39,7 +40,7 @@ SINGLE = distributed.Dist(rank=0, local_rank=0, world_size=1, device=torch.devic
 def rendered():
     tokenizer = smollm2_tokenizer()
     examples = build_mixture([arithmetic("train", 16)], seed=0).examples
-    kept, report = chat.render_examples(tokenizer, examples, 256)
+    kept, report = template.render_examples(tokenizer, examples, 256)
     assert report.dropped == 0
     return kept
 
@@ -58,8 +59,8 @@ def reference_loss_sum(model, batch) -> tuple[torch.Tensor, int]:
 
 def test_loss_equals_hand_computation_from_full_logits(rendered):
     model = tiny_model(vocab(), 0)
-    batch = chat.collate_padded(rendered[:3], smollm2_tokenizer().pad_token_id)
-    # Shift by hand from input_ids + loss mask, independently of chat.shifted_labels.
+    batch = template.collate_padded(rendered[:3], smollm2_tokenizer().pad_token_id)
+    # Shift by hand from input_ids + loss mask, independently of template.shifted_labels.
     for b, r in enumerate(rendered[:3]):
         for t in range(len(r) - 1):
             expected = r.input_ids[t + 1] if r.loss_mask[t + 1] else -100
@@ -75,9 +76,9 @@ def test_packed_rows_isolate_conversations(rendered):
     model = tiny_model(vocab(), 0)
     pad = smollm2_tokenizer().pad_token_id
     loss = SupervisedTokenLoss(model)
-    packed = chat.collate_packed([rendered[:3]], 300, pad)
+    packed = template.collate_packed([rendered[:3]], 300, pad)
     assert packed.attention_mask.shape == (1, 1, 300, 300)
-    alone = sum(loss(*dataclasses.astuple(chat.collate_padded([r], pad))) for r in rendered[:3])
+    alone = sum(loss(*dataclasses.astuple(template.collate_padded([r], pad))) for r in rendered[:3])
     together = loss(packed.input_ids, packed.labels, packed.attention_mask, packed.position_ids)
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-3)
 
@@ -104,7 +105,7 @@ def grads_after(model, micro_batches, grad_clip=0.0):
 def test_token_normalisation_spans_the_whole_accumulated_step(rendered):
     pad = smollm2_tokenizer().pad_token_id
     model = tiny_model(vocab(), 0)
-    micro = [chat.collate_padded(rendered[i : i + 2], pad) for i in (0, 2)]
+    micro = [template.collate_padded(rendered[i : i + 2], pad) for i in (0, 2)]
     result, grads = grads_after(model, micro)
     sums_counts = [reference_loss_sum(model, b) for b in micro]
     total = sum(c for _, c in sums_counts)
@@ -120,7 +121,7 @@ def test_token_normalisation_spans_the_whole_accumulated_step(rendered):
 def test_fully_masked_micro_batch_is_finite_and_contributes_nothing(rendered):
     pad = smollm2_tokenizer().pad_token_id
     model = tiny_model(vocab(), 0)
-    real = chat.collate_padded(rendered[:2], pad)
+    real = template.collate_padded(rendered[:2], pad)
     masked = dataclasses.replace(real, labels=torch.full_like(real.labels, -100))
     only_masked, _ = grads_after(model, [masked])
     assert only_masked.loss == 0.0 and only_masked.supervised_tokens == 0
@@ -159,7 +160,7 @@ def make_stage(**fields):
 
 def test_grad_clip_reports_unclipped_norm_and_clips(rendered):
     pad = smollm2_tokenizer().pad_token_id
-    micro = [chat.collate_padded(rendered[:2], pad)]
+    micro = [template.collate_padded(rendered[:2], pad)]
     unclipped, grads = grads_after(tiny_model(vocab(), 0), micro, grad_clip=0.0)
     clipped, clipped_grads = grads_after(tiny_model(vocab(), 0), micro, grad_clip=0.1)
     assert unclipped.grad_norm == pytest.approx(clipped.grad_norm) and unclipped.grad_norm > 0.1  # reported pre-clip
@@ -291,8 +292,8 @@ def test_overfits_eight_conversations_and_checkpoint_generates(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(final))
     tokenizer = AutoTokenizer.from_pretrained(str(final))
     example = build_mixture([arithmetic("train", 8)], seed=0).examples[0]
-    prompt = torch.tensor([chat.render_prompt(tokenizer, example.messages[:-1])])
-    out = model.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=list(chat.stop_token_ids(tokenizer)))
+    prompt = torch.tensor([template.render_prompt(tokenizer, example.messages[:-1])])
+    out = model.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=list(template.stop_token_ids(tokenizer)))
     text = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
     assert text.strip() == example.messages[-1]["content"].strip()  # memorised answer
 

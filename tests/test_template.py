@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from integration_training.chat import (
+from integration_training.template import (
     IGNORE_INDEX,
     Rendered,
     collate_packed,
