@@ -79,7 +79,7 @@ def run_ours(args) -> dict:
 
     from integration_training import distributed, optim, rl
     from integration_training import template
-    from integration_training.config import RLConfig, TargetConfig
+    from integration_training.config import ModelConfig, RLConfig, TargetConfig
 
     import dataclasses
 
@@ -106,9 +106,10 @@ def run_ours(args) -> dict:
         batch = examples[step * args.prompts : (step + 1) * args.prompts]
         generator = torch.Generator(device="cpu").manual_seed(1000 + step)
         t0 = time.perf_counter()
-        rows, stats = rl.rollout_step(model, tokenizer, batch, config, stop_ids, tokenizer.pad_token_id, generator)
+        rows, stats = rl.rollout_step(model, tokenizer, batch, config, stop_ids, tokenizer.pad_token_id, generator, "float32")
         t1 = time.perf_counter()
-        trained = rl.train_on_rows(model, None, optimizer, rows, config, tokenizer.pad_token_id, dist)
+        trained = rl.train_on_rows(model, None, optimizer, rows, config, tokenizer.pad_token_id, dist, ModelConfig(name="unused", dtype="float32", compile=False, attn_implementation="sdpa",
+                                             gradient_checkpointing=False), None)
         t2 = time.perf_counter()
         skipped.append(trained["skipped_frac"])
         if step >= args.warmup:

@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     path = str(provision_offline_model())
     tokenizer = load_tokenizer(path)
-    model = load_model(path, args.dtype, "sdpa", args.device).eval()
+    model = load_model(path, args.dtype, "sdpa", args.device, training=False).eval()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     _ours(model, _prompts(tokenizer, 2), 2, 4, tokenizer.pad_token_id, args.device, 64)  # warm-up
     for n_prompts, samples, new_tokens in [(8, 8, 32), (64, 1, 32)]:

@@ -61,7 +61,7 @@ def load_model_and_tokenizer():
 
     torch.manual_seed(0)
     path = str(provision_offline_model())
-    return load_model(path, "float32", "sdpa", "cpu"), load_tokenizer(path)
+    return load_model(path, "float32", "sdpa", "cpu", training=True), load_tokenizer(path)
 
 
 def set_threads(threads: int) -> None:
@@ -96,7 +96,7 @@ def run_ours(args) -> dict:
                       unembedding_lr=args.lr, matrix_lr=args.lr, weight_decay=0.0, init_lr_frac=1.0, warmup_ratio=0.0,
                       lr_schedule="constant", grad_clip=1.0, packing=True, eval_every=10**9, eval_steps=1,
                       checkpoint_every=10**9, log_every=1)
-    module = sft.SupervisedTokenLoss(model)
+    module = sft.SupervisedTokenLoss(model, "float32", True)
     optimizer = optim.build_optimizer(model, stage)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     rendered, _ = template.render_examples(tokenizer, examples, args.max_length)
@@ -111,9 +111,9 @@ def run_ours(args) -> dict:
     start = None
     for step in range(total):
         sequences = stream.step_sequences(step)
-        micro = sft.rank_micro_batches(sequences, stage.batch_size, dist, True, tokenizer.pad_token_id)
+        micro = sft.rank_micro_batches(sequences, stage.batch_size, dist, True, tokenizer.pad_token_id, "sdpa")
         step_tokens = sum(len(r) for row in sequences for r in row)
-        result = sft.train_step(module, optimizer, params, micro, step_tokens, 1.0, stage.grad_clip, dist)
+        result = sft.train_step(module, optimizer, params, micro, step_tokens, 1.0, stage.grad_clip, dist, None)
         losses.append(result.loss)
         if step == args.warmup - 1:
             start = time.perf_counter()

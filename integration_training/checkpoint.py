@@ -40,13 +40,17 @@ def checkpoint_step(path: Path) -> int:
 
 
 def save_checkpoint(
-    stage_dir: Path, step: int, model, tokenizer, train_state: dict[str, Any], *, state_dict: dict | None = None
+    stage_dir: Path, step: int, model, tokenizer, train_state: dict[str, Any], *, state_dict: dict | None, dtype: str
 ) -> Path:
     """Write model, tokenizer and train state for `step`; return the final directory.
 
     Call on the main rank only. Re-saving an existing step (a resumed run reaching the same step) replaces it.
-    `state_dict`: the model weights to write instead of `model`'s own (FSDP2 gathers full weights first).
+    `state_dict`: the model weights to write instead of `model`'s own (FSDP2 gathers full weights first), or None.
+    `dtype`: the compute dtype. The HF weights are written in it (what consumers load); when it is not float32 the
+    float32 master weights go beside them (`precision.MASTER_FILE`) for exact resume and the SFT→RL hand-off.
     """
+    from integration_training import precision
+
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     final = stage_dir / step_dir_name(step)
@@ -54,7 +58,13 @@ def save_checkpoint(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    model.save_pretrained(str(staging), state_dict=state_dict)
+    weights = state_dict if state_dict is not None else model.state_dict()
+    if precision.is_mixed(dtype):
+        with precision.config_dtype(model, dtype):
+            model.save_pretrained(str(staging), state_dict=precision.consumer_state_dict(weights, dtype))
+        precision.save_masters(weights, staging)
+    else:
+        model.save_pretrained(str(staging), state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(staging))
     torch.save(train_state, staging / TRAIN_STATE)

@@ -344,9 +344,10 @@ def held_out_eval(config: Config, run_dir: Path, model_name: str, stage: str, st
         return
     rl, seed = config.rl, config.data.shuffle_seed
     dist = init_distributed(config.target)
-    model, tokenizer = load_policy(model_name, config.model, dist.device)
+    model, tokenizer = load_policy(model_name, config.model, dist.device, training=False)
     problems = rl_examples(config.data.rl_eval_mixture, seed, "rl_eval_mixture")
     problems = drop_overlong(problems, tokenizer, config.data.max_length, rl.max_new_tokens, "rl_eval_mixture")
-    values = run_eval(model, tokenizer, problems[: rl.eval_examples], rl, seed, dist, run_dir, step, stage)
+    values = run_eval(model, tokenizer, problems[: rl.eval_examples], rl, seed, dist, run_dir, step, stage,
+                      config.model.dtype)
     barrier(dist)
     log.info("%s evaluation: %s", stage, {k: round(v, 4) for k, v in values.items() if not k.endswith(("_low", "_high"))})

@@ -150,11 +150,12 @@ def barrier(dist: Dist) -> None:
         torch_dist.barrier()
 
 
-def wrap_model(model: nn.Module, target: TargetConfig, dist: Dist) -> nn.Module:
+def wrap_model(model: nn.Module, target: TargetConfig, dist: Dist, dtype: str) -> nn.Module:
     """Wrap for data parallelism: DDP, FSDP2 (`fully_shard` per decoder layer, then the root), or nothing.
 
     Pass the module whose `forward` computes the loss: DDP only synchronises gradients of parameters used in a
-    forward that went through the wrapper.
+    forward that went through the wrapper. `dtype` is the compute dtype: FSDP2 gathers parameters in it and
+    reduces gradients in float32 (`precision.fsdp_policy`); DDP reduces the float32 master gradients.
     """
     if target.parallelism == "none" or dist.world_size == 1:
         return model
@@ -166,11 +167,14 @@ def wrap_model(model: nn.Module, target: TargetConfig, dist: Dist) -> nn.Module:
     assert target.parallelism == "fsdp2", f"unknown parallelism {target.parallelism}"
     from torch.distributed.fsdp import fully_shard
 
+    from integration_training.precision import fsdp_policy
+
+    policy = fsdp_policy(dtype)
     # Shard each transformer block separately so that only one block is gathered at a time.
     for module in model.modules():
         if type(module).__name__.endswith("DecoderLayer"):
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 

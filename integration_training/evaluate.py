@@ -386,7 +386,7 @@ def run_cli(args: argparse.Namespace) -> dict:
     device = _device(args.device)
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
-    model = load_model(path, args.dtype, "sdpa", device)
+    model = load_model(path, args.dtype, "sdpa", device, training=False)
     start = time.perf_counter()
     result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.top_k, args.max_new_tokens,
                       args.batch_size, args.seed, greedy=not args.no_greedy)

@@ -151,11 +151,9 @@ def _assert_unquantised(model_dir: Path) -> None:
 
 
 def torch_dtype(name: str):
-    import torch
+    from integration_training.precision import torch_dtype as to_torch
 
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    assert name in table, f"unknown dtype {name}"
-    return table[name]
+    return to_torch(name)
 
 
 def load_tokenizer(path: str):
@@ -171,14 +169,22 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model(path: str, dtype: str, attn_implementation: str, device):
-    """Load a causal LM for training or sampling. `path` comes from `resolve_model_path`."""
+def load_model(path: str, dtype: str, attn_implementation: str, device, *, training: bool):
+    """Load a causal LM. `path` comes from `resolve_model_path`; `dtype` is the compute dtype.
+
+    `training=True`: float32 master parameters (see `precision`), and a checkpoint's saved float32 masters replace
+    its compute-dtype weights, so resume and the SFT→RL hand-off continue from the exact weights. Training code
+    runs the forward under `precision.autocast`. `training=False` (sampling/evaluation only): weights in `dtype`.
+    """
     from transformers import AutoModelForCausalLM
 
+    from integration_training import precision
+
+    load_dtype = precision.torch_dtype("float32" if training else dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as error:
         raise UserError(f"model.name: cannot load a causal LM from {path}: {error}") from error
+    if training and Path(path).is_dir():
+        precision.load_masters(model, Path(path))
     return model.to(device)

@@ -29,7 +29,7 @@ import torch
 
 from integration_training.config import Config, RLConfig, to_dict
 from integration_training.data.types import Example
-from integration_training.errors import UserError
+from integration_training.errors import TrainingDiverged, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -178,13 +178,18 @@ def build_batch(rows: Sequence[Sequence_], pad_id: int, device: torch.device) ->
     return batch
 
 
-def completion_logits(model, batch: TrainBatch) -> torch.Tensor:
-    """Logits [n, V] predicting each completion token, LM head only where a completion token is predicted.
+def completion_logits(model, batch: TrainBatch, full_rows: bool) -> torch.Tensor:
+    """Logits [n, V] predicting each completion token (row-major), LM head only where one is predicted.
 
-    Pass 1 runs the distinct prompts (with gradient) and keeps their KV cache; the cache is gathered to the sample
-    rows — autograd sums each row's gradient back into its prompt's single forward. Pass 2 runs the completions
-    on that cache. Exact: the same numbers as scoring every prompt+completion row in full.
+    `full_rows=False` (shared prompt): pass 1 runs the distinct prompts (with gradient) and keeps their KV cache;
+    the cache is gathered to the sample rows — autograd sums each row's gradient back into its prompt's single
+    forward. Pass 2 runs the completions on that cache. Exact: the same numbers as scoring every row in full.
+    `full_rows=True`: every row is its prompt + completion in one forward. Needed with gradient checkpointing,
+    under which HF layers drop `past_key_values` in training (pass 2 would silently score completions without
+    their prompt); it costs recomputing a group's shared prompt once per sample.
     """
+    if full_rows:
+        return _full_row_logits(model, batch)
     first = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
                   position_ids=batch.prompt_positions, use_cache=True, logits_to_keep=1)
     cache = first.past_key_values
@@ -208,9 +213,37 @@ def completion_logits(model, batch: TrainBatch) -> torch.Tensor:
     return logits[batch.order]
 
 
-def completion_logprobs(model, batch: TrainBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Flat log-probs of the completion tokens (+ optional detached per-token entropy)."""
-    logp_all = torch.log_softmax(completion_logits(model, batch).float(), dim=-1)
+def _full_row_logits(model, batch: TrainBatch) -> torch.Tensor:
+    """One forward over [prompt (left-padded) | completion (right-padded)] rows; the kept positions are each row's
+    last prompt token and its real completion inputs, which in row-major order are exactly the targets' order."""
+    prompt_width = batch.prompt_ids.shape[1]
+    ids = torch.cat([batch.prompt_ids[batch.row_prompt], batch.completion_inputs], dim=1)
+    mask = torch.cat([batch.prompt_mask[batch.row_prompt], batch.completion_mask], dim=1)
+    start = batch.prompt_positions[batch.row_prompt, -1:] + 1
+    width = batch.completion_inputs.shape[1]
+    positions = torch.cat([batch.prompt_positions[batch.row_prompt],
+                           start + torch.arange(width, device=start.device)[None, :]], dim=1)
+    keep = torch.cat([torch.zeros_like(batch.prompt_mask[batch.row_prompt], dtype=torch.bool),
+                      batch.completion_mask.bool()], dim=1)
+    keep[:, prompt_width - 1] = True
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                   logits_to_keep=keep).logits
+    logits = logits[keep] if logits.ndim == 3 else logits  # some models ignore a boolean logits_to_keep
+    assert logits.shape[0] == batch.num_tokens, (tuple(logits.shape), batch.num_tokens)
+    return logits
+
+
+def completion_logprobs(model, batch: TrainBatch, full_rows: bool, dtype: str,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flat log-probs of the completion tokens (+ optional detached per-token entropy).
+
+    The forward runs under autocast to the compute dtype `dtype`; log-softmax in float32.
+    """
+    from integration_training.precision import autocast
+
+    with autocast(batch.prompt_ids.device, dtype):
+        logits = completion_logits(model, batch, full_rows)
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
     logprobs = logp_all.gather(1, batch.targets[:, None]).squeeze(1)
     entropy = None
     if with_entropy:
@@ -267,8 +300,12 @@ def sampling_seed(seed: int, step: int, rank: int) -> int:
 # ---------------------------------------------------------------------------------------------------- model loading
 
 
-def load_policy(init_model: str | Path, model_config, device: torch.device):
-    """(model, tokenizer) from an HF dir, run checkpoint dir, hub id or the offline id; UserError naming the path."""
+def load_policy(init_model: str | Path, model_config, device: torch.device, *, training: bool):
+    """(model, tokenizer) from an HF dir, run checkpoint dir, hub id or the offline id; UserError naming the path.
+
+    `training=True`: float32 master weights (a checkpoint's saved masters when it has them), train mode, and
+    gradient checkpointing when configured. `training=False`: weights in the compute dtype, eval mode.
+    """
     from integration_training.models import load_model, load_tokenizer, resolve_model_path
 
     name = str(init_model)
@@ -282,19 +319,23 @@ def load_policy(init_model: str | Path, model_config, device: torch.device):
     path = resolve_model_path(name)
     try:
         tokenizer = load_tokenizer(path)
-        model = load_model(path, model_config.dtype, model_config.attn_implementation, device)
+        model = load_model(path, model_config.dtype, model_config.attn_implementation, device, training=training)
     except UserError:
         raise
     except Exception as error:  # corrupt weights etc.: the user must fix the directory
         raise UserError(f"RL initial model {path}: cannot be loaded ({type(error).__name__}: {error})") from error
+    if not training:
+        return model.eval(), tokenizer
     if model_config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model, tokenizer
+        # HF checkpoints a layer only in train mode; the policy trains in train mode (the sampler switches to eval
+        # and back), and scoring uses the full-row layout, since checkpointed layers drop past_key_values.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train(), tokenizer
 
 
 def load_reference(init_model: str | Path, model_config, device: torch.device):
-    model, _ = load_policy(init_model, model_config, device)
-    model.eval()
+    """The frozen KL reference: the initial model in the compute dtype (it is never trained: no masters)."""
+    model, _ = load_policy(init_model, model_config, device, training=False)
     model.requires_grad_(False)
     return model
 
@@ -325,58 +366,91 @@ def train_on_rows(
     rl: RLConfig,
     pad_id: int,
     dist,
+    model_config,
+    scaler,
 ) -> dict[str, float]:
     """Forward/backward over micro-batches of `device_batch_size` rows, `updates_per_batch` optimizer steps.
 
     Without a reference model, rows whose advantage is 0 (every row of a group with uniform rewards) add exactly
     nothing to the loss: they are left out of the forward/backward and only their tokens count in the
     normaliser, so the gradient is the same as training on every row.
+    `model_config`: the compute dtype (forwards under autocast) and gradient checkpointing (which needs the
+    full-row scoring layout); `scaler`: the float16 loss scale or None.
     Returns step-level means (over tokens of all ranks): loss, kl, clip_frac and grad_norm over every completion
-    token; entropy over the tokens trained on; skipped_frac, the share of rows left out.
+    token; entropy and logprob_mismatch (mean |trainer − sampler| log-prob) over the tokens trained on;
+    skipped_frac, the share of rows left out; diverged (1.0 when a non-finite update was skipped on every rank).
     """
     from integration_training.distributed import all_reduce_max, all_reduce_sum, gradient_sync
+    from integration_training.precision import accum_dtype, backward, optimizer_step, unscale
 
     device = dist.device
+    acc = accum_dtype(device)
     trained = [r for r in rows if r.advantage != 0.0] if ref_model is None else list(rows)
     batches = [build_batch(trained[i : i + rl.device_batch_size], pad_id, device)
                for i in range(0, len(trained), rl.device_batch_size)]
     real_batches = len(batches)
     # Every rank runs the same number of forward/backward passes, at least one: FSDP2 all-gathers parameters in
     # every forward and DDP reduces gradients in the last backward, collectives all ranks must join. Ranks with
-    # fewer rows left pad with a zero-advantage row (loss exactly 0; left out of the entropy).
+    # fewer rows left pad with a zero-advantage row whose loss is multiplied by 0 (its KL term too).
     most = int(all_reduce_max(torch.tensor([float(max(real_batches, 1))], device=device), dist).item())
     batches += [build_batch([replace(rows[0], advantage=0.0)], pad_id, device)
                 for _ in range(most - real_batches)]
     local_tokens = sum(len(r.completion_ids) for r in rows)
     trained_tokens_here = sum(b.num_tokens for b in batches[:real_batches])
     counts = torch.tensor([float(local_tokens), float(trained_tokens_here), float(len(rows)),
-                           float(len(rows) - len(trained))], dtype=torch.float64, device=device)
+                           float(len(rows) - len(trained))], dtype=acc, device=device)
     all_reduce_sum(counts, dist)
     global_tokens, trained_tokens, global_rows, skipped_rows = (float(c) for c in counts)
     # DDP averages gradients over ranks; multiplying by world size turns that average back into the global sum.
     normaliser = global_tokens / dist.world_size
-    ref_logprobs = []
+
+    def score(module, batch, full_rows: bool, with_entropy: bool = False):
+        return completion_logprobs(module, batch, full_rows, model_config.dtype, with_entropy=with_entropy)
+
+    full_rows = model_config.gradient_checkpointing
+    ref_logprobs: list[torch.Tensor | None] = [None] * len(batches)
     if ref_model is not None:
         with torch.no_grad():
-            ref_logprobs = [completion_logprobs(ref_model, b)[0] for b in batches]
+            ref_logprobs = [score(ref_model, b, False)[0] for b in batches]
     use_ratio = rl.updates_per_batch > 1
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, kl, entropy, clip, grad_norm
+    # PPO's denominator is the trainer's own no-grad forward before any update, not the sampler's log-probs: those
+    # come from other batch shapes and kernels (and inference mode), which in bf16 differ enough that the ratio
+    # would not start at 1 and clipping would fire on the first update.
+    old_logprobs = [b.old_logprobs for b in batches]
+    if use_ratio:
+        with torch.no_grad():
+            old_logprobs = [score(model, b, full_rows)[0] for b in batches]
+    sums = torch.zeros(6, dtype=acc, device=device)  # loss, kl, entropy, clip, grad_norm, |trainer − sampler|
+    diverged = False
     for update in range(rl.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
+        update_loss = 0.0
         for i, batch in enumerate(batches):
+            real = i < real_batches
             with gradient_sync(model, enabled=i == len(batches) - 1):
-                logprobs, entropy = completion_logprobs(model, batch, with_entropy=update == 0)
-                loss, parts = policy_loss(logprobs, batch.old_logprobs, ref_logprobs[i] if ref_model is not None else None,
-                                          batch.advantages, normaliser, rl.kl_coef, rl.clip_eps, use_ratio)
-                loss.backward()
-            sums[0] += loss.detach().double() / rl.updates_per_batch
-            sums[2] += entropy.sum().double() if entropy is not None and i < real_batches else 0.0
-            if update == 0:
-                sums[1] += parts["kl_sum"].double()
-            sums[3] += parts["clip_count"].double() / rl.updates_per_batch
+                logprobs, entropy = score(model, batch, full_rows, with_entropy=update == 0)
+                loss, parts = policy_loss(logprobs, old_logprobs[i], ref_logprobs[i], batch.advantages, normaliser,
+                                          rl.kl_coef, rl.clip_eps, use_ratio)
+                loss = loss if real else loss * 0.0
+                backward(loss, scaler)
+            update_loss += float(loss.detach())
+            sums[0] += loss.detach().to(acc) / rl.updates_per_batch
+            if update == 0 and real:
+                sums[1] += parts["kl_sum"].to(acc)
+                sums[2] += entropy.sum().to(acc)
+                sums[5] += (logprobs.detach() - batch.old_logprobs).abs().sum().to(acc)
+            if real:
+                sums[3] += parts["clip_count"].to(acc) / rl.updates_per_batch
+        unscale(optimizer, scaler)
         grad_norm = _clip_gradients(model, rl.grad_clip)
         sums[4] += grad_norm / rl.updates_per_batch
-        optimizer.step()
+        overflow = scaler is not None and math.isfinite(update_loss) and not math.isfinite(grad_norm)
+        # Every rank must agree: a rank that stepped while another did not would leave the replicas apart.
+        bad = not math.isfinite(update_loss) or (not math.isfinite(grad_norm) and not overflow)
+        if float(all_reduce_sum(torch.tensor([float(bad)], dtype=acc, device=device), dist)[0]) > 0:
+            diverged = True
+            break
+        optimizer_step(optimizer, scaler)
     optimizer.zero_grad(set_to_none=True)
     all_reduce_sum(sums, dist)
     loss_mean = float(sums[0]) / dist.world_size  # each rank's loss already is a share of the global mean
@@ -384,9 +458,11 @@ def train_on_rows(
         "loss": loss_mean,
         "kl": float(sums[1]) / global_tokens,
         "entropy": float(sums[2]) / trained_tokens if trained_tokens else 0.0,
+        "logprob_mismatch": float(sums[5]) / trained_tokens if trained_tokens else 0.0,
         "clip_frac": float(sums[3]) / global_tokens,
         "grad_norm": float(sums[4]) / dist.world_size,
         "skipped_frac": skipped_rows / global_rows,
+        "diverged": float(diverged),
     }
 
 
@@ -400,16 +476,18 @@ def _clip_gradients(model, max_norm: float) -> float:
 
 
 def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, stop_ids: frozenset[int], pad_id: int,
-                 generator: torch.Generator) -> tuple[list[Sequence_], dict[str, float]]:
-    """Sample, reward and compute advantages for this rank's prompts of one step."""
+                 generator: torch.Generator, dtype: str) -> tuple[list[Sequence_], dict[str, float]]:
+    """Sample (under autocast to the compute dtype `dtype`), reward and compute advantages for this rank's prompts."""
     from integration_training.template import render_prompt
     from integration_training.evaluate import decode
     from integration_training.rewards import resolve_reward
+    from integration_training.precision import autocast
     from integration_training.rollout import sample
 
     prompt_ids = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
-    completions = sample(model, prompt_ids, rl.num_samples, rl.max_new_tokens, rl.temperature, rl.top_k, stop_ids,
-                         pad_id, generator, rl.sample_batch_size, greedy_first=False)
+    with autocast(_model_device(model), dtype):
+        completions = sample(model, prompt_ids, rl.num_samples, rl.max_new_tokens, rl.temperature, rl.top_k,
+                             stop_ids, pad_id, generator, rl.sample_batch_size, greedy_first=False)
     rewards = torch.tensor([
         [float(resolve_reward(e.reward).strict(decode(tokenizer, c.token_ids), e.reference)) for c in group]
         for e, group in zip(examples, completions, strict=True)
@@ -465,7 +543,7 @@ def drop_overlong(examples: list[Example], tokenizer, max_length: int, max_new_t
 
 
 def run_eval(model, tokenizer, examples: Sequence[Example], rl: RLConfig, seed: int, dist, run_dir: Path, step: int,
-             stage: str) -> dict[str, float]:
+             stage: str, dtype: str) -> dict[str, float]:
     """The shared harness on this rank's shard of the eval problems; rank 0 aggregates and writes the JSONL.
 
     Every problem is scored exactly once (round-robin shards may differ by one problem: none is dropped). With an
@@ -473,10 +551,12 @@ def run_eval(model, tokenizer, examples: Sequence[Example], rl: RLConfig, seed: 
     """
     from integration_training.distributed import all_gather_objects
     from integration_training.evaluate import aggregate, eval_records_path, score_problems, write_records
+    from integration_training.precision import autocast
 
     indices = list(range(len(examples)))[dist.rank :: dist.world_size]
-    records = score_problems(model, tokenizer, [examples[i] for i in indices], indices, rl.eval_k, rl.temperature,
-                             rl.top_k, rl.max_new_tokens, rl.sample_batch_size, seed)
+    with autocast(dist.device, dtype):
+        records = score_problems(model, tokenizer, [examples[i] for i in indices], indices, rl.eval_k, rl.temperature,
+                                 rl.top_k, rl.max_new_tokens, rl.sample_batch_size, seed)
     # Problem order, not rank order: aggregates (bootstrap intervals) then match a single-process evaluation.
     records = sorted(all_gather_objects(records, dist), key=lambda r: r.index)
     assert [r.index for r in records] == list(range(len(examples))), "each eval problem scored exactly once"
@@ -494,6 +574,7 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
         load_train_state,
         restore_rng_state,
         save_checkpoint,
+        step_dir_name,
     )
     from integration_training.template import stop_token_ids
     from integration_training.distributed import (
@@ -509,6 +590,7 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
     )
     from integration_training.metrics import MetricsLogger
     from integration_training.optim import apply_lr, build_optimizer, lr_multiplier
+    from integration_training.precision import grad_scaler
     from integration_training.signals import StopRequest
 
     rl, seed = config.rl, config.data.shuffle_seed
@@ -525,7 +607,8 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
             "rl.optimizer: 'muon' orthogonalises whole matrices but target.parallelism='fsdp2' shards them; "
             "use parallelism='ddp' or optimizer='adamw'"
         )
-    policy, tokenizer = load_policy(latest if latest is not None else init_model, config.model, dist.device)
+    policy, tokenizer = load_policy(latest if latest is not None else init_model, config.model, dist.device,
+                                    training=True)
     ref_model = load_reference(init_model, config.model, dist.device) if rl.kl_coef > 0 else None
     stop_ids = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id
@@ -536,8 +619,9 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
     eval_examples = drop_overlong(rl_examples(config.data.rl_eval_mixture, seed, "rl_eval_mixture"), tokenizer,
                                   config.data.max_length, rl.max_new_tokens, "rl_eval_mixture")[: rl.eval_examples]
     steps = total_steps(rl, len(train_examples))
-    model = wrap_model(policy, config.target, dist)
+    model = wrap_model(policy, config.target, dist, config.model.dtype)
     optimizer = build_optimizer(policy, rl)
+    scaler = grad_scaler(dist.device, config.model.dtype)
     start = 0
     if latest is not None:
         state = load_train_state(latest)
@@ -546,6 +630,8 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
             load_full_optimizer_state(policy, optimizer, state["optimizer"] if dist.is_main else {})
         else:
             optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("grad_scaler") is not None:
+            scaler.load_state_dict(state["grad_scaler"])
         restore_rng_state(state["rng"])
         start = int(state["step"])
         assert start == int(latest.name.removeprefix("step_")), f"{latest}: train_state step {start} != dir name"
@@ -565,11 +651,12 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
         else:
             optimizer_state = optimizer.state_dict()
         state = {"step": step, "optimizer": optimizer_state, "rng": capture_rng_state(),
+                 "grad_scaler": scaler.state_dict() if scaler is not None else None,
                  "data_position": step * rl.examples_per_step, "total_steps": steps,
                  "world_size": dist.world_size, "parallelism": config.target.parallelism}
-        path = stage_dir / f"step_{step:06d}"
+        path = stage_dir / step_dir_name(step)
         if dist.is_main:
-            path = save_checkpoint(stage_dir, step, policy, tokenizer, state, state_dict=weights)
+            path = save_checkpoint(stage_dir, step, policy, tokenizer, state, state_dict=weights, dtype=config.model.dtype)
         barrier(dist)
         return path
 
@@ -579,16 +666,21 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
         with stop.handle_signals():
             if start == 0:
                 with lockstep(policy, config.target, dist) as sampler:
-                    values = run_eval(sampler, tokenizer, eval_examples, rl, seed, dist, run_dir, 0, STAGE)
+                    values = run_eval(sampler, tokenizer, eval_examples, rl, seed, dist, run_dir, 0, STAGE,
+                                      config.model.dtype)
                 metrics.log(0, values)
                 logger.info("RL step 0 (baseline): %s", _brief(values))
             for step in range(start, steps):
                 values = _one_step(model, policy, ref_model, optimizer, tokenizer, train_examples, rl, seed, step,
-                                   steps, stop_ids, pad_id, dist, apply_lr, lr_multiplier, config.target)
+                                   steps, stop_ids, pad_id, dist, apply_lr, lr_multiplier, config.target, config.model,
+                                   scaler)
+                if values.pop("diverged"):
+                    raise TrainingDiverged(STAGE, step + 1, values["loss"], values["grad_norm"], final or latest)
                 done = step + 1
                 if done % rl.eval_every == 0 or done == steps:
                     with lockstep(policy, config.target, dist) as sampler:
-                        values |= run_eval(sampler, tokenizer, eval_examples, rl, seed, dist, run_dir, done, STAGE)
+                        values |= run_eval(sampler, tokenizer, eval_examples, rl, seed, dist, run_dir, done, STAGE,
+                                           config.model.dtype)
                 if done % rl.log_every == 0 or done == steps or "eval/pass@1_strict" in values:
                     metrics.log(done, values)
                     logger.info("RL step %d/%d: %s", done, steps, _brief(values))
@@ -607,8 +699,9 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
 
 
 def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed, step, steps, stop_ids, pad_id, dist,
-              apply_lr, lr_multiplier, target) -> dict[str, float]:
+              apply_lr, lr_multiplier, target, model_config, scaler) -> dict[str, float]:
     from integration_training.distributed import all_reduce_sum, lockstep, shard
+    from integration_training.precision import accum_dtype
 
     global_indices = step_prompt_indices(step, rl.examples_per_step, len(examples), seed)
     mine = [examples[i] for i in shard(global_indices, dist)]
@@ -616,14 +709,15 @@ def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed
     t0 = time.perf_counter()
     # Rows stop at different decode steps on different ranks; under FSDP2 the lockstep proxy pairs the forwards.
     with lockstep(policy, target, dist) as sampler:
-        rows, stats = rollout_step(sampler, tokenizer, mine, rl, stop_ids, pad_id, generator)
+        rows, stats = rollout_step(sampler, tokenizer, mine, rl, stop_ids, pad_id, generator, model_config.dtype)
     t1 = time.perf_counter()
     multiplier = lr_multiplier(step, steps, rl)
     apply_lr(optimizer, multiplier)
-    train = train_on_rows(model, ref_model, optimizer, rows, rl, pad_id, dist)
+    train = train_on_rows(model, ref_model, optimizer, rows, rl, pad_id, dist, model_config, scaler)
     t2 = time.perf_counter()
     keys = sorted(stats)
-    reduced = all_reduce_sum(torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=dist.device), dist)
+    reduced = all_reduce_sum(torch.tensor([stats[k] for k in keys], dtype=accum_dtype(dist.device), device=dist.device),
+                             dist)
     s = dict(zip(keys, reduced.tolist(), strict=True))
     gen_seconds, train_seconds = t1 - t0, t2 - t1
     return {
@@ -637,6 +731,8 @@ def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed
         "entropy": train["entropy"],
         "sampled_nll": s["sampled_nll"] / s["tokens"],
         "clip_frac": train["clip_frac"],
+        "logprob_mismatch": train["logprob_mismatch"],
+        "diverged": train["diverged"],
         "grad_norm": train["grad_norm"],
         "lr_multiplier": multiplier,
         "gen_seconds": gen_seconds,
@@ -659,3 +755,7 @@ def _brief(values: dict[str, float]) -> str:
     shown = ("reward", "loss", "kl", "entropy", "response_tokens", "eval/pass@1_strict", "eval/greedy_strict",
              "gen_seconds", "train_seconds")
     return " ".join(f"{k}={values[k]:.4g}" for k in shown if k in values and not math.isnan(values[k]))
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device

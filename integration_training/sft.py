@@ -32,11 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from integration_training import checkpoint, distributed, metrics, models, optim
-from integration_training import template
+from integration_training import checkpoint, distributed, metrics, models, optim, precision, template
 from integration_training.template import IGNORE_INDEX, Batch, Rendered
 from integration_training.config import Config, SFTConfig, to_dict
-from integration_training.errors import UserError
+from integration_training.errors import TrainingDiverged, UserError
 from integration_training.signals import StopRequest
 
 logger = logging.getLogger(__name__)
@@ -44,58 +43,88 @@ logger = logging.getLogger(__name__)
 STAGE = "sft"
 
 
-class TrainingDiverged(Exception):
-    """The loss or gradient norm became non-finite; no update from that step was applied or saved."""
-
-    def __init__(self, stage: str, step: int, loss: float, grad_norm: float, last_checkpoint: Path | None) -> None:
-        self.stage, self.step, self.loss, self.grad_norm, self.last_checkpoint = stage, step, loss, grad_norm, last_checkpoint
-        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-        super().__init__(
-            f"{stage} training diverged at step {step}: loss={loss}, grad_norm={grad_norm} (non-finite); the update "
-            f"was not applied; {where}. Lower the learning rates, enable grad_clip, or use float32"
-        )
-
-
 # ---------------------------------------------------------------------------------------------------- loss
 
 
 def _plain_lm_head(model: nn.Module) -> bool:
-    """True when logits are exactly lm_head(last hidden state) (no soft-capping / scaling), as for Llama/Qwen."""
+    """True when the config names no logit transform (soft-capping / scale). Necessary, not sufficient: some
+    architectures scale logits under other names (Granite `logits_scaling`, MiniCPM, Falcon-H1 multipliers), so
+    `lm_head_shortcut_exact` checks the shortcut against the model's own logits once at start-up."""
     config = model.config
     return not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", None) in (None, 1.0)
 
 
-class SupervisedTokenLoss(nn.Module):
-    """forward(...) → summed next-token CE over supervised positions (float32 scalar).
+def _shortcut_logits(model: nn.Module, batch: Batch, supervised: torch.Tensor) -> torch.Tensor:
+    hidden = model.base_model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+    ).last_hidden_state
+    return model.get_output_embeddings()(hidden[supervised])
 
-    Runs the decoder, keeps only hidden states at supervised positions and applies the LM head to those: the
-    [tokens × vocab] logits of unsupervised tokens (prompts, padding) are never materialised. This module, not the
-    HF model, is what gets wrapped by DDP/FSDP2 so that gradient sync sees a forward through the wrapper.
+
+def _full_logits(model: nn.Module, batch: Batch, supervised: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+    return out.logits[supervised]
+
+
+@torch.no_grad()
+def lm_head_shortcut_exact(model: nn.Module, batch: Batch, dtype: str) -> bool:
+    """Whether lm_head(hidden) at supervised positions equals the model's own logits on `batch` (one check at start).
+
+    Call with `batch` already on the model's device; dropout is switched off for the comparison.
+    """
+    if not _plain_lm_head(model):
+        return False
+    supervised = batch.labels != IGNORE_INDEX
+    was_training = model.training
+    model.eval()
+    try:
+        with precision.autocast(batch.input_ids.device, dtype):
+            mine = _shortcut_logits(model, batch, supervised).float()
+            theirs = _full_logits(model, batch, supervised).float()
+    finally:
+        model.train(was_training)
+    # A logit transform changes values by a factor or a cap; rounding noise of the compute dtype is far smaller.
+    tolerance = 1e-4 if not precision.is_mixed(dtype) else 2e-2
+    return bool(torch.allclose(mine, theirs, rtol=tolerance, atol=tolerance * float(theirs.abs().max().clamp_min(1.0))))
+
+
+class SupervisedTokenLoss(nn.Module):
+    """forward(batch tensors) → summed next-token CE over supervised positions (float32 scalar).
+
+    With `lm_head_shortcut`, runs the decoder, keeps only hidden states at supervised positions and applies the LM
+    head to those: the [tokens × vocab] logits of unsupervised tokens (prompts, padding) are never materialised.
+    Without it (a model whose logits are not plain lm_head(hidden)), the model's own logits are used. The forward
+    runs under autocast to the compute dtype `dtype` (parameters stay float32 masters; see `precision`).
+    This module, not the HF model, is what gets wrapped by DDP/FSDP2 so that gradient sync sees a forward through
+    the wrapper.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, dtype: str, lm_head_shortcut: bool) -> None:
         super().__init__()
         self.model = model
+        self.dtype = dtype
+        self.lm_head_shortcut = lm_head_shortcut
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
     ) -> torch.Tensor:
+        batch = Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids)
         supervised = labels != IGNORE_INDEX
-        if _plain_lm_head(self.model):
-            hidden = self.model.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
-            logits = self.model.get_output_embeddings()(hidden[supervised])
-        else:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-            logits = out.logits[supervised]
+        with precision.autocast(input_ids.device, self.dtype):
+            pick = _shortcut_logits if self.lm_head_shortcut else _full_logits
+            logits = pick(self.model, batch, supervised)
         return F.cross_entropy(logits.float(), labels[supervised], reduction="sum")
 
 
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
+    return Batch(input_ids=batch.input_ids.to(device), labels=batch.labels.to(device), attention_mask=mask,
+                 position_ids=batch.position_ids.to(device))
+
+
 def batch_loss_sum(module: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    return module(
-        batch.input_ids.to(device), batch.labels.to(device), batch.attention_mask.to(device), batch.position_ids.to(device)
-    )
+    moved = batch_to(batch, device)
+    return module(moved.input_ids, moved.labels, moved.attention_mask, moved.position_ids)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -162,28 +191,31 @@ def total_steps(stage: SFTConfig, stream: SFTStream) -> int:
     return sum(stream.steps_in_epoch(epoch) for epoch in range(stage.num_epochs))
 
 
-def collate(sequences: Sequence[list[Rendered]], packing: bool, pad_id: int) -> Batch:
+def collate(sequences: Sequence[list[Rendered]], packing: bool, pad_id: int, attn_implementation: str) -> Batch:
     if packing:
         width = max(sum(len(r) for r in row) for row in sequences)  # trim to the longest row, not max_length
-        return template.collate_packed(sequences, width, pad_id)
+        return template.collate_packed(sequences, width, pad_id, attn_implementation)
     assert all(len(row) == 1 for row in sequences)
     return template.collate_padded([row[0] for row in sequences], pad_id)
 
 
 def rank_micro_batches(
-    sequences: Sequence[list[Rendered]], batch_size: int, dist: distributed.Dist, packing: bool, pad_id: int
+    sequences: Sequence[list[Rendered]], batch_size: int, dist: distributed.Dist, packing: bool, pad_id: int,
+    attn_implementation: str,
 ) -> list[Batch]:
     """This rank's micro-batches of one step: micro-batch m of rank r holds sequences block (m × world + r)."""
     per_block = batch_size * dist.world_size
     assert len(sequences) % per_block == 0
     return [
-        collate(sequences[m * per_block + dist.rank * batch_size : m * per_block + (dist.rank + 1) * batch_size], packing, pad_id)
+        collate(sequences[m * per_block + dist.rank * batch_size : m * per_block + (dist.rank + 1) * batch_size], packing,
+                pad_id, attn_implementation)
         for m in range(len(sequences) // per_block)
     ]
 
 
 def validation_batches(
-    rendered: Sequence[Rendered], stage: SFTConfig, max_length: int, dist: distributed.Dist, pad_id: int
+    rendered: Sequence[Rendered], stage: SFTConfig, max_length: int, dist: distributed.Dist, pad_id: int,
+    attn_implementation: str,
 ) -> list[Batch]:
     """The first `eval_steps × batch_size × world_size` validation sequences (fixed order), this rank's share."""
     rows = template.pack_greedy(list(rendered), max_length) if stage.packing else [[r] for r in rendered]
@@ -193,7 +225,8 @@ def validation_batches(
             f"data.sft_val_mixture: {len(rendered)} usable conversations, fewer than the {dist.world_size} processes; "
             "add validation rows (max_samples) or use fewer processes"
         )
-    return [collate(rows[i : i + stage.batch_size], stage.packing, pad_id) for i in range(0, len(rows), stage.batch_size)]
+    return [collate(rows[i : i + stage.batch_size], stage.packing, pad_id, attn_implementation)
+            for i in range(0, len(rows), stage.batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------------- steps
@@ -204,9 +237,9 @@ def validation_loss(module: nn.Module, batches: Sequence[Batch], dist: distribut
     """Mean per-token loss over the validation batches of all ranks."""
     was_training = module.training
     module.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    totals = torch.zeros(2, dtype=precision.accum_dtype(dist.device), device=dist.device)
     for batch in batches:
-        totals[0] += batch_loss_sum(module, batch, dist.device).double()
+        totals[0] += batch_loss_sum(module, batch, dist.device).to(totals.dtype)
         totals[1] += batch.num_supervised
     module.train(was_training)
     distributed.all_reduce_sum(totals, dist)
@@ -230,6 +263,12 @@ class StepResult:
     grad_norm: float
     supervised_tokens: int
     tokens: int
+    overflow: bool  # float16: the scaled gradients overflowed; GradScaler skipped this update and lowered the scale
+
+    @property
+    def diverged(self) -> bool:
+        """Non-finite loss, or non-finite gradients that no loss scale explains: nothing was applied."""
+        return not math.isfinite(self.loss) or (not math.isfinite(self.grad_norm) and not self.overflow)
 
 
 def train_step(
@@ -241,29 +280,35 @@ def train_step(
     lr_multiplier: float,
     grad_clip: float,
     dist: distributed.Dist,
+    scaler: torch.amp.GradScaler | None,
 ) -> StepResult:
     """One optimizer update over this rank's micro-batches; the update is skipped when it would be non-finite.
 
     `tokens`: conversation tokens (no padding) of the whole step over all ranks, for throughput only.
+    `scaler`: the float16 loss scale (None otherwise); see `precision`.
     """
-    counts = torch.tensor([sum(b.num_supervised for b in micro_batches)], dtype=torch.float64, device=dist.device)
+    accum = precision.accum_dtype(dist.device)
+    counts = torch.tensor([sum(b.num_supervised for b in micro_batches)], dtype=accum, device=dist.device)
     supervised = int(distributed.all_reduce_sum(counts, dist)[0])
     # DDP/FSDP average gradients over ranks; × world_size turns that average back into a sum over the step.
     scale = dist.world_size / max(supervised, 1)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    loss_sum = torch.zeros((), dtype=accum, device=dist.device)
     for index, batch in enumerate(micro_batches):
         with distributed.gradient_sync(module, enabled=index == len(micro_batches) - 1):
             micro_sum = batch_loss_sum(module, batch, dist.device)
-            (micro_sum * scale).backward()
-        loss_sum += micro_sum.detach().double()
+            precision.backward(micro_sum * scale, scaler)
+        loss_sum += micro_sum.detach().to(accum)
     distributed.all_reduce_sum(loss_sum, dist)
     loss = float(loss_sum) / max(supervised, 1)
+    precision.unscale(optimizer, scaler)
     grad_norm = float(_grad_norm_and_clip(params, grad_clip))
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    result = StepResult(loss=loss, grad_norm=grad_norm, supervised_tokens=supervised, tokens=tokens,
+                        overflow=scaler is not None and not math.isfinite(grad_norm))
+    if not result.diverged:
         optim.apply_lr(optimizer, lr_multiplier)
-        optimizer.step()
+        precision.optimizer_step(optimizer, scaler)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss, grad_norm=grad_norm, supervised_tokens=supervised, tokens=tokens)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -291,7 +336,7 @@ def _render(tokenizer, specs, config: Config, what: str) -> list[Rendered]:
 
 
 def _prepare_model(config: Config, path: str, dist: distributed.Dist) -> nn.Module:
-    model = models.load_model(path, config.model.dtype, config.model.attn_implementation, dist.device)
+    model = models.load_model(path, config.model.dtype, config.model.attn_implementation, dist.device, training=True)
     model.config.use_cache = False
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -300,7 +345,8 @@ def _prepare_model(config: Config, path: str, dist: distributed.Dist) -> nn.Modu
 
 
 def _train_state(
-    step: int, stream: SFTStream, optimizer_state: dict, dist: distributed.Dist, total: int, parallelism: str
+    step: int, stream: SFTStream, optimizer_state: dict, dist: distributed.Dist, total: int, parallelism: str,
+    scaler: torch.amp.GradScaler | None,
 ) -> dict[str, Any]:
     epoch, epoch_step = stream.locate(step) if step < total else (None, None)
     return {
@@ -313,6 +359,7 @@ def _train_state(
         "world_size": dist.world_size,
         "parallelism": parallelism,  # FSDP2 saves the optimizer state keyed by parameter name, others by index
         "optimizer": optimizer_state,
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
         "rng": checkpoint.capture_rng_state(),
     }
 
@@ -350,14 +397,7 @@ def run_sft(
             "sft.optimizer: 'muon' orthogonalises whole matrices but target.parallelism='fsdp2' shards them; "
             "use parallelism='ddp' or optimizer='adamw'"
         )
-    loss_module = SupervisedTokenLoss(model)
-    train_module = distributed.wrap_model(loss_module, config.target, dist)
-    # After wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold.
-    optimizer = optim.build_optimizer(model, stage)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if config.model.compile:
-        train_module = torch.compile(train_module, dynamic=True)
-
+    attn = config.model.attn_implementation
     accumulation = gradient_accumulation(stage, dist.world_size)
     stream = SFTStream(
         rendered=_render(tokenizer, config.data.sft_mixture, config, "sft_mixture"),
@@ -372,7 +412,20 @@ def run_sft(
             f"gives only {len(stream.rows(0))} sequences per epoch (packing={stage.packing}); add data or lower it"
         )
     total = total_steps(stage, stream)
-    val = validation_batches(_render(tokenizer, config.data.sft_val_mixture, config, "sft_val_mixture"), stage, config.data.max_length, dist, tokenizer.pad_token_id)
+    val = validation_batches(_render(tokenizer, config.data.sft_val_mixture, config, "sft_val_mixture"), stage,
+                             config.data.max_length, dist, tokenizer.pad_token_id, attn)
+    shortcut = lm_head_shortcut_exact(model, batch_to(val[0], dist.device), config.model.dtype)
+    logger.info("SFT loss: LM head %s", "only at supervised positions (checked equal to the model's own logits)"
+                if shortcut else "over every position: this model's logits are not plain lm_head(hidden) (full path)")
+
+    loss_module = SupervisedTokenLoss(model, config.model.dtype, shortcut)
+    train_module = distributed.wrap_model(loss_module, config.target, dist, config.model.dtype)
+    # After wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold.
+    optimizer = optim.build_optimizer(model, stage)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler = precision.grad_scaler(dist.device, config.model.dtype)
+    if config.model.compile:
+        train_module = torch.compile(train_module, dynamic=True)
 
     step = 0
     if resume_from is not None:
@@ -388,6 +441,8 @@ def run_sft(
             distributed.load_full_optimizer_state(train_module, optimizer, state["optimizer"] if dist.is_main else {})
         else:
             optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("grad_scaler") is not None:
+            scaler.load_state_dict(state["grad_scaler"])
         step = int(state["step"])
         checkpoint.restore_rng_state(state["rng"])
         logger.info("resuming SFT from %s (step %d of %d)", resume_from, step, total)
@@ -412,10 +467,11 @@ def run_sft(
             optimizer_state = distributed.full_optimizer_state(loss_module, optimizer)
         else:
             optimizer_state = optimizer.state_dict()
-        state = _train_state(at_step, stream, optimizer_state, dist, total, config.target.parallelism)
+        state = _train_state(at_step, stream, optimizer_state, dist, total, config.target.parallelism, scaler)
         path = _stage_dir(run_dir) / checkpoint.step_dir_name(at_step)
         if dist.is_main:
-            path = checkpoint.save_checkpoint(stage_dir, at_step, model, tokenizer, state, state_dict=weights)
+            path = checkpoint.save_checkpoint(stage_dir, at_step, model, tokenizer, state, state_dict=weights,
+                                              dtype=config.model.dtype)
             logger.info("saved checkpoint %s", path)
         distributed.barrier(dist)
         return path
@@ -430,12 +486,16 @@ def run_sft(
                 started = time.perf_counter()
                 multiplier = optim.lr_multiplier(step, total, stage)
                 sequences = stream.step_sequences(step)
-                micro = rank_micro_batches(sequences, stage.batch_size, dist, stage.packing, tokenizer.pad_token_id)
+                micro = rank_micro_batches(sequences, stage.batch_size, dist, stage.packing, tokenizer.pad_token_id, attn)
                 assert len(micro) == accumulation
                 tokens = sum(len(r) for row in sequences for r in row)
-                result = train_step(train_module, optimizer, params, micro, tokens, multiplier, stage.grad_clip, dist)
-                if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+                result = train_step(train_module, optimizer, params, micro, tokens, multiplier, stage.grad_clip, dist,
+                                    scaler)
+                if result.diverged:
                     raise TrainingDiverged(STAGE, step + 1, result.loss, result.grad_norm, last_saved)
+                if result.overflow:
+                    logger.warning("step %d: float16 gradients overflowed; update skipped, loss scale now %g",
+                                   step + 1, scaler.get_scale())
                 step += 1
                 elapsed = time.perf_counter() - started
                 last = step == total

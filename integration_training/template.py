@@ -39,7 +39,9 @@ class Rendered:
 class Batch:
     input_ids: torch.Tensor  # [B, T] long
     labels: torch.Tensor  # [B, T] long, pre-shifted: labels[b, t] = input_ids[b, t+1] if supervised else -100
-    attention_mask: torch.Tensor  # [B, T] long (padding) or [B, 1, T, T] bool block-diagonal causal (packing)
+    # [B, T] long (padding); packed rows: [B, 1, T, T] bool or additive float block-diagonal causal, or None
+    # (flash varlen: documents from position_ids) — see collate_packed
+    attention_mask: torch.Tensor | None
     position_ids: torch.Tensor  # [B, T] long, restarting at 0 for every packed sample
 
     @property
@@ -246,17 +248,34 @@ def pack_greedy(rendered_list: Sequence[Rendered], max_length: int) -> list[list
     return rows
 
 
-def collate_packed(rows: Sequence[Sequence[Rendered]], max_length: int, pad_id: int) -> Batch:
-    """Packed rows of width `max_length` with a 4-D block-diagonal causal bool mask (True = may attend).
+# How each attention backend is told where packed documents begin (measured with transformers 5.23: per-document
+# `position_ids` alone isolate nothing for sdpa or eager; a boolean 4-D mask works for sdpa, but eager *adds* the
+# mask to the scores, so it needs 0 / -inf; the flash-attention kernels read document starts from `position_ids`
+# (their varlen path) and take no 4-D mask). Backends not listed cannot train on packed rows; config validation
+# refuses them with packing=True.
+PACKED_MASK_KINDS = {"sdpa": "bool", "eager": "additive", "flash_attention_2": "varlen", "flash_attention_3": "varlen"}
 
-    Padding positions attend only to themselves so that no attention row is empty (an all-masked row gives
-    NaN in SDPA); their labels are -100 so they never reach the loss.
+
+def packed_mask_kind(attn_implementation: str) -> str:
+    assert attn_implementation in PACKED_MASK_KINDS, f"no packed-row mask for attention backend {attn_implementation}"
+    return PACKED_MASK_KINDS[attn_implementation]
+
+
+def collate_packed(rows: Sequence[Sequence[Rendered]], max_length: int, pad_id: int, attn_implementation: str) -> Batch:
+    """Packed rows of width `max_length`; each document attends only to itself, in the backend's own form.
+
+    `position_ids` restart at 0 for every document (and for the padding tail, which forms a document of its own
+    whose labels are -100). The attention mask is `packed_mask_kind(attn_implementation)`:
+    "bool" — [B, 1, T, T] block-diagonal causal, True = may attend (padding attends only to itself: an all-masked
+    row gives NaN in SDPA); "additive" — the same as 0 / dtype-min float32; "varlen" — None (the kernel derives
+    document boundaries from `position_ids`, with no T×T memory).
     """
     assert rows, "empty batch"
+    kind = packed_mask_kind(attn_implementation)
     input_ids = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), max_length), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), max_length), dtype=torch.long)
-    mask = torch.zeros((len(rows), 1, max_length, max_length), dtype=torch.bool)
+    blocks = torch.zeros((len(rows), 1, max_length, max_length), dtype=torch.bool) if kind != "varlen" else None
     for b, row in enumerate(rows):
         start = 0
         for r in row:
@@ -265,11 +284,29 @@ def collate_packed(rows: Sequence[Sequence[Rendered]], max_length: int, pad_id: 
             input_ids[b, start:end] = torch.tensor(r.input_ids)
             labels[b, start:end] = torch.tensor(shifted_labels(r))
             positions[b, start:end] = torch.arange(len(r))
-            mask[b, 0, start:end, start:end] = torch.ones(len(r), len(r), dtype=torch.bool).tril()
+            if blocks is not None:
+                blocks[b, 0, start:end, start:end] = torch.ones(len(r), len(r), dtype=torch.bool).tril()
             start = end
-        pad = torch.arange(start, max_length)
-        mask[b, 0, pad, pad] = True
-    return Batch(input_ids=input_ids, labels=labels, attention_mask=mask, position_ids=positions)
+        positions[b, start:] = torch.arange(max_length - start)
+        if blocks is not None:
+            pad = torch.arange(start, max_length)
+            blocks[b, 0, pad, pad] = True
+    if kind == "varlen":
+        # transformers takes the varlen path only for a batch of one row (`_is_packed_sequence`): lay the B packed
+        # rows end to end. Labels are pre-shifted and every row ends in -100, so nothing crosses a row boundary.
+        flat = lambda t: t.reshape(1, -1)  # noqa: E731
+        return Batch(input_ids=flat(input_ids), labels=flat(labels), attention_mask=None, position_ids=flat(positions))
+    return Batch(input_ids=input_ids, labels=labels, attention_mask=_packed_mask(blocks, kind), position_ids=positions)
+
+
+def _packed_mask(blocks: torch.Tensor | None, kind: str) -> torch.Tensor | None:
+    if kind == "bool":
+        return blocks
+    if kind == "additive":
+        assert blocks is not None
+        return torch.zeros(blocks.shape, dtype=torch.float32).masked_fill_(~blocks, torch.finfo(torch.float32).min)
+    assert kind == "varlen" and blocks is None
+    return None
 
 
 # ---------------------------------------------------------------- display

@@ -44,12 +44,12 @@ def test_latest_is_by_step_number_not_name(tmp_path):
 
 def test_save_is_atomic_and_resave_replaces(tmp_path):
     model = tiny_model(61, 0)
-    path = save_checkpoint(tmp_path, 3, model, None, {"step": 3})
+    path = save_checkpoint(tmp_path, 3, model, None, {"step": 3}, state_dict=None, dtype="float32")
     assert path == tmp_path / "step_000003"
     assert {"config.json", "model.safetensors", "train_state.pt"} <= {p.name for p in path.iterdir()}
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
-    again = save_checkpoint(tmp_path, 3, model, None, {"step": 33})
+    again = save_checkpoint(tmp_path, 3, model, None, {"step": 33}, state_dict=None, dtype="float32")
     assert again == path and load_train_state(path)["step"] == 33
     assert [p.name for p in tmp_path.iterdir()] == ["step_000003"]  # no staging or stale dirs left behind
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from helpers import arithmetic, make_config, save_tiny_model_dir, smollm2_tokenizer
 from integration_training import distributed
 from integration_training import template
-from integration_training.config import Config, to_json
+from integration_training.config import Config, ModelConfig, to_json
 from integration_training.data import build_mixture
 from integration_training.rl import Sequence_, step_prompt_indices, train_on_rows
 from integration_training.sft import SFTStream, SupervisedTokenLoss, rank_micro_batches, train_step
@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 SINGLE = distributed.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
 GLOBAL_BATCH = 4  # sequences (SFT) per step over all ranks
 RL_PROMPTS, RL_SAMPLES = 4, 2
+F32 = ModelConfig(name="unused", dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False)
 
 
 def free_port() -> int:
@@ -104,9 +105,9 @@ def test_ranks_see_disjoint_shards_whose_union_is_the_single_process_epoch():
     seen_single, seen_by_rank = [], {0: [], 1: []}
     for step in range(stream.steps_in_epoch(0)):
         sequences = stream.step_sequences(step)
-        single = {tuple(row.tolist()) for b in rank_micro_batches(sequences, GLOBAL_BATCH, SINGLE, False, 0)
+        single = {tuple(row.tolist()) for b in rank_micro_batches(sequences, GLOBAL_BATCH, SINGLE, False, 0, "sdpa")
                   for row in b.input_ids}
-        per_rank = {r: {tuple(row.tolist()) for b in rank_micro_batches(sequences, 1, rank(r), False, 0)
+        per_rank = {r: {tuple(row.tolist()) for b in rank_micro_batches(sequences, 1, rank(r), False, 0, "sdpa")
                         for row in b.input_ids} for r in (0, 1)}
         assert not per_rank[0] & per_rank[1], "a sequence was given to both ranks"
         assert per_rank[0] | per_rank[1] == single, "the ranks together must see exactly the single-process step"
@@ -159,21 +160,21 @@ def one_update(model_dir: Path, config: Config, dist: distributed.Dist, kind: st
     from integration_training.models import load_model
     from integration_training.optim import build_optimizer
 
-    model = load_model(str(model_dir), "float32", "sdpa", dist.device)
+    model = load_model(str(model_dir), "float32", "sdpa", dist.device, training=True)
     model.train()
     stage = config.sft if kind == "sft" else config.rl
     if kind == "sft":
-        loss_module = SupervisedTokenLoss(model)
-        wrapped = distributed.wrap_model(loss_module, config.target, dist)
+        loss_module = SupervisedTokenLoss(model, "float32", True)
+        wrapped = distributed.wrap_model(loss_module, config.target, dist, "float32")
         optimizer = build_optimizer(model, stage)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        micro = rank_micro_batches(sft_sequences(), GLOBAL_BATCH // dist.world_size, dist, False, 0)
-        train_step(wrapped, optimizer, params, micro, 0, 1.0, stage.grad_clip, dist)
+        micro = rank_micro_batches(sft_sequences(), GLOBAL_BATCH // dist.world_size, dist, False, 0, "sdpa")
+        train_step(wrapped, optimizer, params, micro, 0, 1.0, stage.grad_clip, dist, None)
         state_of, prefix = loss_module, "model."
     else:
-        wrapped = distributed.wrap_model(model, config.target, dist)
+        wrapped = distributed.wrap_model(model, config.target, dist, "float32")
         optimizer = build_optimizer(model, stage)
-        train_on_rows(wrapped, None, optimizer, rank_rl_rows(rl_rows(), dist), stage, 0, dist)
+        train_on_rows(wrapped, None, optimizer, rank_rl_rows(rl_rows(), dist), stage, 0, dist, F32, None)
         state_of, prefix = model, ""
     if distributed.is_sharded(config.target, dist):
         return distributed.full_model_state(state_of, prefix)
@@ -196,8 +197,8 @@ def lockstep_sampling(model_dir: Path, config: Config, dist: distributed.Dist) -
     from integration_training.models import load_model
     from integration_training.rollout import sample
 
-    model = load_model(str(model_dir), "float32", "sdpa", dist.device)
-    distributed.wrap_model(model, config.target, dist)
+    model = load_model(str(model_dir), "float32", "sdpa", dist.device, training=True)
+    distributed.wrap_model(model, config.target, dist, "float32")
     prompts = [[11, 12, 13], [21, 22], [31, 32, 33, 34]] if dist.rank == 0 else [[41, 42]]
     stops = frozenset() if dist.rank == 0 else frozenset(range(model.config.vocab_size))
     proxy = distributed.LockstepModel(model, dist)
@@ -250,7 +251,7 @@ def test_ddp_and_fsdp2_updates_equal_one_process_with_the_same_global_batch(tmp_
     from integration_training.models import load_model
     from integration_training.rollout import sample
 
-    model = load_model(str(model_dir), "float32", "sdpa", torch.device("cpu"))
+    model = load_model(str(model_dir), "float32", "sdpa", torch.device("cpu"), training=True)
     for r in ranks:
         stops = frozenset(range(model.config.vocab_size)) if r["stops"] else frozenset()
         out = sample(model, r["prompts"], 1, 4, 0.0, 0, stops, 0, torch.Generator().manual_seed(0), 2, greedy_first=False)

@@ -25,7 +25,7 @@ def test_offline_model_is_provisioned_once_generates_and_is_reused(tmp_path, mon
     assert models.resolve_model_path(models.OFFLINE_SMOLLM2) == str(first)
 
     tokenizer = models.load_tokenizer(str(first))
-    model = models.load_model(str(first), "float32", "sdpa", "cpu")
+    model = models.load_model(str(first), "float32", "sdpa", "cpu", training=False)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )

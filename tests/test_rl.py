@@ -31,6 +31,7 @@ from integration_training.metrics import read_metrics
 TARGET_DIGIT = "7"
 PROMPT = "Pick a digit."
 CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
+F32 = ModelConfig(name="unused", dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False)
 
 
 # ---------------------------------------------------------------------------------------------------- reward used
@@ -239,12 +240,12 @@ def test_token_level_normalisation_across_micro_batches() -> None:
     grads = {}
     for micro in (1, 2, 6):
         capture = _Capture(model)
-        rl.train_on_rows(model, None, capture, rows, _rl_cfg(device_batch_size=micro), pad_id=0, dist=CPU)
+        rl.train_on_rows(model, None, capture, rows, _rl_cfg(device_batch_size=micro), pad_id=0, dist=CPU, model_config=F32, scaler=None)
         grads[micro] = capture.grads
     # By hand: one batch, −Σ_all tokens logp·adv / total tokens.
     model.zero_grad()
     batch = rl.build_batch(rows, 0, torch.device("cpu"))
-    logprobs, _ = rl.completion_logprobs(model, batch)
+    logprobs, _ = rl.completion_logprobs(model, batch, False, "float32")
     (-(logprobs * batch.advantages).sum() / batch.num_tokens).backward()
     by_hand = _grads(model)
     for micro, got in grads.items():
@@ -259,12 +260,12 @@ def test_zero_advantage_rows_are_skipped_with_the_same_gradient(monkeypatch) -> 
     real_build = rl.build_batch
     monkeypatch.setattr(rl, "build_batch", lambda r, *a: built.append(len(r)) or real_build(r, *a))
     capture = _Capture(model)
-    stats = rl.train_on_rows(model, None, capture, rows, _rl_cfg(device_batch_size=9), pad_id=0, dist=CPU)
+    stats = rl.train_on_rows(model, None, capture, rows, _rl_cfg(device_batch_size=9), pad_id=0, dist=CPU, model_config=F32, scaler=None)
     assert built == [3] and stats["skipped_frac"] == pytest.approx(6 / 9)
     # By hand over all 9 rows: the skipped rows' tokens still count in the token-level mean.
     model.zero_grad()
     batch = real_build(rows, 0, torch.device("cpu"))
-    logprobs, _ = rl.completion_logprobs(model, batch)
+    logprobs, _ = rl.completion_logprobs(model, batch, False, "float32")
     (-(logprobs * batch.advantages).sum() / batch.num_tokens).backward()
     by_hand = _grads(model)
     for name in by_hand:
@@ -272,7 +273,7 @@ def test_zero_advantage_rows_are_skipped_with_the_same_gradient(monkeypatch) -> 
     # With a reference model (KL term) nothing may be skipped.
     built.clear()
     rl.train_on_rows(model, tiny_llama(96, seed=1), _Capture(model), rows,
-                     _rl_cfg(device_batch_size=9, kl_coef=0.1), pad_id=0, dist=CPU)
+                     _rl_cfg(device_batch_size=9, kl_coef=0.1), pad_id=0, dist=CPU, model_config=F32, scaler=None)
     assert built == [9]
 
 
@@ -281,7 +282,7 @@ def test_completion_logprobs_match_full_forward() -> None:
     rows = _rows(None, [[1.0, 0.0, 1.0]])
     batch = rl.build_batch(rows, 0, torch.device("cpu"))
     with torch.no_grad():
-        flat, entropy = rl.completion_logprobs(model, batch, with_entropy=True)
+        flat, entropy = rl.completion_logprobs(model, batch, False, "float32", with_entropy=True)
         expected = []
         for r in rows:  # each prompt+completion scored alone, in full: what the grouped layout must reproduce
             full = torch.log_softmax(model(input_ids=torch.tensor([r.prompt_ids + r.completion_ids])).logits[0], -1)
@@ -297,7 +298,7 @@ def test_uniform_reward_groups_give_exactly_zero_gradient() -> None:
     assert all(r.advantage == 0.0 for r in rows)
     for cfg in (_rl_cfg(), _rl_cfg(advantage="mean_std"), _rl_cfg(updates_per_batch=2)):
         capture = _Capture(model)
-        rl.train_on_rows(model, None, capture, rows, cfg, pad_id=0, dist=CPU)
+        rl.train_on_rows(model, None, capture, rows, cfg, pad_id=0, dist=CPU, model_config=F32, scaler=None)
         assert all(bool((g == 0).all()) for g in capture.grads.values())
 
 
@@ -305,11 +306,11 @@ def test_kl_penalty_gradient_when_policy_differs_from_reference() -> None:
     model, ref = tiny_llama(96, seed=0), tiny_llama(96, seed=1)
     rows = _rows(None, [[1.0, 1.0, 1.0]])  # no policy-gradient signal: only KL moves the weights
     capture = _Capture(model)
-    stats = rl.train_on_rows(model, ref, capture, rows, _rl_cfg(kl_coef=0.1), pad_id=0, dist=CPU)
+    stats = rl.train_on_rows(model, ref, capture, rows, _rl_cfg(kl_coef=0.1), pad_id=0, dist=CPU, model_config=F32, scaler=None)
     assert stats["kl"] > 0
     assert any(bool((g != 0).any()) for g in capture.grads.values())
     same = _Capture(model)
-    stats_same = rl.train_on_rows(model, model, same, rows, _rl_cfg(kl_coef=0.1), pad_id=0, dist=CPU)
+    stats_same = rl.train_on_rows(model, model, same, rows, _rl_cfg(kl_coef=0.1), pad_id=0, dist=CPU, model_config=F32, scaler=None)
     assert stats_same["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -339,7 +340,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 def test_handoff_loads_exact_sft_weights(digit_model_dir: Path) -> None:
     model, tokenizer = rl.load_policy(digit_model_dir, ModelConfig(
         name="unused", dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False),
-        torch.device("cpu"))
+        torch.device("cpu"), training=True)
     saved = _weights(digit_model_dir)
     state = model.state_dict()
     assert set(saved) <= set(state)
@@ -352,10 +353,10 @@ def test_missing_init_model_is_user_error_naming_path(tmp_path: Path) -> None:
                       gradient_checkpointing=False)
     missing = tmp_path / "nope" / "step_000010"
     with pytest.raises(UserError, match="step_000010"):
-        rl.load_policy(missing, cfg, torch.device("cpu"))
+        rl.load_policy(missing, cfg, torch.device("cpu"), training=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty"):
-        rl.load_policy(tmp_path / "empty", cfg, torch.device("cpu"))
+        rl.load_policy(tmp_path / "empty", cfg, torch.device("cpu"), training=True)
 
 
 def test_learning_signal_reward_rises(tmp_path: Path, digit_model_dir: Path) -> None:
@@ -425,7 +426,7 @@ def test_grouped_scoring_matches_full_rows_in_values_and_gradients() -> None:
     rows = _rows(None, [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
     batch = rl.build_batch(rows, 0, torch.device("cpu"))
     assert batch.prompt_ids.shape[0] == 3 and batch.row_prompt.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    logprobs, _ = rl.completion_logprobs(model, batch)
+    logprobs, _ = rl.completion_logprobs(model, batch, False, "float32")
     (logprobs * batch.advantages).sum().backward()
     grouped = _grads(model)
     model.zero_grad()
@@ -467,13 +468,13 @@ def test_a_rank_with_fewer_batches_pads_to_the_busiest_rank_with_zero_loss(monke
     model = tiny_llama(96)
     rows = _rows(None, [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # 3 rows to train, 3 skipped
     alone = _Capture(model)
-    stats_alone = rl.train_on_rows(model, None, alone, rows, _rl_cfg(device_batch_size=3), pad_id=0, dist=CPU)
+    stats_alone = rl.train_on_rows(model, None, alone, rows, _rl_cfg(device_batch_size=3), pad_id=0, dist=CPU, model_config=F32, scaler=None)
     sizes: list[int] = []
     real_build = rl.build_batch
     monkeypatch.setattr(rl, "build_batch", lambda r, *a: sizes.append(len(r)) or real_build(r, *a))
     monkeypatch.setattr(distributed, "all_reduce_max", lambda tensor, dist: tensor.fill_(3.0))
     padded = _Capture(model)
-    stats = rl.train_on_rows(model, None, padded, rows, _rl_cfg(device_batch_size=3), pad_id=0, dist=CPU)
+    stats = rl.train_on_rows(model, None, padded, rows, _rl_cfg(device_batch_size=3), pad_id=0, dist=CPU, model_config=F32, scaler=None)
     assert sizes == [3, 1, 1]  # the real micro-batch, then two one-row zero-advantage pads
     for name in alone.grads:
         torch.testing.assert_close(padded.grads[name], alone.grads[name], rtol=1e-5, atol=1e-8, msg=name)

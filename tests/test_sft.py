@@ -65,7 +65,7 @@ def test_loss_equals_hand_computation_from_full_logits(rendered):
         for t in range(len(r) - 1):
             expected = r.input_ids[t + 1] if r.loss_mask[t + 1] else -100
             assert int(batch.labels[b, t]) == expected
-    gathered = SupervisedTokenLoss(model)(batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids)
+    gathered = SupervisedTokenLoss(model, "float32", True)(batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids)
     full, count = reference_loss_sum(model, batch)
     assert count == sum(sum(r.loss_mask[1:]) for r in rendered[:3])
     torch.testing.assert_close(gathered, full, rtol=1e-5, atol=1e-4)
@@ -75,8 +75,8 @@ def test_packed_rows_isolate_conversations(rendered):
     """A packed row (4-D block mask, restarted positions) gives the same loss as the conversations alone."""
     model = tiny_model(vocab(), 0)
     pad = smollm2_tokenizer().pad_token_id
-    loss = SupervisedTokenLoss(model)
-    packed = template.collate_packed([rendered[:3]], 300, pad)
+    loss = SupervisedTokenLoss(model, "float32", True)
+    packed = template.collate_packed([rendered[:3]], 300, pad, "sdpa")
     assert packed.attention_mask.shape == (1, 1, 300, 300)
     alone = sum(loss(*dataclasses.astuple(template.collate_padded([r], pad))) for r in rendered[:3])
     together = loss(packed.input_ids, packed.labels, packed.attention_mask, packed.position_ids)
@@ -96,9 +96,9 @@ def grads_after(model, micro_batches, grad_clip=0.0):
         def zero_grad(self, set_to_none=True):
             model.zero_grad(set_to_none=set_to_none)
 
-    module = SupervisedTokenLoss(model)
+    module = SupervisedTokenLoss(model, "float32", True)
     tokens = sum(len(b.input_ids.flatten()) for b in micro_batches)
-    result = train_step(module, Capture(), list(model.parameters()), micro_batches, tokens, 1.0, grad_clip, SINGLE)
+    result = train_step(module, Capture(), list(model.parameters()), micro_batches, tokens, 1.0, grad_clip, SINGLE, None)
     return result, captured
 
 
@@ -138,14 +138,14 @@ def test_accumulation_matches_one_big_micro_batch(rendered):
     stage = make_stage(batch_size=2, target_examples_per_step=8)
     sequences = [[r] for r in rendered[:8]]
     assert gradient_accumulation(stage, 1) == 4
-    small = rank_micro_batches(sequences, 2, SINGLE, packing=False, pad_id=pad)
-    big = rank_micro_batches(sequences, 8, SINGLE, packing=False, pad_id=pad)
+    small = rank_micro_batches(sequences, 2, SINGLE, packing=False, pad_id=pad, attn_implementation="sdpa")
+    big = rank_micro_batches(sequences, 8, SINGLE, packing=False, pad_id=pad, attn_implementation="sdpa")
     assert len(small) == 4 and len(big) == 1
     updated = []
     for micro in (small, big):
         model = tiny_model(vocab(), 0)
         opt = build_optimizer(model, stage)
-        train_step(SupervisedTokenLoss(model).train(), opt, list(model.parameters()), micro, 0, 1.0, 1.0, SINGLE)
+        train_step(SupervisedTokenLoss(model, "float32", True).train(), opt, list(model.parameters()), micro, 0, 1.0, 1.0, SINGLE, None)
         updated.append(dict(model.named_parameters()))
     # Adam's first update is ~lr·sign(g): gradients near zero may flip by rounding, so allow 1% of one step (lr=1e-2).
     for name, p in updated[0].items():
@@ -190,7 +190,7 @@ def test_epochs_iterations_batch_and_packing_shape_the_stream(rendered):
     rows = packed.rows(0)
     assert all(sum(len(r) for r in row) <= 256 for row in rows) and max(len(row) for row in rows) >= 2
     assert packed.steps_in_epoch(0) == len(rows) // 2 < 16 // 2  # a packed row holds several conversations
-    batch = rank_micro_batches(packed.step_sequences(0), 2, SINGLE, packing=True, pad_id=0)[0]
+    batch = rank_micro_batches(packed.step_sequences(0), 2, SINGLE, packing=True, pad_id=0, attn_implementation="sdpa")[0]
     assert batch.attention_mask.ndim == 4 and batch.input_ids.shape[0] == 2
 
 
@@ -199,7 +199,7 @@ def test_ranks_get_disjoint_equal_shards(rendered):
     seen = []
     for rank in range(2):
         dist = dataclasses.replace(SINGLE, rank=rank, world_size=2, is_main=rank == 0)
-        micro = rank_micro_batches(sequences, 2, dist, packing=False, pad_id=0)
+        micro = rank_micro_batches(sequences, 2, dist, packing=False, pad_id=0, attn_implementation="sdpa")
         assert len(micro) == 2
         seen += [tuple(row[row != 0].tolist()) for b in micro for row in b.input_ids]
     assert len(set(seen)) == 8
@@ -212,8 +212,8 @@ def test_single_process_distributed_is_a_no_op(tmp_path, monkeypatch):
     target = make_config(tmp_path).target
     dist = distributed.init_distributed(target)
     assert (dist.rank, dist.world_size, dist.is_main, dist.device.type) == (0, 1, True, "cpu")
-    module = SupervisedTokenLoss(tiny_model(61, 0))
-    assert distributed.wrap_model(module, target, dist) is module
+    module = SupervisedTokenLoss(tiny_model(61, 0), "float32", True)
+    assert distributed.wrap_model(module, target, dist, "float32") is module
     assert distributed.any_rank(True, dist) and not distributed.any_rank(False, dist)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="WORLD_SIZE=2"):
@@ -235,7 +235,7 @@ def test_check_port_free_refuses_a_listening_port():
 def test_eval_steps_limits_validation_batches(rendered):
     for eval_steps in (1, 3):
         stage = make_stage(batch_size=2, eval_steps=eval_steps)
-        assert len(validation_batches(rendered, stage, 256, SINGLE, 0)) == eval_steps
+        assert len(validation_batches(rendered, stage, 256, SINGLE, 0, "sdpa")) == eval_steps
 
 
 # ---------------------------------------------------------------- whole runs
@@ -365,8 +365,8 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
 
     original = sft_module.SupervisedTokenLoss.__init__
 
-    def remember(self, model):
-        original(self, model)
+    def remember(self, model, *args):
+        original(self, model, *args)
         holder["model"] = model
 
     sft_module.SupervisedTokenLoss.__init__ = remember

@@ -200,7 +200,7 @@ def test_packed_logits_equal_separate_runs(smol: Any) -> None:
     width = sum(len(r) for r in rendered) + 7  # trailing padding is exercised too
     rows = pack_greedy(rendered, width)
     assert len(rows) == 1
-    batch = collate_packed(rows, width, pad_id=smol.pad_token_id)
+    batch = collate_packed(rows, width, pad_id=smol.pad_token_id, attn_implementation="sdpa")
     assert batch.attention_mask.shape == (1, 1, width, width) and batch.attention_mask.dtype == torch.bool
     with torch.no_grad():
         packed = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
