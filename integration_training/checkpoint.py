@@ -60,8 +60,8 @@ def save_checkpoint(
     staging.mkdir()
     weights = state_dict if state_dict is not None else model.state_dict()
     if precision.is_mixed(dtype):
-        with precision.config_dtype(model, dtype):
-            model.save_pretrained(str(staging), state_dict=precision.consumer_state_dict(weights, dtype))
+        model.save_pretrained(str(staging), state_dict=precision.consumer_state_dict(weights, dtype))
+        precision.record_dtype(staging, dtype)
         precision.save_masters(weights, staging)
     else:
         model.save_pretrained(str(staging), state_dict=state_dict)

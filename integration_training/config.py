@@ -309,6 +309,10 @@ def _model_problems(m: ModelConfig, t: TargetConfig) -> list[str]:
         p.append("model.attn_implementation: 'flash_attention_2' needs device_type='cuda'; use 'sdpa'")
     if m.dtype == "float16" and t.device_type == "cpu":
         p.append("model.dtype: float16 is not supported for training on cpu; use 'float32'")
+    if m.dtype == "float16" and t.parallelism == "fsdp2":
+        # GradScaler's overflow check is per rank; with sharded gradients ranks could disagree on skipping a step.
+        p.append("model.dtype: float16 needs a loss scale that FSDP2 shards cannot agree on here; use 'bfloat16' "
+                 "(or parallelism='ddp')")
     return p
 
 

@@ -188,3 +188,8 @@ def load_model(path: str, dtype: str, attn_implementation: str, device, *, train
     if training and Path(path).is_dir():
         precision.load_masters(model, Path(path))
     return model.to(device)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (HF does it only while the model is in train mode)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

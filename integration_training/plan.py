@@ -147,19 +147,30 @@ def _rl_lines(config: Config, prompts: int | None) -> list[str]:
 
 
 def _memory_lines(config: Config, params: int | None) -> list[str]:
+    """Static memory per process (before activations) under mixed precision with float32 masters.
+
+    Training keeps float32 parameters, float32 gradients and AdamW's two float32 moments (16 bytes/parameter)
+    whatever `model.dtype` says; a lower compute dtype adds the autocast copies of the weights in flight (counted
+    as one compute-dtype copy) and is what the frozen KL reference is held in.
+    """
     if not params:
         return ["memory: estimated once the model's size is known"]
-    weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
-    weights = params * weight_bytes
-    gradients = params * weight_bytes
+    compute_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
+    masters = params * 4
+    gradients = params * 4
     optimizer = params * 8  # AdamW keeps two fp32 moments per parameter
-    reference = weights if config.rl.kl_coef > 0 and runs_rl(config) else 0
+    casts = params * compute_bytes if compute_bytes != 4 else 0
+    reference = params * compute_bytes if config.rl.kl_coef > 0 and runs_rl(config) else 0
     gib = 1024**3
-    total = (weights + gradients + optimizer + reference) / gib
-    return [
-        f"memory (per process, before activations): weights {weights / gib:.2f} GiB + grads {gradients / gib:.2f} "
-        f"+ optimizer {optimizer / gib:.2f} + reference {reference / gib:.2f} = {total:.2f} GiB"
+    total = (masters + gradients + optimizer + casts + reference) / gib
+    lines = [
+        f"memory (per process, before activations): fp32 master weights {masters / gib:.2f} GiB + fp32 grads "
+        f"{gradients / gib:.2f} + optimizer {optimizer / gib:.2f} + {config.model.dtype} weight casts {casts / gib:.2f} "
+        f"+ reference {reference / gib:.2f} = {total:.2f} GiB"
     ]
+    if config.model.dtype == "bfloat16" and config.target.device_type == "cpu":
+        lines.append("  note: bfloat16 compute on CPU is slow (measured ~20x float32 on 2 cores); float32 is the CPU choice")
+    return lines
 
 
 def render_plan(config: Config, config_path: str, device_note: str | None) -> str:

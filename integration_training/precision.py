@@ -19,7 +19,6 @@ Device-side accumulators use float64 except on MPS, which has no float64 (`accum
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -122,15 +121,14 @@ def _tied_keys(model: nn.Module) -> set[str]:
     return {key for keys in by_tensor.values() if len(keys) > 1 for key in keys}
 
 
-@contextlib.contextmanager
-def config_dtype(model: nn.Module, name: str) -> Iterator[None]:
-    """Temporarily record the compute dtype in the model config, so a saved checkpoint says what it holds."""
-    previous = getattr(model.config, "dtype", None)
-    model.config.dtype = torch_dtype(name)
-    try:
-        yield
-    finally:
-        model.config.dtype = previous
+def record_dtype(directory: Path, name: str) -> None:
+    """Say in a saved `config.json` which dtype its weights are in (save_pretrained records the float32 masters')."""
+    import json
+
+    file = Path(directory) / "config.json"
+    saved = json.loads(file.read_text())
+    saved["dtype"] = name
+    file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:

@@ -306,7 +306,12 @@ def load_policy(init_model: str | Path, model_config, device: torch.device, *, t
     `training=True`: float32 master weights (a checkpoint's saved masters when it has them), train mode, and
     gradient checkpointing when configured. `training=False`: weights in the compute dtype, eval mode.
     """
-    from integration_training.models import load_model, load_tokenizer, resolve_model_path
+    from integration_training.models import (
+        enable_activation_checkpointing,
+        load_model,
+        load_tokenizer,
+        resolve_model_path,
+    )
 
     name = str(init_model)
     local = Path(name).expanduser()
@@ -329,7 +334,7 @@ def load_policy(init_model: str | Path, model_config, device: torch.device, *, t
     if model_config.gradient_checkpointing:
         # HF checkpoints a layer only in train mode; the policy trains in train mode (the sampler switches to eval
         # and back), and scoring uses the full-row layout, since checkpointed layers drop past_key_values.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model.train(), tokenizer
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from integration_training.precision import accum_dtype
+
 
 COMPACT_FRACTION = 4  # compact the decode batch once 1/COMPACT_FRACTION of its rows have finished
 
@@ -296,20 +298,22 @@ def draw(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
     Two-level inverse-CDF sampling: pick a block of DRAW_BLOCK entries from the blocks' cumulative sums, then an
     entry inside it. `torch.multinomial` measured 1.0 s per call at 500 × 49152 on 2 CPU cores (half of a whole
-    decode step); this is ~10 ms beyond the softmax. Cumulative sums run in float64 and the in-block draw is
+    decode step); this is ~10 ms beyond the softmax. Cumulative sums run in float64 (float32 on MPS, which has no
+    float64) and the in-block draw is
     rescaled to the block's own total, so a zero-weight entry is never drawn and rounding never shifts mass
     between blocks.
     """
     rows, vocab = weights.shape
+    acc = accum_dtype(weights.device)  # float64, except on MPS (no float64 there): float32
     pad = (-vocab) % DRAW_BLOCK
     padded = torch.nn.functional.pad(weights, (0, pad)) if pad else weights  # padding copies all of [B, V]
     blocks = padded.view(rows, -1, DRAW_BLOCK)
-    block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)
-    u = torch.rand((rows, 1), generator=generator, dtype=torch.float64, device=weights.device) * block_cdf[:, -1:]
+    block_cdf = blocks.sum(dim=-1).to(acc).cumsum(dim=-1)
+    u = torch.rand((rows, 1), generator=generator, dtype=acc, device=weights.device) * block_cdf[:, -1:]
     block = torch.searchsorted(block_cdf, u, right=True).clamp(max=block_cdf.shape[1] - 1)
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(u))
     fraction = (u - before) / (block_cdf.gather(1, block) - before)  # in [0, 1): where u falls inside the block
-    inner_cdf = blocks[torch.arange(rows, device=weights.device), block.squeeze(1)].double().cumsum(dim=-1)
+    inner_cdf = blocks[torch.arange(rows, device=weights.device), block.squeeze(1)].to(acc).cumsum(dim=-1)
     inner = torch.searchsorted(inner_cdf, fraction * inner_cdf[:, -1:], right=True).clamp(max=DRAW_BLOCK - 1)
     return (block * DRAW_BLOCK + inner).squeeze(1)
 

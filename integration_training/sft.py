@@ -339,7 +339,7 @@ def _prepare_model(config: Config, path: str, dist: distributed.Dist) -> nn.Modu
     model = models.load_model(path, config.model.dtype, config.model.attn_implementation, dist.device, training=True)
     model.config.use_cache = False
     if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_activation_checkpointing(model)
     model.train()
     return model
 

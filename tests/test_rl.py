@@ -13,6 +13,7 @@ import transformers
 
 from helpers import smollm2_tokenizer  # also pins torch to one thread (faster for tiny models on 2 cores)
 from integration_training import rl
+from integration_training.models import enable_activation_checkpointing
 from integration_training.config import (
     Config,
     DataConfig,
@@ -480,3 +481,132 @@ def test_a_rank_with_fewer_batches_pads_to_the_busiest_rank_with_zero_loss(monke
         torch.testing.assert_close(padded.grads[name], alone.grads[name], rtol=1e-5, atol=1e-8, msg=name)
     assert stats["entropy"] == pytest.approx(stats_alone["entropy"])
     assert stats["loss"] == pytest.approx(stats_alone["loss"])
+
+
+# ---------------------------------------------------------------------------------------------------- GPU-grade details
+
+
+def _full_row_reference(model, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ adv·logp over every completion token, each row scored alone in one plain forward; + the flat log-probs."""
+    total, flat = torch.zeros(()), []
+    for r in rows:
+        logits = model(input_ids=torch.tensor([r.prompt_ids + r.completion_ids]), use_cache=False).logits[0]
+        p = len(r.prompt_ids)
+        picked = torch.log_softmax(logits[p - 1 : p - 1 + len(r.completion_ids)], -1)
+        logp = picked.gather(1, torch.tensor(r.completion_ids)[:, None]).squeeze(1)
+        flat.append(logp)
+        total = total + logp.sum() * r.advantage
+    return total, torch.cat(flat)
+
+
+def test_gradient_checkpointing_scores_exactly_with_full_rows_in_train_mode() -> None:
+    """Under gradient checkpointing (train mode) HF layers drop past_key_values: the full-row layout stays exact."""
+    rows = _rows(None, [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]], seed=3)
+    batch = rl.build_batch(rows, 0, torch.device("cpu"))
+    plain = tiny_llama(96).train()
+    total, expected = _full_row_reference(plain, rows)
+    total.backward()
+    reference = _grads(plain)
+
+    model = tiny_llama(96)
+    enable_activation_checkpointing(model)
+    model.train()
+    logprobs, _ = rl.completion_logprobs(model, batch, True, "float32")
+    torch.testing.assert_close(logprobs, expected.detach(), rtol=1e-5, atol=1e-5)
+    (logprobs * batch.advantages).sum().backward()
+    got = _grads(model)
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+    # The shared-prompt layout is what checkpointing breaks (transformers 5.23 drops the prompt's cache: no cache
+    # comes back, or completions scored without their prompt): the reason for the full-row layout. If an upgrade
+    # ever keeps the cache, this fails and documents that it changed.
+    try:
+        with torch.no_grad():
+            shared, _ = rl.completion_logprobs(model, batch, False, "float32")
+        broken = bool((shared - expected.detach()).abs().max() > 1e-3)
+    except AttributeError:  # past_key_values is None
+        broken = True
+    assert broken
+
+
+def test_rl_trains_in_train_mode_with_checkpointing_through_run_rl(tmp_path: Path, digit_model_dir: Path,
+                                                                   monkeypatch) -> None:
+    import dataclasses
+
+    seen = []
+    real = rl.completion_logprobs
+
+    def spy(model, batch, full_rows, dtype, with_entropy=False):
+        seen.append((model.training, full_rows))
+        return real(model, batch, full_rows, dtype, with_entropy=with_entropy)
+
+    monkeypatch.setattr(rl, "completion_logprobs", spy)
+    data = write_digit_data(tmp_path, 16)
+    config = make_config(tmp_path, digit_model_dir, data, num_iterations=1)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, gradient_checkpointing=True))
+    rl.run_rl(config, tmp_path / "run", digit_model_dir, resume=False)
+    assert seen and all(training and full for training, full in seen)
+
+
+def test_ppo_ratio_starts_at_one_with_the_trainers_old_logprobs() -> None:
+    """updates_per_batch=2 with lr 0: the ratio is exactly 1 on both updates, so nothing clips — although the
+    sampler's log-probs (here deliberately off by 0.5) would have clipped every token; the gap is logged."""
+    model = tiny_llama(96)
+    rows = _rows(None, [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], seed=4)
+    with torch.no_grad():
+        _, true_logp = _full_row_reference(model, rows)
+    offset, shifted = 0, []
+    for r in rows:
+        n = len(r.completion_ids)
+        shifted.append(dataclasses_replace(r, old_logprobs=(true_logp[offset : offset + n] + 0.5).tolist()))
+        offset += n
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    for group in optimizer.param_groups:
+        group["base_lr"] = 0.0
+    stats = rl.train_on_rows(model, None, optimizer, shifted, _rl_cfg(updates_per_batch=2, device_batch_size=2),
+                             pad_id=0, dist=CPU, model_config=F32, scaler=None)
+    assert stats["clip_frac"] == 0.0
+    assert stats["logprob_mismatch"] == pytest.approx(0.5, abs=1e-4)
+    # The planted fault this guards against: the sampler's log-probs as the denominator clip where adv·ratio grows.
+    ratio = torch.exp(torch.tensor([-0.5]))
+    assert float(ratio) < 1 - 0.2
+
+
+def dataclasses_replace(row, **changes):
+    import dataclasses
+
+    return dataclasses.replace(row, **changes)
+
+
+def test_non_finite_rl_update_is_not_applied_and_resume_continues(tmp_path: Path, digit_model_dir: Path,
+                                                                   monkeypatch) -> None:
+    """A NaN loss at step 2: no update applied, no checkpoint written for it, TrainingDiverged naming step 2 and the
+    last good checkpoint; after the fault is gone, --resume continues from step 1 to the end."""
+    from integration_training.errors import TrainingDiverged
+
+    data = write_digit_data(tmp_path, 32)
+    config = make_config(tmp_path, digit_model_dir, data, num_iterations=3, save_every=1)
+    real = rl.completion_logprobs
+
+    def poisoned(model, batch, full_rows, dtype, with_entropy=False):
+        logprobs, entropy = real(model, batch, full_rows, dtype, with_entropy=with_entropy)
+        return logprobs * float("nan"), entropy
+
+    real_one_step = rl._one_step
+
+    def one_step(*args, **kwargs):
+        if args[8] == 1:  # the 0-based step index: poison step 2
+            monkeypatch.setattr(rl, "completion_logprobs", poisoned)
+        return real_one_step(*args, **kwargs)
+
+    monkeypatch.setattr(rl, "_one_step", one_step)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="step 2") as info:
+        rl.run_rl(config, run, digit_model_dir, resume=False)
+    assert info.value.last_checkpoint.name == "step_000001"
+    assert sorted(p.name for p in (run / "checkpoints" / "rl").iterdir()) == ["step_000001"]
+    assert all(torch.isfinite(t).all() for t in _weights(run / "checkpoints" / "rl" / "step_000001").values())
+    monkeypatch.setattr(rl, "completion_logprobs", real)
+    monkeypatch.setattr(rl, "_one_step", real_one_step)
+    final = rl.run_rl(config, run, digit_model_dir, resume=True)
+    assert final.name == "step_000003"

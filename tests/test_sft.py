@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from helpers import arithmetic, make_config, smollm2_tokenizer, tiny_model
 from integration_training import distributed
 from integration_training import template
+from integration_training.template import IGNORE_INDEX, Rendered
 from integration_training.config import DatasetSpec
 from integration_training.data import build_mixture
 from integration_training.errors import UserError
@@ -404,3 +405,31 @@ def test_smollm2_on_gsm8k_lowers_validation_loss(tmp_path):
     rows = read_metrics(tmp_path / "run", "sft")
     assert rows[-1]["step"] == 20
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.02, (rows[0]["val_loss"], rows[-1]["val_loss"])
+
+
+def _granite(scaling: float):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, logits_scaling=scaling)
+    return GraniteForCausalLM(config).float()
+
+
+@pytest.mark.parametrize("make,exact", [(lambda: tiny_model(61, 0), True), (lambda: _granite(4.0), False),
+                                        (lambda: _granite(1.0), True)])
+def test_lm_head_shortcut_is_checked_against_the_models_own_logits(make, exact):
+    """Granite divides its logits by `logits_scaling`, a name the static check does not know: the start-up check
+    finds the shortcut wrong, and the loss then uses the model's own logits (equal to HF's own loss)."""
+    from integration_training.sft import lm_head_shortcut_exact
+
+    model = make()
+    rows = [Rendered(input_ids=[(5 * i + 3 * j) % 61 for j in range(10)], loss_mask=[0] * 3 + [1] * 7) for i in range(3)]
+    batch = template.collate_padded(rows, 0)
+    assert lm_head_shortcut_exact(model, batch, "float32") is exact
+    ours = SupervisedTokenLoss(model, "float32", exact)(batch.input_ids, batch.labels, batch.attention_mask,
+                                                        batch.position_ids)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    supervised = batch.labels != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[supervised], batch.labels[supervised], reduction="sum")
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)

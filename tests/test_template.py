@@ -219,3 +219,103 @@ def test_packed_logits_equal_separate_runs(smol: Any) -> None:
         assert batch.labels[0, start : start + len(r)].tolist() == expected[b, : len(r)].tolist()
         start += len(r)
     assert (batch.labels[0, start:] == IGNORE_INDEX).all()
+
+
+# ---------------------------------------------------------------- packing per attention backend
+
+
+def _random_docs(seed: int, vocab: int, count: int) -> list[Rendered]:
+    """Generated conversations of random lengths and masks (first token never supervised)."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(count):
+        n = int(torch.randint(3, 40, (1,), generator=gen))
+        ids = torch.randint(1, vocab, (n,), generator=gen).tolist()
+        mask = [0] + (torch.rand(n - 1, generator=gen) < 0.6).long().tolist()
+        docs.append(Rendered(input_ids=ids, loss_mask=mask))
+    return docs
+
+
+def _tiny_llama(vocab: int, attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).float()
+    model.config._attn_implementation = attn
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_packed_loss_and_gradients_equal_unpacked_per_backend(attn: str, seed: int) -> None:
+    """Each CPU backend gets the mask form it needs; packed rows give the per-document loss and gradients."""
+    from integration_training.sft import SupervisedTokenLoss
+
+    vocab = 50
+    docs = _random_docs(seed, vocab, 9)
+    width = 96
+    rows = pack_greedy(docs, width)
+    assert len(rows) < len(docs)  # several documents do share rows
+
+    def loss_and_grads(batches):
+        model = _tiny_llama(vocab, attn)
+        module = SupervisedTokenLoss(model, "float32", True)
+        total = sum(module(b.input_ids, b.labels, b.attention_mask, b.position_ids) for b in batches)
+        total.backward()
+        return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    packed_loss, packed_grads = loss_and_grads([collate_packed(rows, width, 0, attn)])
+    alone_loss, alone_grads = loss_and_grads([collate_padded([d], 0) for d in docs])
+    torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-5, atol=1e-4)
+    for name in alone_grads:
+        torch.testing.assert_close(packed_grads[name], alone_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_boolean_mask_would_be_wrong_for_eager() -> None:
+    """Why eager gets an additive mask: transformers adds a 4-D mask to eager's scores, so a bool one isolates nothing."""
+    vocab = 50
+    docs = _random_docs(5, vocab, 2)
+    width = len(docs[0]) + len(docs[1])
+    model = _tiny_llama(vocab, "eager").eval()
+    bool_batch = collate_packed([docs], width, 0, "sdpa")
+    additive = collate_packed([docs], width, 0, "eager")
+    assert additive.attention_mask.dtype == torch.float32
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([docs[1].input_ids])).logits[0]
+        right = model(input_ids=additive.input_ids, attention_mask=additive.attention_mask,
+                      position_ids=additive.position_ids).logits[0, len(docs[0]):]
+        wrong = model(input_ids=bool_batch.input_ids, attention_mask=bool_batch.attention_mask,
+                      position_ids=bool_batch.position_ids).logits[0, len(docs[0]):]
+    torch.testing.assert_close(right, alone, rtol=1e-5, atol=1e-5)
+    assert (wrong - alone).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flash_attention_3"])
+def test_varlen_layout_gives_the_flash_kernels_each_document(attn: str) -> None:
+    """The flash kernels take no 4-D mask: transformers derives document starts from position_ids, for a batch of
+    one row. Checked with transformers' own derivation (the kernels need CUDA, which the tests do not have)."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    docs = _random_docs(7, 50, 11)
+    width = 80
+    rows = pack_greedy(docs, width)
+    batch = collate_packed(rows, width, 0, attn)
+    assert batch.attention_mask is None and batch.input_ids.shape == (1, len(rows) * width)
+    (cu_q, _), _ = prepare_fa_kwargs_from_position_ids(batch.position_ids)
+    expected, start = [0], 0
+    for row in rows:
+        for d in row:
+            start += len(d)
+            expected.append(start)
+        if start % width:  # the row's padding tail is a document of its own
+            start += width - start % width
+            expected.append(start)
+    assert cu_q.tolist() == expected
+    # Labels never cross a document (or row) boundary: the last label of every document is ignored.
+    labels = batch.labels[0]
+    assert all(int(labels[end - 1]) == IGNORE_INDEX for end in expected[1:])
+    per_row = collate_packed(rows, width, 0, "sdpa")
+    assert torch.equal(batch.labels.reshape(len(rows), width), per_row.labels)
+    assert torch.equal(batch.input_ids.reshape(len(rows), width), per_row.input_ids)
