@@ -151,11 +151,13 @@ def mean_context(rows: list[list[template.Rendered]]) -> float:
     return total / sum(len(r) for row in rows for r in row)
 
 
-def sft_throughput(profile: Profile, device: torch.device, attn: str, length: int) -> dict:
+def sft_throughput(profile: Profile, device: torch.device, attn: str, length: int, compile_model: bool) -> dict:
     model = build_model(profile.shape, device, attn, seed=0)
     optimizer = optimizer_for(model, 1e-5)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     module = SupervisedTokenLoss(model, "bfloat16", lm_head_shortcut=True)
+    if compile_model:  # what model.compile=True does in the SFT stage
+        module = torch.compile(module, dynamic=True)
     rng = random.Random(0)
     per_micro = max(1, profile.sft_tokens_per_micro // length)
     vocab = model.config.vocab_size
@@ -182,11 +184,12 @@ def sft_throughput(profile: Profile, device: torch.device, attn: str, length: in
     peak = peak_tflops(device)
     achieved = flops_per_token * tokens / seconds / 1e12
     out = {
-        "attn": attn, "tokens_per_row": length, "rows_per_micro": per_micro, "micro_per_step": profile.sft_micro_per_step,
+        "attn": attn, "compile": compile_model, "tokens_per_row": length, "rows_per_micro": per_micro, "micro_per_step": profile.sft_micro_per_step,
         "tokens_per_step": tokens, "seconds_per_step": round(seconds, 4), "tokens_per_s": round(tokens / seconds),
         "model_tflops": round(achieved, 1), "mfu": round(achieved / peak, 3) if peak else None,
         "mean_attended_context": round(ctx, 1), "peak_memory_gib": peak_gib(device),
         "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)],
+        "first_step_seconds": round(times[0], 2),
     }
     del model, optimizer, module
     return out
@@ -244,7 +247,7 @@ def curves(profile: Profile, device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------------- RL
 
 
-def decode_speed(model, device: torch.device, prompts: list[list[int]], new_tokens: int) -> dict:
+def decode_speed(model, device: torch.device, prompts: list[list[int]], new_tokens: int, weights: str) -> dict:
     from transformers import GenerationConfig
 
     rows = len(prompts) * SAMPLES
@@ -270,7 +273,7 @@ def decode_speed(model, device: torch.device, prompts: list[list[int]], new_toke
             model.train()
     produced = sum(len(c.token_ids) for group in ours for c in group)
     assert produced == rows * new_tokens, (produced, rows, new_tokens)
-    return {"rows": rows, "new_tokens": new_tokens, "ours_tokens_per_s": round(produced / ours_s),
+    return {"weights": weights, "rows": rows, "new_tokens": new_tokens, "ours_tokens_per_s": round(produced / ours_s),
             "hf_generate_tokens_per_s": round(rows * new_tokens / hf_s), "speedup": round(hf_s / ours_s, 2)}, ours
 
 
@@ -307,11 +310,17 @@ def rl_section(profile: Profile, device: torch.device) -> dict:
     completions, prompts = None, None
     for n in profile.decode_prompts:
         prompts = [[rng.randrange(3, vocab) for _ in range(profile.prompt_len)] for _ in range(n)]
-        speed, completions = decode_speed(model, device, prompts, profile.new_tokens)
+        speed, completions = decode_speed(model, device, prompts, profile.new_tokens, "fp32 masters + bf16 autocast")
         out["decode"].append(speed)
     small = profile.decode_prompts[0]
     for checkpointing in (False, True):
         out["train_step"].append(rl_train_step(model, device, prompts[:small], completions[:small], checkpointing))
+    # How much of a decode step is autocast's per-op dispatch: the same model with bf16 weights (what evaluation
+    # of a saved checkpoint loads).
+    model.activation_checkpointing_disable()
+    model.to(torch.bfloat16)
+    speed, _ = decode_speed(model, device, prompts, profile.new_tokens, "bf16 weights")
+    out["decode"].append(speed)
     return out
 
 
@@ -335,27 +344,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--sections", default="sft,curves,rl", help="comma-separated subset of sft,curves,rl")
+    parser.add_argument("--sections", default="sft,curves,rl", help="comma-separated, in order: sft,curves,rl,sft_compile")
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
     device = torch.device(args.device)
     started = time.perf_counter()
     result: dict = {"profile": dataclasses.asdict(profile), "environment": environment(device)}
-    sections = set(args.sections.split(","))
-    if "sft" in sections:
-        backends = ["sdpa"] + (["flash_attention_2"] if result["environment"]["flash_attn"] and device.type == "cuda" else [])
-        result["sft"] = [sft_throughput(profile, device, attn, n) for attn in backends for n in profile.sft_lengths]
-        print(json.dumps(result["sft"]), flush=True)
-    if "curves" in sections:
-        result["curves"] = curves(profile, device)
-        print(json.dumps(result["curves"]), flush=True)
-    if "rl" in sections:
-        result["rl"] = rl_section(profile, device)
-        print(json.dumps(result["rl"]), flush=True)
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--sections: unknown {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    for name in sections:  # written after each section: a later failure keeps what was measured
+        result[name] = SECTIONS[name](profile, device, result["environment"])
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({name: result[name]}), flush=True)
     print(f"wrote {args.out} in {result['seconds']} s", flush=True)
     return 0
+
+
+def sft_section(profile: Profile, device: torch.device, env: dict, compile_model: bool = False) -> list[dict]:
+    backends = ["sdpa"] + (["flash_attention_2"] if env["flash_attn"] and device.type == "cuda" else [])
+    return [sft_throughput(profile, device, attn, n, compile_model) for attn in backends for n in profile.sft_lengths]
+
+
+SECTIONS = {
+    "sft": sft_section,
+    "curves": lambda profile, device, env: curves(profile, device),
+    "rl": lambda profile, device, env: rl_section(profile, device),
+    "sft_compile": lambda profile, device, env: sft_section(profile, device, env, compile_model=True)[:1],
+}
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ def test_gpu_check_runs_on_cpu_and_writes_every_section(tmp_path):
     variants = report["curves"]["variants"]
     assert variants["float32"]["drop"] > 0.1  # the copy task is learnable at the profile's LR
     assert variants["bf16_masters"]["drop_vs_float32"] >= 0.8
-    assert [d["rows"] for d in report["rl"]["decode"]] == [16, 32]
+    assert [d["rows"] for d in report["rl"]["decode"]] == [16, 32, 32]
+    assert report["rl"]["decode"][-1]["weights"] == "bf16 weights"
     assert [t["gradient_checkpointing"] for t in report["rl"]["train_step"]] == [False, True]
     assert all(abs(t["logprob_mismatch"]) < 0.1 for t in report["rl"]["train_step"])
