@@ -30,9 +30,9 @@ config = Config(
     ),
     model=ModelConfig(
         name="Qwen/Qwen2.5-0.5B-Instruct",
-        dtype="bfloat16",
+        dtype="bfloat16",  # compute dtype: forwards under bf16 autocast; weights, grads and AdamW state stay fp32
         compile=True,
-        attn_implementation="sdpa",
+        attn_implementation="sdpa",  # packed rows get a block mask; "flash_attention_2" (CUDA) uses its varlen path
         gradient_checkpointing=False,
     ),
     data=DataConfig(
