@@ -10,6 +10,7 @@ before step_999999 by name).
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -48,26 +49,37 @@ def save_checkpoint(
     `state_dict`: the model weights to write instead of `model`'s own (FSDP2 gathers full weights first), or None.
     `dtype`: the compute dtype. The HF weights are written in it (what consumers load); when it is not float32 the
     float32 master weights go beside them (`precision.MASTER_FILE`) for exact resume and the SFT→RL hand-off.
+    Every file is fsync'ed before the rename, so after a power loss the renamed directory is complete. A full disk
+    (or quota) is a UserError naming the path; the partial staging directory is removed and older checkpoints stay.
     """
     from integration_training import precision
 
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(stage_dir)
     final = stage_dir / step_dir_name(step)
     staging = stage_dir / f".tmp-{final.name}-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    weights = state_dict if state_dict is not None else model.state_dict()
-    if precision.is_mixed(dtype):
-        model.save_pretrained(str(staging), state_dict=precision.consumer_state_dict(weights, dtype))
-        precision.record_dtype(staging, dtype)
-        precision.save_masters(weights, staging)
-    else:
-        model.save_pretrained(str(staging), state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(staging))
-    torch.save(train_state, staging / TRAIN_STATE)
+    try:
+        staging.mkdir()
+        weights = state_dict if state_dict is not None else model.state_dict()
+        if precision.is_mixed(dtype):
+            model.save_pretrained(str(staging), state_dict=precision.consumer_state_dict(weights, dtype))
+            precision.record_dtype(staging, dtype)
+            precision.save_masters(weights, staging)
+        else:
+            model.save_pretrained(str(staging), state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        torch.save(train_state, staging / TRAIN_STATE)
+        _fsync_tree(staging)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"{stage_dir}: no space left on device while writing checkpoint {final.name}; the partial copy was "
+                "removed and earlier checkpoints are intact — free space (or move output.save_dir), then --resume"
+            ) from None
+        raise
     if final.exists():
         # os.replace cannot replace a non-empty directory; move the old one aside first, then drop it.
         stale = stage_dir / f".old-{final.name}-{os.getpid()}"
@@ -76,7 +88,80 @@ def save_checkpoint(
         shutil.rmtree(stale)
     else:
         os.replace(staging, final)
+    _fsync_directory(stage_dir)
     return final
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def clean_stale_staging(stage_dir: Path) -> list[Path]:
+    """Remove what a crashed save left behind (`.tmp-*` staging dirs); put back an `.old-*` whose replacement
+    never landed. Call on the main rank while it holds the run lock (no other save can be in flight)."""
+    stage_dir = Path(stage_dir)
+    removed = []
+    if not stage_dir.is_dir():
+        return removed
+    for leftover in sorted(stage_dir.iterdir()):
+        name = leftover.name
+        if name.startswith(".old-") and leftover.is_dir():
+            step_name = name.removeprefix(".old-").rsplit("-", 1)[0]
+            if not (stage_dir / step_name).exists():  # crashed between the two renames: the old copy is the good one
+                os.replace(leftover, stage_dir / step_name)
+                continue
+        if name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+            removed.append(leftover)
+    return removed
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Cheap integrity check of a checkpoint before a resume loads it: every weights file's safetensors header
+    and size, and the train state's zip structure and CRCs. A damaged checkpoint is a UserError naming it."""
+    import json
+    import zipfile
+
+    path = Path(path)
+    fix = f"delete {path} to resume from the checkpoint before it"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise UserError(f"{path}: holds no *.safetensors weights; {fix}")
+    for file in weights:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                if not 0 < header_size <= size - 8:
+                    raise ValueError("bad header size")
+                header = json.loads(handle.read(header_size))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                raise UserError(f"{file}: damaged weights file (unreadable safetensors header); {fix}") from None
+        if 8 + header_size + end != size:
+            raise UserError(f"{file}: damaged weights file (size {size} bytes, header says {8 + header_size + end}); {fix}")
+    state = path / TRAIN_STATE
+    try:
+        with zipfile.ZipFile(state) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as error:
+        raise UserError(f"{state}: damaged train state ({error}); {fix}") from None
+    if bad is not None:
+        raise UserError(f"{state}: damaged train state (entry {bad} fails its CRC); {fix}")
 
 
 def list_checkpoints(stage_dir: Path) -> list[Path]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -28,8 +29,47 @@ class ConfigError(Exception):
 
     def render(self) -> str:
         count = len(self.problems)
+        if count == 1:
+            return f"invalid config: {self.problems[0]}"
         header = f"invalid config ({count} problem{'s' if count > 1 else ''}):"
         return "\n".join([header] + [f"  - {p}" for p in self.problems])
+
+
+class _Missing:
+    """Stands in for a field a config file left out while construction problems are being collected."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+MISSING = _Missing()
+_MISSING_MARK = "missing (reported where it was constructed)"
+# While `collecting_problems()` is active, constructors record their problems here instead of raising, so that a
+# config file with mistakes in several sections is reported in full, not section by section.
+_collected: list[list[str]] = []
+
+
+class collecting_problems:
+    """Context manager: schema constructors append their problems to `self.problems` instead of raising."""
+
+    def __enter__(self) -> collecting_problems:
+        self.problems: list[str] = []
+        _collected.append(self.problems)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        popped = _collected.pop()
+        assert popped is self.problems, "collecting_problems contexts must nest"
+
+
+def _caller_line() -> str:
+    """'file:line: ' of the first frame outside this module (the config file's constructor call), or ''."""
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename in (__file__, dataclasses.__file__):
+        frame = frame.f_back
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}: " if frame is not None else ""
 
 
 def _schema(cls):
@@ -50,8 +90,12 @@ def _schema(cls):
                 close = difflib.get_close_matches(name, names, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(names)}"
                 problems.append(f"{cls.__name__}.{name}: unknown field{hint}")
-        if problems:
+        if problems and not _collected:
             raise ConfigError(problems)
+        if problems:
+            where = _caller_line()
+            _collected[-1].extend(where + p for p in problems)
+            kwargs = {name: kwargs.get(name, MISSING) for name in names}
         generated_init(self, **kwargs)
 
     cls.__init__ = __init__
@@ -207,7 +251,13 @@ def run_dir(config: Config) -> Path:
 
 
 def _type_problems(value, annotation, where: str) -> list[str]:
-    """Check `value` against a field annotation; returns problems (empty when it fits)."""
+    """Check `value` against a field annotation; returns problems (empty when it fits).
+
+    A float field must also be finite: NaN/inf pass every `<`/`>=` comparison one way or the other, so a range
+    check alone would accept them.
+    """
+    if value is MISSING:
+        return [f"{where}: {_MISSING_MARK}"]  # reported by the constructor; marks the field for the range layer
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -220,7 +270,7 @@ def _type_problems(value, annotation, where: str) -> list[str]:
         return _type_problems(value, non_none[0], where)
     if origin is list:
         if not isinstance(value, list):
-            return [f"{where}: expected a list, got {type(value).__name__} {value!r}"]
+            return [f"{where}: expected a list, got {type(value).__name__} {_short(value)}"]
         (item_type,) = typing.get_args(annotation)
         problems = []
         for index, item in enumerate(value):
@@ -231,18 +281,24 @@ def _type_problems(value, annotation, where: str) -> list[str]:
             return [f"{where}: expected {annotation.__name__}(...), got {type(value).__name__}"]
         return _dataclass_type_problems(value, where)
     if annotation is bool:
-        return [] if isinstance(value, bool) else [f"{where}: expected True/False, got {value!r}"]
+        return [] if isinstance(value, bool) else [f"{where}: expected True/False, got {_short(value)}"]
     if annotation is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-        return [] if ok else [f"{where}: expected an integer, got {value!r}"]
+        return [] if ok else [f"{where}: expected an integer, got {_short(value)}"]
     if annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return [] if ok else [f"{where}: expected a number, got {value!r}"]
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return [f"{where}: expected a number, got {_short(value)}"]
+        return [] if math.isfinite(value) else [f"{where}: must be a finite number, got {value!r}"]
     if annotation is str:
-        return [] if isinstance(value, str) else [f"{where}: expected a string, got {value!r}"]
+        return [] if isinstance(value, str) else [f"{where}: expected a string, got {_short(value)}"]
     if annotation is Path:
-        return [] if isinstance(value, Path) else [f"{where}: expected a pathlib.Path, got {value!r}"]
+        return [] if isinstance(value, Path) else [f"{where}: expected a pathlib.Path, got {_short(value)}"]
     raise AssertionError(f"unsupported schema annotation {annotation}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _dataclass_type_problems(instance, where: str) -> list[str]:
@@ -254,6 +310,18 @@ def _dataclass_type_problems(instance, where: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- ranges
+#
+# Each rule is a small function returning problems. Rules run one by one and a rule that trips over a value of
+# the wrong type (already reported by the type layer) is skipped, so one wrong type never hides the range
+# problems of other fields. Problems about a field whose type is wrong are dropped (the type message says it).
+
+# Sources that are generated or read from one file: hub-only fields do nothing there and are refused.
+PROCEDURAL_NAMES = ("arithmetic", "spelling")
+PROCEDURAL_SPLITS = ("train", "test")
+CUSTOM_JSON = "custom_json"
+MIN_MAX_LENGTH = 16
+MIN_PROMPT_ROOM = 16  # tokens max_length must keep for the prompt beside rl.max_new_tokens (a chat prompt's overhead)
+MAX_SEED = 2**63 - 1
 
 
 def _one_of(value, allowed, where) -> list[str]:
@@ -268,177 +336,227 @@ def _in_range(value, low, high, where) -> list[str]:
     return [] if low <= value <= high else [f"{where}: must be in [{low}, {high}], got {value!r}"]
 
 
-def _target_problems(t: TargetConfig) -> list[str]:
-    p = _one_of(t.device_type, DEVICE_TYPES, "target.device_type")
-    p += _one_of(t.parallelism, PARALLELISMS, "target.parallelism")
-    p += _at_least(t.processes_per_node, 1, "target.processes_per_node")
-    p += _at_least(t.num_nodes, 1, "target.num_nodes")
-    p += _in_range(t.master_port, 1, 65535, "target.master_port")
-    if not t.master_addr:
-        p.append("target.master_addr: must not be empty (use '127.0.0.1' for one node)")
-    if not 0 <= t.node_rank < max(t.num_nodes, 1):
-        p.append(f"target.node_rank: must be in [0, num_nodes={t.num_nodes}), got {t.node_rank}")
-    if t.device_type in ("cpu", "mps") and t.gpu_ranks:
-        p.append(f"target.gpu_ranks: must be [] for device_type={t.device_type!r}, got {t.gpu_ranks}")
-    if t.device_type == "cuda":
-        if not t.gpu_ranks:
-            p.append("target.gpu_ranks: device_type='cuda' needs at least one GPU id, e.g. [0]")
-        if len(set(t.gpu_ranks)) != len(t.gpu_ranks) or any(r < 0 for r in t.gpu_ranks):
-            p.append(f"target.gpu_ranks: ids must be distinct and >= 0, got {t.gpu_ranks}")
-        if t.processes_per_node != len(t.gpu_ranks):
-            p.append(
-                f"target.processes_per_node: must equal len(gpu_ranks)={len(t.gpu_ranks)} on cuda "
-                f"(one process per GPU), got {t.processes_per_node}"
-            )
-    if t.device_type == "mps" and (t.processes_per_node != 1 or t.num_nodes != 1):
-        p.append("target.processes_per_node/num_nodes: mps runs a single process on one node")
-    world = t.processes_per_node * t.num_nodes
-    if world > 1 and t.parallelism == "none":
-        p.append(f"target.parallelism: {world} processes need 'ddp' or 'fsdp2', got 'none'")
-    if world == 1 and t.parallelism != "none":
-        p.append(f"target.parallelism: a single process must use 'none', got {t.parallelism!r}")
-    return p
+def _not_blank(value: str, where: str, fix: str) -> list[str]:
+    return [] if value.strip() else [f"{where}: must not be empty; {fix}"]
 
 
-def _model_problems(m: ModelConfig, t: TargetConfig) -> list[str]:
-    p = _one_of(m.dtype, DTYPES, "model.dtype")
-    p += _one_of(m.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
-    if not m.name:
-        p.append("model.name: must not be empty")
-    if m.attn_implementation == "flash_attention_2" and t.device_type != "cuda":
-        p.append("model.attn_implementation: 'flash_attention_2' needs device_type='cuda'; use 'sdpa'")
-    if m.dtype == "float16" and t.device_type == "cpu":
-        p.append("model.dtype: float16 is not supported for training on cpu; use 'float32'")
-    if m.dtype == "float16" and t.parallelism == "fsdp2":
-        # GradScaler's overflow check is per rank; with sharded gradients ranks could disagree on skipping a step.
-        p.append("model.dtype: float16 needs a loss scale that FSDP2 shards cannot agree on here; use 'bfloat16' "
-                 "(or parallelism='ddp')")
-    return p
+def _run_rules(rules) -> list[str]:
+    problems = []
+    for rule in rules:
+        try:
+            problems += rule()
+        except (TypeError, AttributeError, ValueError, ZeroDivisionError):
+            pass  # a wrong-typed input of this rule; the type layer names it
+    return problems
 
 
-def _dataset_problems(spec: DatasetSpec, where: str) -> list[str]:
-    p = []
-    if not spec.name:
-        p.append(f"{where}.name: must not be empty")
-    if not spec.split:
-        p.append(f"{where}.split: must not be empty")
-    if spec.max_samples is not None:
-        p += _at_least(spec.max_samples, 1, f"{where}.max_samples")
-    p += _at_least(spec.repeat, 1, f"{where}.repeat")
-    if spec.reward is not None and spec.reward.count(":") != 1:
-        p.append(f"{where}.reward: must be 'module:function' or None, got {spec.reward!r}")
-    return p
+def _target_rules(t: TargetConfig):
+    world = lambda: t.processes_per_node * t.num_nodes  # noqa: E731
+    yield lambda: _one_of(t.device_type, DEVICE_TYPES, "target.device_type")
+    yield lambda: _one_of(t.parallelism, PARALLELISMS, "target.parallelism")
+    yield lambda: _at_least(t.processes_per_node, 1, "target.processes_per_node")
+    yield lambda: _at_least(t.num_nodes, 1, "target.num_nodes")
+    yield lambda: _in_range(t.master_port, 1, 65535, "target.master_port")
+    yield lambda: _not_blank(t.master_addr, "target.master_addr", "use '127.0.0.1' for one node")
+    yield lambda: [] if t.master_addr == t.master_addr.strip() and " " not in t.master_addr else [
+        f"target.master_addr: {t.master_addr!r} contains whitespace; write the host name or IP only"]
+    yield lambda: [] if 0 <= t.node_rank < max(t.num_nodes, 1) else [
+        f"target.node_rank: must be in [0, num_nodes={t.num_nodes}), got {t.node_rank}"]
+    yield lambda: [] if t.device_type not in ("cpu", "mps") or not t.gpu_ranks else [
+        f"target.gpu_ranks: must be [] for device_type={t.device_type!r}, got {t.gpu_ranks}"]
+    yield lambda: [] if t.device_type != "cuda" or t.gpu_ranks else [
+        "target.gpu_ranks: device_type='cuda' needs at least one GPU id, e.g. [0]"]
+    yield lambda: [] if t.device_type != "cuda" or (
+        len(set(t.gpu_ranks)) == len(t.gpu_ranks) and all(r >= 0 for r in t.gpu_ranks)) else [
+        f"target.gpu_ranks: ids must be distinct and >= 0, got {t.gpu_ranks}"]
+    yield lambda: [] if t.device_type != "cuda" or t.processes_per_node == len(t.gpu_ranks) else [
+        f"target.processes_per_node: must equal len(gpu_ranks)={len(t.gpu_ranks)} on cuda (one process per GPU), "
+        f"got {t.processes_per_node}"]
+    yield lambda: [] if t.device_type != "mps" or (t.processes_per_node, t.num_nodes) == (1, 1) else [
+        "target.processes_per_node: mps runs a single process on one node (processes_per_node=1, num_nodes=1)"]
+    yield lambda: [] if world() < 1 or world() == 1 or t.parallelism != "none" else [
+        f"target.parallelism: {world()} processes need 'ddp' or 'fsdp2', got 'none'"]
+    yield lambda: [] if world() != 1 or t.parallelism == "none" else [
+        f"target.parallelism: a single process must use 'none', got {t.parallelism!r}"]
 
 
-def _data_problems(d: DataConfig, mode: str) -> list[str]:
-    p = _at_least(d.max_length, 16, "data.max_length")
+def _model_rules(m: ModelConfig, t: TargetConfig):
+    yield lambda: _one_of(m.dtype, DTYPES, "model.dtype")
+    yield lambda: _one_of(m.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
+    yield lambda: _not_blank(m.name, "model.name", f"write a hub id, a local directory or {OFFLINE_MODEL_ID!r}")
+    yield lambda: [] if m.attn_implementation != "flash_attention_2" or t.device_type == "cuda" else [
+        "model.attn_implementation: 'flash_attention_2' needs device_type='cuda'; use 'sdpa'"]
+    yield lambda: [] if m.dtype != "float16" or t.device_type != "cpu" else [
+        "model.dtype: float16 is not supported for training on cpu; use 'float32'"]
+    # GradScaler's overflow check is per rank; with sharded gradients ranks could disagree on skipping a step.
+    yield lambda: [] if m.dtype != "float16" or t.parallelism != "fsdp2" else [
+        "model.dtype: float16 needs a loss scale that FSDP2 shards cannot agree on here; use 'bfloat16' "
+        "(or parallelism='ddp')"]
+
+
+OFFLINE_MODEL_ID = "offline:SmolLM2-135M-Instruct"
+
+
+def _dataset_rules(spec: DatasetSpec, where: str):
+    yield lambda: _not_blank(spec.name, f"{where}.name", "write a dataset name such as 'openai/gsm8k'")
+    yield lambda: _not_blank(spec.split, f"{where}.split", "write a split such as 'train'")
+    yield lambda: [] if spec.max_samples is None else _at_least(spec.max_samples, 1, f"{where}.max_samples")
+    yield lambda: _at_least(spec.repeat, 1, f"{where}.repeat")
+    yield lambda: [] if spec.subset is None or spec.subset.strip() else [
+        f"{where}.subset: must be None or a hub config name, got {spec.subset!r}"]
+    yield lambda: [] if spec.path is None or spec.path.strip() else [
+        f"{where}.path: must be None or a file/directory path, got {spec.path!r}"]
+    yield lambda: [] if spec.reward is None or _is_module_function(spec.reward) else [
+        f"{where}.reward: must be None (the task's own verifier) or 'module:function', got {spec.reward!r}"]
+    generated = spec.name in PROCEDURAL_NAMES
+    yield lambda: [] if not generated or spec.path is None else [
+        f"{where}.path: {spec.name!r} is generated procedurally and reads no file; set path=None"]
+    yield lambda: [] if not generated or spec.max_samples is not None else [
+        f"{where}.max_samples: {spec.name!r} is procedural and unbounded; set max_samples to how many rows"]
+    yield lambda: [] if not generated or spec.split in PROCEDURAL_SPLITS else [
+        f"{where}.split: {spec.name!r} has splits 'train' and 'test', not {spec.split!r}"]
+    yield lambda: [] if spec.name not in (*PROCEDURAL_NAMES, CUSTOM_JSON) or spec.subset is None else [
+        f"{where}.subset: {spec.name!r} has no subsets (hub datasets only); set subset=None"]
+    yield lambda: [] if spec.name != CUSTOM_JSON or spec.path is not None else [
+        f"{where}.path: custom_json needs path= a JSONL file of conversations"]
+
+
+def _is_module_function(text: str) -> bool:
+    module, colon, function = text.partition(":")
+    return bool(colon) and all(part.isidentifier() for part in module.split(".")) and function.isidentifier()
+
+
+def _data_rules(d: DataConfig, mode: str):
+    yield lambda: _at_least(d.max_length, MIN_MAX_LENGTH, "data.max_length")
+    yield lambda: _in_range(d.shuffle_seed, 0, MAX_SEED, "data.shuffle_seed")
     for field in ("sft_mixture", "sft_val_mixture", "rl_mixture", "rl_eval_mixture"):
-        for index, spec in enumerate(getattr(d, field)):
-            p += _dataset_problems(spec, f"data.{field}[{index}]")
+        specs = getattr(d, field)
+        for index, spec in enumerate(specs if isinstance(specs, list) else []):
+            if isinstance(spec, DatasetSpec):  # anything else is a type problem, already named
+                yield from _dataset_rules(spec, f"data.{field}[{index}]")
     needed = {"sft": ("sft_mixture", "sft_val_mixture"), "rl": ("rl_mixture", "rl_eval_mixture")}
     for stage, fields in needed.items():
-        if stage in mode.split("+"):
-            for field in fields:
-                if not getattr(d, field):
-                    p.append(f"data.{field}: must list at least one DatasetSpec when output.mode={mode!r}")
-    return p
+        for field in fields:
+            yield lambda stage=stage, field=field: [] if stage not in mode.split("+") or getattr(d, field) else [
+                f"data.{field}: must list at least one DatasetSpec when output.mode={mode!r}"]
 
 
-def _optimizer_problems(s, where: str) -> list[str]:
-    p = _one_of(s.optimizer, OPTIMIZERS, f"{where}.optimizer")
-    p += _one_of(s.lr_schedule, LR_SCHEDULES, f"{where}.lr_schedule")
+def _optimizer_rules(s, where: str):
+    yield lambda: _one_of(s.optimizer, OPTIMIZERS, f"{where}.optimizer")
+    yield lambda: _one_of(s.lr_schedule, LR_SCHEDULES, f"{where}.lr_schedule")
     for field in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip"):
-        p += _at_least(getattr(s, field), 0.0, f"{where}.{field}")
-    if not 0.0 < s.init_lr_frac <= 1.0:
-        p.append(f"{where}.init_lr_frac: must be in (0, 1], got {s.init_lr_frac!r}")
-    if not 0.0 <= s.warmup_ratio < 1.0:
-        p.append(f"{where}.warmup_ratio: must be in [0, 1), got {s.warmup_ratio!r}")
-    p += _at_least(s.num_epochs, 1, f"{where}.num_epochs")
-    if s.num_iterations != -1 and s.num_iterations < 1:
-        p.append(f"{where}.num_iterations: must be -1 (derive from num_epochs) or >= 1, got {s.num_iterations}")
-    p += _at_least(s.log_every, 1, f"{where}.log_every")
-    p += _at_least(s.eval_every, 1, f"{where}.eval_every")
-    return p
+        yield lambda field=field: _at_least(getattr(s, field), 0.0, f"{where}.{field}")
+    yield lambda: [] if max(s.embedding_lr, s.unembedding_lr, s.matrix_lr) > 0 else [
+        f"{where}.matrix_lr: every learning rate is 0, so training would change nothing; set one > 0"]
+    yield lambda: [] if 0.0 < s.init_lr_frac <= 1.0 else [f"{where}.init_lr_frac: must be in (0, 1], got {s.init_lr_frac!r}"]
+    yield lambda: [] if 0.0 <= s.warmup_ratio < 1.0 else [f"{where}.warmup_ratio: must be in [0, 1), got {s.warmup_ratio!r}"]
+    yield lambda: _at_least(s.num_epochs, 1, f"{where}.num_epochs")
+    yield lambda: [] if s.num_iterations == -1 or s.num_iterations >= 1 else [
+        f"{where}.num_iterations: must be -1 (derive from num_epochs) or >= 1, got {s.num_iterations}"]
+    yield lambda: _at_least(s.log_every, 1, f"{where}.log_every")
+    yield lambda: _at_least(s.eval_every, 1, f"{where}.eval_every")
 
 
-def _sft_problems(s: SFTConfig, world: int) -> list[str]:
-    p = _optimizer_problems(s, "sft")
-    p += _at_least(s.batch_size, 1, "sft.batch_size")
-    p += _at_least(s.target_examples_per_step, 1, "sft.target_examples_per_step")
-    p += _at_least(s.eval_steps, 1, "sft.eval_steps")
-    p += _at_least(s.checkpoint_every, 1, "sft.checkpoint_every")
-    per_pass = s.batch_size * world
-    if s.batch_size >= 1 and s.target_examples_per_step % per_pass != 0:
-        p.append(
-            f"sft.target_examples_per_step: {s.target_examples_per_step} is not divisible by "
-            f"batch_size × world_size = {s.batch_size} × {world} = {per_pass}; pick a multiple of {per_pass}"
-        )
-    return p
+def _sft_rules(s: SFTConfig, world):
+    yield from _optimizer_rules(s, "sft")
+    for field in ("batch_size", "target_examples_per_step", "eval_steps", "checkpoint_every"):
+        yield lambda field=field: _at_least(getattr(s, field), 1, f"sft.{field}")
+
+    def divisible():
+        per_pass = s.batch_size * world()
+        if s.batch_size < 1 or world() < 1 or s.target_examples_per_step % per_pass == 0:
+            return []
+        return [f"sft.target_examples_per_step: {s.target_examples_per_step} is not divisible by batch_size × "
+                f"world_size = {s.batch_size} × {world()} = {per_pass}; pick a multiple of {per_pass}"]
+
+    yield divisible
 
 
-def _rl_problems(r: RLConfig, world: int) -> list[str]:
-    p = _optimizer_problems(r, "rl")
-    p += _one_of(r.advantage, ADVANTAGES, "rl.advantage")
-    for field in ("examples_per_step", "num_samples", "device_batch_size", "sample_batch_size", "max_new_tokens",
-                  "updates_per_batch"):
-        p += _at_least(getattr(r, field), 1, f"rl.{field}")
-    for field in ("eval_examples", "eval_k", "save_every"):
-        p += _at_least(getattr(r, field), 1, f"rl.{field}")
-    p += _at_least(r.temperature, 0.0, "rl.temperature")
-    p += _at_least(r.top_k, 0, "rl.top_k")
-    p += _at_least(r.kl_coef, 0.0, "rl.kl_coef")
-    if r.clip_eps <= 0:
-        p.append(f"rl.clip_eps: must be > 0, got {r.clip_eps!r}")
-    if r.num_samples < 2:
-        p.append("rl.num_samples: the group-mean baseline needs at least 2 samples per prompt")
-    if r.temperature == 0:
-        p.append("rl.temperature: 0 makes every sample of a group identical (no learning signal); use > 0")
-    if r.examples_per_step >= 1 and r.examples_per_step % world != 0:
-        p.append(
-            f"rl.examples_per_step: {r.examples_per_step} prompts cannot be split evenly over {world} processes; "
-            f"pick a multiple of {world}"
-        )
-    elif r.examples_per_step >= 1 and r.device_batch_size >= 1:
-        rows = (r.examples_per_step // world) * r.num_samples
-        if rows % r.device_batch_size != 0:
-            p.append(
-                f"rl.device_batch_size: {r.device_batch_size} does not divide the {rows} sequences per process per "
-                f"step (examples_per_step / world_size × num_samples); pick a divisor of {rows}"
-            )
-    return p
+def _rl_rules(r: RLConfig, world, max_length):
+    yield from _optimizer_rules(r, "rl")
+    yield lambda: _one_of(r.advantage, ADVANTAGES, "rl.advantage")
+    for field in ("examples_per_step", "device_batch_size", "sample_batch_size", "max_new_tokens", "updates_per_batch",
+                  "eval_examples", "eval_k", "save_every"):
+        yield lambda field=field: _at_least(getattr(r, field), 1, f"rl.{field}")
+    yield lambda: _at_least(r.top_k, 0, "rl.top_k")
+    yield lambda: _at_least(r.kl_coef, 0.0, "rl.kl_coef")
+    yield lambda: [] if 0 < r.clip_eps < 1 else [f"rl.clip_eps: must be in (0, 1), got {r.clip_eps!r}"]
+    yield lambda: [] if r.num_samples >= 2 else [
+        f"rl.num_samples: the group-mean baseline needs at least 2 samples per prompt, got {r.num_samples}"]
+    yield lambda: [] if r.temperature > 0 else [
+        f"rl.temperature: must be > 0 (0 makes every sample of a group identical: no learning signal), got {r.temperature!r}"]
+
+    def room():
+        if max_length() - r.max_new_tokens >= MIN_PROMPT_ROOM or r.max_new_tokens < 1:
+            return []
+        return [f"rl.max_new_tokens: {r.max_new_tokens} leaves {max_length() - r.max_new_tokens} of data.max_length="
+                f"{max_length()} tokens for the prompt (needs >= {MIN_PROMPT_ROOM}); lower it or raise data.max_length"]
+
+    def split_evenly():
+        if r.examples_per_step < 1 or world() < 1:
+            return []
+        if r.examples_per_step % world() != 0:
+            return [f"rl.examples_per_step: {r.examples_per_step} prompts cannot be split evenly over {world()} "
+                    f"processes; pick a multiple of {world()}"]
+        rows = (r.examples_per_step // world()) * r.num_samples
+        if r.device_batch_size >= 1 and r.num_samples >= 1 and rows % r.device_batch_size != 0:
+            return [f"rl.device_batch_size: {r.device_batch_size} does not divide the {rows} sequences per process per "
+                    f"step (examples_per_step / world_size × num_samples); pick a divisor of {rows}"]
+        return []
+
+    yield room
+    yield split_evenly
 
 
-def _output_problems(o: OutputConfig) -> list[str]:
-    p = _one_of(o.mode, MODES, "output.mode")
-    p += _one_of(o.log_level, LOG_LEVELS, "output.log_level")
-    if not o.experiment_name or "/" in o.experiment_name or o.experiment_name in (".", ".."):
-        p.append(f"output.experiment_name: must be a plain folder name, got {o.experiment_name!r}")
-    if o.use_wandb and not o.wandb_project:
-        p.append("output.wandb_project: must not be empty when use_wandb=True")
-    if o.mode == "rl" and o.source_checkpoint is None:
-        p.append("output.source_checkpoint: mode='rl' needs the model to start from (an HF dir or a run checkpoint)")
-    if o.mode in ("sft", "sft+rl") and o.source_checkpoint is not None:
-        p.append(
-            f"output.source_checkpoint: must be None for mode={o.mode!r} "
-            "(sft starts from model.name; sft+rl hands SFT's final checkpoint to RL)"
-        )
-    return p
+def _output_rules(o: OutputConfig):
+    yield lambda: _one_of(o.mode, MODES, "output.mode")
+    yield lambda: _one_of(o.log_level, LOG_LEVELS, "output.log_level")
+    yield lambda: [] if _plain_folder_name(o.experiment_name) else [
+        f"output.experiment_name: must be a plain folder name (no '/', '\\\\', NUL, surrounding spaces, '.' or '..'), "
+        f"got {o.experiment_name!r}"]
+    yield lambda: [] if "\x00" not in str(o.save_dir) else ["output.save_dir: contains a NUL character"]
+    yield lambda: [] if not o.use_wandb or o.wandb_project.strip() else [
+        "output.wandb_project: must not be empty when use_wandb=True"]
+    yield lambda: [] if o.mode != "rl" or o.source_checkpoint is not None else [
+        "output.source_checkpoint: mode='rl' needs the model to start from (an HF dir or a run checkpoint)"]
+    yield lambda: [] if o.source_checkpoint is None or o.source_checkpoint.strip() else [
+        f"output.source_checkpoint: must be None or a model path, got {o.source_checkpoint!r}"]
+    yield lambda: [] if o.mode not in ("sft", "sft+rl") or o.source_checkpoint is None else [
+        f"output.source_checkpoint: must be None for mode={o.mode!r} "
+        "(sft starts from model.name; sft+rl hands SFT's final checkpoint to RL)"]
+
+
+def _plain_folder_name(name: str) -> bool:
+    return (bool(name) and name == name.strip() and name not in (".", "..") and len(name) <= 255
+            and not any(c in name for c in "/\\\x00"))
+
+
+def problems(config: Config) -> list[str]:
+    """Every problem of `config`: types (incl. finiteness), ranges and cross-field rules of every section."""
+    type_problems = [p.removeprefix("config.") for p in _type_problems(config, Config, "config")]
+    if not isinstance(config, Config):
+        return type_problems
+    wrong = {p.split(":", 1)[0] for p in type_problems}
+    type_problems = [p for p in type_problems if not p.endswith(_MISSING_MARK)]
+    t, d = config.target, config.data
+    world = lambda: t.processes_per_node * t.num_nodes  # noqa: E731
+    rules = [
+        *_target_rules(t),
+        *_model_rules(config.model, t),
+        *_data_rules(d, config.output.mode if isinstance(config.output.mode, str) else ""),
+        *_sft_rules(config.sft, world),
+        *_rl_rules(config.rl, world, lambda: d.max_length),
+        *_output_rules(config.output),
+    ]
+    range_problems = [p for p in _run_rules(rules) if p.split(":", 1)[0] not in wrong]
+    return type_problems + list(dict.fromkeys(range_problems))
 
 
 def validate(config: Config) -> None:
     """Raise ConfigError listing every problem in `config`; return None when it is valid."""
-    problems = _type_problems(config, Config, "config")
-    if problems:  # range checks assume the types are right
-        raise ConfigError([p.removeprefix("config.") for p in problems])
-    world = world_size(config.target)
-    problems = _target_problems(config.target)
-    problems += _model_problems(config.model, config.target)
-    problems += _data_problems(config.data, config.output.mode)
-    problems += _sft_problems(config.sft, world)
-    problems += _rl_problems(config.rl, world)
-    problems += _output_problems(config.output)
-    if problems:
-        raise ConfigError(problems)
+    found = problems(config)
+    if found:
+        raise ConfigError(found)
 
 
 # ---------------------------------------------------------------------------------------------------- JSON

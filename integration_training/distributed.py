@@ -8,6 +8,7 @@ MASTER_ADDR, MASTER_PORT) describes the job; `init_distributed` reads it and joi
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,12 @@ from integration_training.config import TargetConfig, world_size as configured_w
 from integration_training.errors import UserError
 
 T = TypeVar("T")
+
+# How long a collective may wait for the slowest rank before the run fails instead of hanging. The longest
+# legitimate wait is the other ranks in `barrier` while rank 0 alone writes a checkpoint: a 7B model with AdamW
+# state is ~110 GB, ~18 min at 100 MB/s; 60 minutes leaves 3x that, and a dead or hung peer is reported within the
+# hour (NCCL's default of 10 minutes would kill such a save; gloo's 30 minutes too).
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 @dataclass(frozen=True)
@@ -75,19 +82,34 @@ def init_distributed(target: TargetConfig) -> Dist:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=PROCESS_GROUP_TIMEOUT)
     return Dist(rank=rank, local_rank=local_rank, world_size=world, device=device, is_main=rank == 0)
+
+
+def resolve_master_addr(master_addr: str, master_port: int) -> int:
+    """The address family of master_addr; an unresolvable name is a UserError naming target.master_addr."""
+    import socket
+
+    try:
+        return socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise UserError(
+            f"target.master_addr: {master_addr!r} cannot be resolved ({error}); write node 0's host name or IP "
+            "('127.0.0.1' for one node)"
+        ) from None
 
 
 def check_port_free(master_addr: str, master_port: int) -> None:
     """Refuse a rendezvous port that something on this machine already listens on (a stale run, another job).
 
-    Only checks addresses this machine owns; a remote master_addr cannot be probed from here and is skipped.
+    The address must resolve (every node checks; an unresolvable name is a UserError naming target.master_addr).
+    Binding is only checked for addresses this machine owns; a remote master_addr cannot be probed from here.
     """
     import errno
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    family = resolve_master_addr(master_addr, master_port)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
         # As torch's TCPStore does: a port whose old connections linger in TIME_WAIT (the previous run) is free;
         # only a socket that still listens on it makes the bind fail.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -99,8 +121,13 @@ def check_port_free(master_addr: str, master_port: int) -> None:
                     f"target.master_port: {master_addr}:{master_port} is already in use (another run?); "
                     "pick a free port or stop the other process"
                 ) from error
+            if error.errno == errno.EACCES:
+                raise UserError(
+                    f"target.master_port: this user may not bind {master_addr}:{master_port} (ports below 1024 need "
+                    "root); pick a port in 1024-65535"
+                ) from error
             if error.errno not in (errno.EADDRNOTAVAIL, errno.EINVAL):
-                raise
+                raise UserError(f"target.master_port: cannot bind {master_addr}:{master_port} ({error})") from error
 
 
 def destroy_distributed(dist: Dist) -> None:

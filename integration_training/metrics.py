@@ -8,6 +8,7 @@ appends without duplicates.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -35,8 +36,41 @@ def read_metrics(run_dir: Path, stage: str | None = None) -> list[dict[str, Any]
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for _, row in _parsed_lines(path)]
     return [r for r in rows if stage is None or r.get("stage") == stage]
+
+
+def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of every readable line; a line a crash tore (unparsable) is skipped with a warning, never fatal."""
+    parsed, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if isinstance(row, dict):
+            parsed.append((line, row))
+        else:
+            torn += 1
+    if torn:
+        logger.warning("%s: skipped %d unreadable line(s) (a crash mid-write leaves a torn last line)", path, torn)
+    return parsed
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a last line without its newline (a write a crash interrupted), so appends start on a fresh line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1
+    logger.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write", path, len(data) - keep)
+    with open(path, "r+b") as handle:
+        handle.truncate(keep)
 
 
 class MetricsLogger:
@@ -58,6 +92,7 @@ class MetricsLogger:
         if not is_main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_tail(self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         if use_wandb:
             self._wandb_run = _start_wandb(Path(run_dir), stage, wandb_project, experiment_name, config_dict)
@@ -67,8 +102,16 @@ class MetricsLogger:
             return
         assert self._file is not None, "log() after close()"
         row = {"stage": self.stage, "step": int(step), **{k: _jsonable(v) for k, v in values.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                from integration_training.errors import UserError
+
+                raise UserError(f"{self.path}: no space left on device while logging metrics; free space (or move "
+                                "output.save_dir), then --resume from the last checkpoint") from None
+            raise
         if self._wandb_run is not None:
             numeric = {f"{self.stage}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
             self._wandb_run.log(numeric)
@@ -80,11 +123,8 @@ class MetricsLogger:
         assert self._file is not None
         self._file.close()
         kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row.get("stage") == self.stage and row.get("step", -1) > step:
+        for line, row in _parsed_lines(self.path):
+            if row.get("stage") == self.stage and isinstance(row.get("step"), int) and row["step"] > step:
                 continue
             kept.append(line)
         staging = self.path.with_name(self.path.name + ".tmp")

@@ -80,6 +80,31 @@ def provision_offline_model() -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One conversion per machine: every rank of a fresh node gets here at once; the first converts while the
+    # others wait on the lock and then find the finished directory.
+    with _file_lock(target.parent / ".provision.lock"):
+        if (target / "config.json").is_file():
+            return target
+        return _provision_into(target)
+
+
+def _file_lock(path: Path):
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def held():
+        with open(path, "a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    return held()
+
+
+def _provision_into(target: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".provision-") as scratch:
         gguf_dir = Path(scratch) / "gguf"
         gguf_dir.mkdir()

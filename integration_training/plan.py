@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from integration_training.config import Config, DatasetSpec, run_dir, runs_rl, runs_sft, world_size
+from integration_training.errors import UserError
 
 HUB_NOTE = "downloaded at run time"
 
@@ -20,6 +21,7 @@ class SourceCount:
     label: str
     available: int | None  # None: a hub source, counted only when downloaded
     selected: int  # after max_samples and repeat (an upper bound for hub sources)
+    requested: int | None  # max_samples
 
 
 def _is_hub_source(spec: DatasetSpec) -> bool:
@@ -32,14 +34,17 @@ def _is_hub_source(spec: DatasetSpec) -> bool:
 def count_sources(specs: list[DatasetSpec], seed: int) -> list[SourceCount]:
     from integration_training.data import load_source_counted, source_label
 
+    from integration_training.data.sources import adapter_for
+
     counts = []
     for spec in specs:
         if _is_hub_source(spec):
+            adapter_for(spec.name)  # an unknown or misspelt name fails here, as it would in the run
             upper = spec.max_samples * spec.repeat if spec.max_samples is not None else 0
-            counts.append(SourceCount(source_label(spec), None, upper))
+            counts.append(SourceCount(source_label(spec), None, upper, spec.max_samples))
             continue
         _, counted = load_source_counted(spec, seed)
-        counts.append(SourceCount(counted.source, counted.available, counted.after_repeat))
+        counts.append(SourceCount(counted.source, counted.available, counted.after_repeat, spec.max_samples))
     return counts
 
 
@@ -49,6 +54,8 @@ def _format_counts(name: str, counts: list[SourceCount]) -> list[str]:
         available = HUB_NOTE if c.available is None else f"{c.available} rows"
         selected = f"≤ {c.selected}" if c.available is None else str(c.selected)
         lines.append(f"    {c.label:<44} {available:>22} → {selected} selected")
+        if c.requested is not None and c.available is not None and c.requested > c.available:
+            lines.append(f"      NOTE: max_samples={c.requested} but the source has only {c.available} rows; all are used")
     return lines
 
 
@@ -205,7 +212,7 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
             example_text = template.format_masked_example(tokenizer, rendered)
     if runs_rl(config):
         rl_offline = all(not _is_hub_source(s) for s in data.rl_mixture)
-        prompts = sum(c.selected for c in count_sources(data.rl_mixture, data.shuffle_seed)) if rl_offline else None
+        prompts = _rl_prompts(config, tokenizer) if rl_offline else None
         lines += _rl_lines(config, prompts)
     lines += _memory_lines(config, params)
     if example_text is not None:
@@ -213,6 +220,24 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
     else:
         lines.append("rendered example: shown once the tokenizer and data are available (hub sources/model)")
     return "\n".join(lines)
+
+
+def _rl_prompts(config: Config, tokenizer) -> int:
+    """RL's usable prompt count, through the checks RL makes before its first step (verifiers, fit, one step)."""
+    from integration_training.rl import drop_overlong, rl_examples, total_steps
+
+    data, rl = config.data, config.rl
+    mixtures = [("rl_mixture", data.rl_mixture)]
+    if all(not _is_hub_source(s) for s in data.rl_eval_mixture):
+        mixtures.append(("rl_eval_mixture", data.rl_eval_mixture))
+    counts = {}
+    for what, specs in mixtures:
+        examples = rl_examples(specs, data.shuffle_seed, what)
+        if tokenizer is not None:
+            examples = drop_overlong(examples, tokenizer, data.max_length, rl.max_new_tokens, what)
+        counts[what] = len(examples)
+    total_steps(rl, counts["rl_mixture"])
+    return counts["rl_mixture"]
 
 
 def _sft_data_estimate(config: Config, tokenizer, offline: bool, lines: list[str]) -> tuple[int, int | None, int | None]:
@@ -229,7 +254,19 @@ def _sft_data_estimate(config: Config, tokenizer, offline: bool, lines: list[str
         return len(mixture.examples), None, None
     rendered, report = template.render_examples(tokenizer, list(mixture.examples), data.max_length)
     lines += [f"  rendered {line}" for line in report.lines()]
+    # The checks SFT makes before its first step, with the same messages.
+    if not rendered:
+        raise UserError(f"data.sft_mixture: no conversation fits data.max_length={data.max_length}; raise it")
+    if all(not _is_hub_source(s) for s in data.sft_val_mixture):
+        from integration_training.sft import _render
+
+        _render(tokenizer, data.sft_val_mixture, config, "sft_val_mixture")
     supervised = sum(sum(r.loss_mask) for r in rendered)
     total = sum(len(r.input_ids) for r in rendered)
     sequences = len(template.pack_greedy(rendered, data.max_length)) if config.sft.packing else len(rendered)
+    if sequences < config.sft.target_examples_per_step:
+        raise UserError(
+            f"sft.target_examples_per_step: {config.sft.target_examples_per_step} sequences per step, but the SFT "
+            f"data gives only {sequences} sequences per epoch (packing={config.sft.packing}); add data or lower it"
+        )
     return sequences, supervised, total

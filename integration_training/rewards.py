@@ -9,16 +9,17 @@ Number rules (gsm8k, arithmetic):
   one number: optional `-`, optional leading `$`, digits with optional thousands commas (`1,000`, not `1,00`),
   optional decimal part. Nothing else on that line (no units, no trailing period). Later lines are ignored.
 - lenient: the last number anywhere in the completion (same number syntax, `$` not required).
-- equality is numeric and exact (`Fraction`): "72" == "72.0" == "$72", "1,000" == "1000".
+- equality is numeric and exact (digit strings, any length): "72" == "72.0" == "$72", "1,000" == "1000".
+Every verifier is total and linear-time in the completion's length: any text gives 0.0 or 1.0, never an exception.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 
 from integration_training.errors import UserError
 
@@ -40,8 +41,17 @@ _STRICT_NUMBER = re.compile(rf"-?\$?{_NUMBER_BODY}")
 _MARKER = "####"
 
 
-def _canonical(number: str) -> Fraction:
-    return Fraction(number.replace(",", "").replace("$", ""))
+def _canonical(number: str) -> tuple[bool, str, str]:
+    """(negative, integer digits, fraction digits) with leading/trailing zeros dropped: exact numeric identity.
+
+    Compared as digit strings, not parsed into int/Fraction: a completion may hold a number of any length, and
+    Python refuses to parse integers beyond its int-string limit (4300 digits) — a verifier must never raise.
+    """
+    text = number.replace(",", "").replace("$", "")
+    negative = text.startswith("-")
+    whole, _, fraction = text.lstrip("-").partition(".")
+    whole, fraction = whole.lstrip("0"), fraction.rstrip("0")
+    return (negative and bool(whole or fraction), whole, fraction)
 
 
 def extract_gsm8k_strict(text: str) -> str | None:
@@ -62,7 +72,7 @@ def extract_last_number(text: str) -> str | None:
     return matches[-1].replace(",", "").replace("$", "")
 
 
-def _reference_number(reference: str, key: str) -> Fraction:
+def _reference_number(reference: str, key: str) -> tuple[bool, str, str]:
     cleaned = reference.strip()
     if not _STRICT_NUMBER.fullmatch(cleaned):
         raise UserError(
@@ -179,6 +189,15 @@ def _import_verifier(key: str) -> Verifier:
         )
 
     def score(completion: str, reference: str) -> float:
-        return float(function(completion, reference))
+        try:
+            value = float(function(completion, reference))
+        except Exception as error:  # the user's code: name it, with the first line of what it raised
+            raise UserError(
+                f"reward {key!r} raised {type(error).__name__}: {str(error)[:120]} on a completion; "
+                "make it return a number for any text"
+            ) from error
+        if not math.isfinite(value):
+            raise UserError(f"reward {key!r} returned {value} (non-finite); return a finite number for any text")
+        return value
 
     return Verifier(name=key, strict=score, lenient=score)

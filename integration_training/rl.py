@@ -571,8 +571,12 @@ def run_eval(model, tokenizer, examples: Sequence[Example], rl: RLConfig, seed: 
     return result.summary(prefix="eval/")
 
 
-def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) -> Path:
-    """Run the RL stage from `init_model`; return the final RL checkpoint directory."""
+def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, stop=None) -> Path:
+    """Run the RL stage from `init_model`; return the final (or, when stopped, the latest) RL checkpoint directory.
+
+    `stop`: the run's StopRequest (cli passes one for the whole run); when a stop makes the loop return before its
+    last step it calls `stop.mark_stopped`, so the caller can tell an interruption from completion.
+    """
     from integration_training.checkpoint import (
         capture_rng_state,
         latest_checkpoint,
@@ -666,7 +670,7 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
         return path
 
     final: Path | None = None
-    stop = StopRequest()
+    stop = stop if stop is not None else StopRequest()
     try:
         with stop.handle_signals():
             if start == 0:
@@ -692,6 +696,8 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool) 
                 stopping = any_rank(stop.requested, dist)
                 if done % rl.save_every == 0 or done == steps or stopping:
                     final = save(done)
+                if stopping and done < steps:
+                    stop.mark_stopped(f"RL step {done}/{steps}")
                 if stopping:
                     logger.warning("RL: stopped at step %d (%s); resume with --resume", done, stop.reason)
                     return final

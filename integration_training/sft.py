@@ -524,6 +524,7 @@ def run_sft(
                 if last or stopping or step % stage.checkpoint_every == 0:
                     last_saved = save(step)
                 if stopping and not last:
+                    stop.mark_stopped(f"SFT step {step}/{total}")
                     logger.warning("stopped at step %d/%d (%s); continue with --resume", step, total, stop.reason)
                     return last_saved
             if last_saved is None or checkpoint.checkpoint_step(last_saved) != total:

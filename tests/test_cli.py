@@ -109,6 +109,13 @@ def test_existing_checkpoints_are_never_overwritten_without_resume(tmp_path):
     (step / "train_state.pt").write_bytes(b"")  # presence marks a complete checkpoint
     with pytest.raises(UserError, match="--resume"):
         cli.prepare_run_dir(config, resume=False, is_main=True)
+    with pytest.raises(UserError, match="no \\*.safetensors weights"):  # resume checks the checkpoint is whole
+        cli.prepare_run_dir(config, resume=True, is_main=True)
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(step / "model.safetensors"))
+    torch.save({"step": 3}, step / "train_state.pt")
     run_dir = cli.prepare_run_dir(config, resume=True, is_main=True)
     assert (run_dir / "config.json").is_file()
 

@@ -6,10 +6,12 @@ so the held-out set measures generalisation to unseen numbers, whatever the seed
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 
 from integration_training.data.types import Example
+from integration_training.errors import UserError
 
 NAME = "arithmetic"
 REWARD = "arithmetic"
@@ -44,9 +46,31 @@ def render(name: str, item: str, story: str, a: int, b: int, c: int) -> tuple[st
     return question, answer
 
 
+# Both splits hold more than this many problems (tests check), so the ~1 s count of `capacity` runs only for requests
+# that might exceed it.
+ALWAYS_AVAILABLE = 20_000
+
+
+@functools.lru_cache(maxsize=None)
+def capacity(split: str) -> int:
+    """How many distinct (a, b, c) problems `split` holds: asking for more could never finish."""
+    assert split in SPLITS
+    return sum(
+        split_of(a, b, c) == split
+        for a in range(OPERAND_MIN, OPERAND_MAX + 1)
+        for b in range(OPERAND_MIN, OPERAND_MAX + 1)
+        for c in range(1, a + b + 1)
+    )
+
+
 def generate(split: str, count: int, seed: int, source: str, reward: str | None) -> list[Example]:
     """`count` distinct problems of `split`, deterministic in (split, seed)."""
     assert split in SPLITS and count >= 0
+    if count > ALWAYS_AVAILABLE and count > capacity(split):
+        raise UserError(
+            f"{source}: max_samples={count} asks for more distinct problems than the {split} split has "
+            f"({capacity(split)}); lower max_samples (use repeat to see problems more than once)"
+        )
     rng = random.Random(f"arithmetic/{split}/{seed}")
     seen: set[tuple[int, int, int]] = set()
     examples = []

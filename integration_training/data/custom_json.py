@@ -10,17 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from integration_training.data.types import Example, RowError, validate_messages
+from integration_training.data.types import Example, RowError, loads_row, numbered_lines, validate_messages
 from integration_training.errors import UserError
 
 NAME = "custom_json"
 
 
 def parse_line(text: str) -> tuple[tuple[dict[str, str], ...], str | None]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise RowError(f"invalid JSON ({error.msg} at column {error.colno})") from None
+    value = loads_row(text)
     reference = None
     if isinstance(value, dict):
         if "messages" not in value:
@@ -36,15 +33,14 @@ def load_file(path: Path, source: str, reward: str | None) -> list[Example]:
     if not path.is_file():
         raise UserError(f"custom_json: file {path} does not exist; set DatasetSpec.path to a JSONL file")
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                messages, reference = parse_line(line)
-            except RowError as error:
-                raise UserError(f"{path}:{number}: {error}; fix this line of the custom_json file") from None
-            examples.append(Example(messages=messages, reference=reference, reward=reward, source=source))
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            messages, reference = parse_line(line)
+        except RowError as error:
+            raise UserError(f"{path}:{number}: {error}; fix this line of the custom_json file") from None
+        examples.append(Example(messages=messages, reference=reference, reward=reward, source=source))
     if not examples:
         raise UserError(f"{path}: the custom_json file has no conversations")
     return examples

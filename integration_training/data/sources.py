@@ -11,7 +11,14 @@ from typing import Any
 
 from integration_training.config import DatasetSpec
 from integration_training.data import arc, arithmetic, custom_json, gsm8k, messages, smoltalk, spelling
-from integration_training.data.types import Example, RowError
+from integration_training.data.types import (
+    MAX_JSON_DEPTH,
+    Example,
+    RowError,
+    _bracket_depth,
+    loads_row,
+    numbered_lines,
+)
 from integration_training.errors import UserError
 
 Adapter = Callable[[Mapping[str, Any], str, "str | None"], Example]
@@ -51,8 +58,16 @@ def supported_names_message() -> str:
 
 
 def adapter_for(name: str) -> Adapter:
+    import difflib
+
     if name in ROW_ADAPTERS:
         return ROW_ADAPTERS[name]
+    # A near miss of a supported name is a typo, not another hub dataset (which would fail later, after a download
+    # attempt, or worse, succeed with the generic chat adapter on the wrong data).
+    close = difflib.get_close_matches(name, SUPPORTED_NAMES, n=1, cutoff=0.85)
+    if close and close[0].casefold() != name.casefold() or name.casefold() in (n.casefold() for n in ROW_ADAPTERS):
+        suggestion = close[0] if close else name
+        raise UserError(f"data: unknown dataset name {name!r}; did you mean {suggestion!r}? {supported_names_message()}")
     if "/" in name and not name.startswith(("/", ".", "~")):
         return messages.to_example  # a generic hub chat dataset; the adapter checks the column exists
     raise UserError(f"data: unknown dataset name {name!r}; {supported_names_message()}")
@@ -62,20 +77,25 @@ def adapter_for(name: str) -> Adapter:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{number}", json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}:{number}: invalid JSON ({error.msg}); fix or remove this line") from None
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = loads_row(line)
+        except RowError as error:
+            raise UserError(f"{path}:{number}: {error}; fix or remove this line") from None
+        yield f"{path}:{number}", row
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    text = "\n".join(line for _, line in numbered_lines(path))
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+        if _bracket_depth(text) > MAX_JSON_DEPTH:
+            raise UserError(f"{path}: JSON nested more than {MAX_JSON_DEPTH} levels deep; a row is a list of messages")
+        value = json.loads(text)
+    except (RecursionError, ValueError) as error:
+        if not isinstance(error, json.JSONDecodeError):
+            raise UserError(f"{path}: unreadable JSON ({type(error).__name__}); fix the file") from None
         # HF's `to_json` writes JSON Lines even with a .json suffix; accept that form too.
         if error.msg == "Extra data":
             yield from _jsonl_rows(path)

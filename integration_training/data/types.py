@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+# Chat-template control strings (ChatML `<|im_start|>`, `<|im_end|>`, `<|endoftext|>`, Llama-3 `<|eot_id|>`,
+# `<|start_header_id|>`, ...). Inside content they would be tokenised as real control tokens, letting a row forge
+# turns of another role. Rows holding one are refused (not silently rewritten): the user decides how to clean them.
+CONTROL_STRING = re.compile(r"<\|[A-Za-z0-9_.:-]{1,40}\|>")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,14 @@ def validate_messages(raw: Any) -> tuple[dict[str, str], ...]:
             raise RowError(f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise RowError(f"message {i} ({role}) has no string 'content'")
+        if not content.strip():
+            raise RowError(f"message {i} ({role}) is empty or whitespace only; every turn needs text")
+        control = CONTROL_STRING.search(content)
+        if control:
+            raise RowError(
+                f"message {i} ({role}) contains the chat-template control string {control.group()!r}, which would "
+                "become a real control token (a forged turn); remove or escape it in the data"
+            )
         messages.append({"role": role, "content": content})
     body = messages[1:] if messages[0]["role"] == "system" else messages
     if not body:
@@ -68,3 +81,59 @@ def require_str(row: Mapping[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise RowError(f"missing string field {key!r} (fields present: {', '.join(sorted(map(str, row)))})")
     return value
+
+
+def numbered_lines(path) -> list[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file; a line that is not UTF-8 is a UserError naming `file:line`."""
+    from integration_training.errors import UserError
+
+    lines = []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            lines.append((number, raw.decode("utf-8")))
+        except UnicodeDecodeError as error:
+            raise UserError(
+                f"{path}:{number}: not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1}); "
+                "save the file as UTF-8"
+            ) from None
+    return lines
+
+
+MAX_JSON_DEPTH = 64  # a conversation row is 3 levels deep; anything far deeper is malformed or hostile
+
+
+def loads_row(text: str) -> Any:
+    """json.loads for one row: malformed, absurdly nested or huge-number JSON is a RowError, never a crash."""
+    import json
+
+    depth = _bracket_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise RowError(f"JSON nested {depth} levels deep (more than {MAX_JSON_DEPTH}); a row is a list of messages")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RowError(f"invalid JSON ({error.msg} at column {error.colno})") from None
+    except (RecursionError, ValueError) as error:  # ValueError: an integer longer than Python's digit limit
+        raise RowError(f"unreadable JSON ({type(error).__name__}: {str(error)[:80]})") from None
+
+
+def _bracket_depth(text: str) -> int:
+    """Maximum nesting of [ and { outside strings (cheap, linear; bounds json.loads' recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
