@@ -69,8 +69,9 @@ def main(argv: list[str]) -> int:
     except Interrupted as error:
         return _report("interrupted", str(error), EXIT_INTERRUPTED)
     except KeyboardInterrupt:
-        return _report("interrupted", "interrupted by a second SIGINT: stopped without a new checkpoint; the last "
-                       "complete checkpoint is kept — continue with --resume", EXIT_INTERRUPTED)
+        return _report("interrupted", "by SIGINT (a second SIGINT, or one before training set up its handlers): "
+                       "stopped without a new checkpoint; the last complete checkpoint (if any) is kept — continue "
+                       "with --resume", EXIT_INTERRUPTED)
     except TrainingDiverged as error:
         return _report("fault", str(error), EXIT_FAILURE)
 
