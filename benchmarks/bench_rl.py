@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_sft import (  # noqa: E402
+    HUB_DATA,
     MARK,
     add_common_arguments,
     cpu_model,
@@ -234,7 +235,7 @@ def main() -> None:
         result["rep"] = args.rep
         print(MARK + json.dumps(result), flush=True)
         return
-    if not Path(args.data).is_file():
+    if args.data != HUB_DATA and not Path(args.data).is_file():
         raise SystemExit(f"GSM8K train file not found: {args.data} (pass --data)")
     print(f"RL benchmark: {args.reps} alternating repetitions; SmolLM2-135M-Instruct float32 CPU sdpa; GSM8K train "
           f"prompts from {args.data}; {args.prompts} prompts x {args.samples} samples x <= {args.new_tokens} new "

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+# The hub id is downloaded (and cached by `datasets`) at run time; `--data PATH` reads a local GSM8K-schema file.
+HUB_DATA = "hub:openai/gsm8k"
 MARK = "BENCH_RESULT "
 
 
@@ -49,7 +50,8 @@ def load_examples(path: str, rows: int):
     from integration_training.config import DatasetSpec
     from integration_training.data import build_mixture
 
-    spec = DatasetSpec(name="openai/gsm8k", split="train", subset="main", max_samples=rows, repeat=1, path=path,
+    local = None if path == HUB_DATA else path
+    spec = DatasetSpec(name="openai/gsm8k", split="train", subset="main", max_samples=rows, repeat=1, path=local,
                        reward=None)
     return build_mixture([spec], seed=0).examples
 
@@ -273,7 +275,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--side", choices=["ours", "trl"], help="internal: run one side in this process")
     parser.add_argument("--rep", type=int, default=0)
     parser.add_argument("--reps", type=int, default=3, help="alternating A/B repetitions")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K train.jsonl")
+    parser.add_argument("--data", default=HUB_DATA,
+                        help=f"a GSM8K-schema train.jsonl, or {HUB_DATA} (default: downloaded at run time)")
     parser.add_argument("--rows", type=int, default=256, help="GSM8K rows to load (seeded sample)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0,
@@ -293,7 +296,7 @@ def main() -> None:
     if args.side:
         child(args)
         return
-    if not Path(args.data).is_file():
+    if args.data != HUB_DATA and not Path(args.data).is_file():
         raise SystemExit(f"GSM8K train file not found: {args.data} (pass --data)")
     print(f"SFT benchmark: {args.reps} alternating repetitions; SmolLM2-135M-Instruct float32 CPU sdpa; "
           f"GSM8K {args.rows} rows from {args.data}; max_length {args.max_length}; effective batch "

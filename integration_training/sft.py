@@ -11,10 +11,13 @@ Loss: cross-entropy summed over supervised tokens of every micro-batch of the st
 count of the whole step over all ranks (counted before any backward), so long and short examples weigh per token
 and a micro-batch without supervised tokens contributes exactly 0 (no 0/0).
 
-Data order is a pure function of (shuffle_seed, epoch): each epoch shuffles the rendered conversations with its own
-seeded permutation, packs them in that order and cuts whole steps (the tail that does not fill a step is skipped
-that epoch and seen in other epochs' orders). The position saved in a checkpoint is just the step number, from
-which (epoch, step within epoch) follows; so a resumed run sees exactly the data an uninterrupted one would.
+Data order is a pure function of (shuffle_seed, epoch) (`data/stream.py`): every epoch has the same number of rows
+(best-fit-decreasing packing of the length multiset, or one conversation per row), assigned and ordered by seeded
+permutations; steps read the epochs back to back, so an epoch's tail is carried into the next step and only the
+last epoch's partial step is left out (logged with its size). The position saved in a checkpoint is just the step
+number, from which (epoch, step within epoch) follows in O(1); so a resumed run sees exactly the data an
+uninterrupted one would. Conversations are tokenised once per machine into a memory-mapped cache
+(`data/prepared.py`); `environment.json` records what ran and makes `--resume` refuse changed data.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,9 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from integration_training import checkpoint, distributed, metrics, models, optim, precision, template
+from integration_training import checkpoint, distributed, metrics, models, optim, precision, provenance, template
 from integration_training.template import IGNORE_INDEX, Batch, Rendered
 from integration_training.config import Config, SFTConfig, to_dict
+from integration_training.data.prepared import PreparedConversations, prepare, source_fingerprints
+from integration_training.data.stream import SFTStream
 from integration_training.errors import TrainingDiverged, UserError
 from integration_training.signals import StopRequest
 
@@ -136,59 +140,10 @@ def gradient_accumulation(stage: SFTConfig, world_size: int) -> int:
     return stage.target_examples_per_step // per_pass
 
 
-def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
-    """The permutation of the conversations for `epoch`: a pure function of (seed, epoch)."""
-    order = list(range(count))
-    random.Random(f"sft/{seed}/{epoch}").shuffle(order)
-    return order
-
-
-def epoch_rows(rendered: Sequence[Rendered], seed: int, epoch: int, packing: bool, max_length: int) -> list[list[Rendered]]:
-    """The epoch's sequences in order; each is a list of conversations (exactly one when not packing)."""
-    ordered = [rendered[i] for i in epoch_order(len(rendered), seed, epoch)]
-    if packing:
-        return template.pack_greedy(ordered, max_length)
-    return [[r] for r in ordered]
-
-
-@dataclasses.dataclass
-class SFTStream:
-    """Step-indexed access to the training sequences, epochs computed lazily and cached."""
-
-    rendered: list[Rendered]
-    seed: int
-    packing: bool
-    max_length: int
-    sequences_per_step: int
-    _epochs: dict[int, list[list[Rendered]]] = dataclasses.field(default_factory=dict)
-
-    def rows(self, epoch: int) -> list[list[Rendered]]:
-        if epoch not in self._epochs:
-            self._epochs = {epoch: epoch_rows(self.rendered, self.seed, epoch, self.packing, self.max_length)}
-        return self._epochs[epoch]
-
-    def steps_in_epoch(self, epoch: int) -> int:
-        return len(self.rows(epoch)) // self.sequences_per_step
-
-    def locate(self, step: int) -> tuple[int, int]:
-        """(epoch, step within epoch) of the 0-based global `step`."""
-        epoch = 0
-        while step >= (n := self.steps_in_epoch(epoch)):
-            assert n > 0, "every epoch has at least one step (checked when the stream is built)"
-            step -= n
-            epoch += 1
-        return epoch, step
-
-    def step_sequences(self, step: int) -> list[list[Rendered]]:
-        epoch, index = self.locate(step)
-        start = index * self.sequences_per_step
-        return self.rows(epoch)[start : start + self.sequences_per_step]
-
-
 def total_steps(stage: SFTConfig, stream: SFTStream) -> int:
     if stage.num_iterations != -1:
         return stage.num_iterations
-    return sum(stream.steps_in_epoch(epoch) for epoch in range(stage.num_epochs))
+    return stream.steps_for_epochs(stage.num_epochs)
 
 
 def collate(sequences: Sequence[list[Rendered]], packing: bool, pad_id: int, attn_implementation: str) -> Batch:
@@ -318,21 +273,36 @@ def _stage_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints" / STAGE
 
 
-def _render(tokenizer, specs, config: Config, what: str) -> list[Rendered]:
+def _prepare(tokenizer, specs, config: Config, what: str) -> tuple[PreparedConversations, dict[str, str]]:
+    """The mixture's conversations, tokenised once per machine (cache) and mapped; with per-source fingerprints."""
     from integration_training.data import build_mixture
 
     mixture = build_mixture(specs, config.data.shuffle_seed)
-    rendered, report = template.render_examples(tokenizer, mixture.examples, config.data.max_length)
-    for line in report.lines():
+    prepared = prepare(tokenizer, mixture.examples, config.data.max_length, models.cache_root())
+    for line in prepared.report.lines():
         logger.info("%s: %s", what, line)
-    if report.dropped:
+    if prepared.report.dropped:
         logger.warning(
             "%s: %d conversations are longer than data.max_length=%d and are not used (see counts above)",
-            what, report.dropped, config.data.max_length,
+            what, prepared.report.dropped, config.data.max_length,
         )
-    if not rendered:
+    if not len(prepared):
         raise UserError(f"data.{what}: no conversation fits data.max_length={config.data.max_length}; raise it")
-    return rendered
+    return prepared, source_fingerprints(mixture.examples)
+
+
+def _data_fingerprints(tokenizer, config: Config, train: dict[str, str], val: dict[str, str]) -> dict[str, Any]:
+    from integration_training.data.prepared import tokenizer_fingerprint
+
+    return {"sources": train, "val_sources": val, "max_length": config.data.max_length,
+            **tokenizer_fingerprint(tokenizer)}
+
+
+def _source_paths(config: Config) -> dict[str, str]:
+    from integration_training.data import source_label
+
+    specs = [*config.data.sft_mixture, *config.data.sft_val_mixture]
+    return {source_label(s): str(Path(s.path).expanduser().resolve()) for s in specs if s.path is not None}
 
 
 def _prepare_model(config: Config, path: str, dist: distributed.Dist) -> nn.Module:
@@ -390,6 +360,28 @@ def run_sft(
     torch.manual_seed(config.data.shuffle_seed)  # anything stochastic in the model (dropout) starts reproducibly
     base_path = models.resolve_model_path(config.model.name)
     tokenizer = models.load_tokenizer(base_path)
+    # Data first: a changed source must stop a resume before the model loads, and ranks map one prepared copy.
+    accumulation = gradient_accumulation(stage, dist.world_size)
+    train_data, train_prints = _prepare(tokenizer, config.data.sft_mixture, config, "sft_mixture")
+    val_data, val_prints = _prepare(tokenizer, config.data.sft_val_mixture, config, "sft_val_mixture")
+    provenance.record_stage(run_dir, STAGE, config.data.shuffle_seed,
+                            _data_fingerprints(tokenizer, config, train_prints, val_prints),
+                            resume_from is not None, _source_paths(config), dist.is_main)
+    stream = SFTStream(
+        rendered=train_data,
+        seed=config.data.shuffle_seed,
+        packing=stage.packing,
+        max_length=config.data.max_length,
+        sequences_per_step=stage.target_examples_per_step,
+    )
+    if stream.rows_per_epoch < stream.sequences_per_step:
+        raise UserError(
+            f"sft.target_examples_per_step: {stage.target_examples_per_step} sequences per step, but the SFT data "
+            f"gives only {stream.rows_per_epoch} sequences per epoch (packing={stage.packing}); add data or lower it"
+        )
+    total = total_steps(stage, stream)
+    attn = config.model.attn_implementation
+    val = validation_batches(val_data, stage, config.data.max_length, dist, tokenizer.pad_token_id, attn)
     model = _prepare_model(config, str(resume_from) if resume_from else base_path, dist)
     sharded = distributed.is_sharded(config.target, dist)
     if sharded and stage.optimizer == "muon":
@@ -397,23 +389,6 @@ def run_sft(
             "sft.optimizer: 'muon' orthogonalises whole matrices but target.parallelism='fsdp2' shards them; "
             "use parallelism='ddp' or optimizer='adamw'"
         )
-    attn = config.model.attn_implementation
-    accumulation = gradient_accumulation(stage, dist.world_size)
-    stream = SFTStream(
-        rendered=_render(tokenizer, config.data.sft_mixture, config, "sft_mixture"),
-        seed=config.data.shuffle_seed,
-        packing=stage.packing,
-        max_length=config.data.max_length,
-        sequences_per_step=stage.target_examples_per_step,
-    )
-    if stream.steps_in_epoch(0) == 0:
-        raise UserError(
-            f"sft.target_examples_per_step: {stage.target_examples_per_step} sequences per step, but the SFT data "
-            f"gives only {len(stream.rows(0))} sequences per epoch (packing={stage.packing}); add data or lower it"
-        )
-    total = total_steps(stage, stream)
-    val = validation_batches(_render(tokenizer, config.data.sft_val_mixture, config, "sft_val_mixture"), stage,
-                             config.data.max_length, dist, tokenizer.pad_token_id, attn)
     shortcut = lm_head_shortcut_exact(model, batch_to(val[0], dist.device), config.model.dtype)
     logger.info("SFT loss: LM head %s", "only at supervised positions (checked equal to the model's own logits)"
                 if shortcut else "over every position: this model's logits are not plain lm_head(hidden) (full path)")
@@ -451,6 +426,12 @@ def run_sft(
         "SFT: %d steps, %d sequences/step (batch_size %d × accumulation %d × world %d), packing=%s, %d conversations",
         total, stage.target_examples_per_step, stage.batch_size, accumulation, dist.world_size, stage.packing, len(stream.rendered),
     )
+    if stage.num_iterations == -1:
+        logger.info(
+            "SFT data: %d sequences per epoch; epoch tails carry into the next step; after %d epochs %d sequences "
+            "(%s of a step) are left untrained", stream.rows_per_epoch, stage.num_epochs,
+            stream.partial_rows(stage.num_epochs), f"{stream.partial_rows(stage.num_epochs)}/{stream.sequences_per_step}",
+        )
     metric_log = metrics.MetricsLogger(
         run_dir, STAGE, dist.is_main, config.output.use_wandb, config.output.wandb_project,
         config.output.experiment_name, to_dict(config),

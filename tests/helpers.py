@@ -132,3 +132,32 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
     config = Config(**sections)
     validate(config)
     return config
+
+
+def write_gsm8k_like(path: Path, count: int, seed: int) -> Path:
+    """`count` JSONL rows in GSM8K's schema (question / answer ending in `#### N`), text we wrote ourselves.
+
+    Tests that need GSM8K-shaped rows use this, so a fresh clone with nothing beside it runs them; only tests of
+    the real copy (skipped when it is absent) read ../shared.
+    """
+    import json
+    import random
+
+    rng = random.Random(f"gsm8k-like/{seed}")
+    names = ("Ava", "Ben", "Chloe", "Dev", "Emma", "Farid", "Gita", "Hugo")
+    things = ("pencils", "apples", "stamps", "marbles", "books", "shells")
+    lines = []
+    for _ in range(count):
+        name, thing = rng.choice(names), rng.choice(things)
+        boxes, each, extra = rng.randint(2, 9), rng.randint(2, 12), rng.randint(0, 30)
+        total = boxes * each + extra
+        question = (f"{name} has {boxes} boxes with {each} {thing} in each box and {extra} loose {thing}. "
+                    f"How many {thing} does {name} have?")
+        answer = (f"The boxes hold {boxes}*{each} = <<{boxes}*{each}={boxes * each}>>{boxes * each} {thing}.\n"
+                  f"With the loose ones that is {boxes * each}+{extra} = <<{boxes * each}+{extra}={total}>>{total}.\n"
+                  f"#### {total:,}")
+        lines.append(json.dumps({"question": question, "answer": answer}))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -103,7 +103,7 @@ def test_ranks_see_disjoint_shards_whose_union_is_the_single_process_epoch():
     conversations = [template.Rendered(input_ids=[i + 1, i + 2, 7], loss_mask=[0, 1, 1]) for i in range(19)]
     stream = SFTStream(rendered=conversations, seed=3, packing=False, max_length=64, sequences_per_step=GLOBAL_BATCH)
     seen_single, seen_by_rank = [], {0: [], 1: []}
-    for step in range(stream.steps_in_epoch(0)):
+    for step in range(len(conversations) // GLOBAL_BATCH):  # the steps wholly inside epoch 0
         sequences = stream.step_sequences(step)
         single = {tuple(row.tolist()) for b in rank_micro_batches(sequences, GLOBAL_BATCH, SINGLE, False, 0, "sdpa")
                   for row in b.input_ids}

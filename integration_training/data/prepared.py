@@ -1,0 +1,198 @@
+"""Tokenised conversations prepared once per machine and memory-mapped by every process.
+
+Key: a fingerprint of (the rows actually used, in mixture order; the tokenizer; its chat template; max_length;
+the rendering version). Layout of `{cache}/prepared/{key}/`:
+  ids.bin     int32 (native order), every kept conversation's token ids back to back
+  mask.bin    uint8, the matching assistant-only loss mask
+  offsets.npy int64, n + 1 boundaries (conversation i is ids[offsets[i]:offsets[i+1]])
+  meta.json   counts per source (the length report), the fingerprints, who prepared it
+One process per machine prepares under an exclusive `fcntl` lock on `{key}.lock`; the others block on that lock
+and then find the finished directory. The directory is written under a temp name and `os.replace`d, so a crash
+mid-write never leaves something that looks prepared; a second run or a resume maps it without tokenising.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from integration_training.data.types import Example
+from integration_training.template import LengthReport, Rendered, SourceLengths, render_conversation
+
+logger = logging.getLogger(__name__)
+
+# Bump when rendering or the layout changes: old cache entries then stop matching instead of being misread.
+RENDER_VERSION = "render-v1"
+
+
+# ---------------------------------------------------------------------------------------------------- fingerprints
+
+
+def example_bytes(example: Example) -> bytes:
+    """A canonical encoding of everything about a row that training or a verifier reads."""
+    return json.dumps([example.messages, example.reference, example.reward], ensure_ascii=False,
+                      separators=(",", ":")).encode()
+
+
+def source_fingerprints(examples: Sequence[Example]) -> dict[str, str]:
+    """Per source label: sha256 over its rows actually used (after sampling and repeat), in mixture order."""
+    hashers: dict[str, Any] = {}
+    for example in examples:
+        hashers.setdefault(example.source, hashlib.sha256()).update(example_bytes(example) + b"\n")
+    return {source: h.hexdigest() for source, h in hashers.items()}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, str]:
+    """sha256 of the tokenizer's full serialisation (vocab, merges, normaliser, special tokens) and of its template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {
+        "tokenizer_sha256": hashlib.sha256((body + special).encode()).hexdigest(),
+        "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest(),
+    }
+
+
+def preparation_key(examples: Sequence[Example], tokenizer: dict[str, str], max_length: int) -> str:
+    digest = hashlib.sha256(f"{RENDER_VERSION}/{max_length}/{tokenizer['tokenizer_sha256']}/"
+                            f"{tokenizer['chat_template_sha256']}/".encode())
+    for example in examples:  # mixture order matters: it is the order of the prepared conversations
+        digest.update(example.source.encode() + b"\0" + example_bytes(example) + b"\n")
+    return digest.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------------- the arrays
+
+
+@dataclass(frozen=True)
+class PreparedConversations(Sequence[Rendered]):
+    """The kept conversations as memory-mapped arrays; indexing builds one `Rendered` on demand."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+    report: LengthReport
+    key: str
+    prepared_here: bool  # this process tokenised (False: mapped what another run or process prepared)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return Rendered(input_ids=self.ids[start:end].tolist(), loss_mask=self.mask[start:end].tolist())
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def _write_arrays(folder: Path, rendered: Iterator[Rendered]) -> int:
+    """Stream conversations into ids/mask files without holding them all as Python lists; returns how many."""
+    offsets = [0]
+    with (folder / "ids.bin").open("wb") as ids_file, (folder / "mask.bin").open("wb") as mask_file:
+        for r in rendered:
+            ids_file.write(np.asarray(r.input_ids, dtype=np.int32).tobytes())
+            mask_file.write(np.asarray(r.loss_mask, dtype=np.uint8).tobytes())
+            offsets.append(offsets[-1] + len(r))
+    np.save(folder / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    return len(offsets) - 1
+
+
+def _render_kept(tokenizer: Any, examples: Sequence[Example], max_length: int, stats: dict[str, list[int]]):
+    for example in examples:
+        rendered = render_conversation(tokenizer, example.messages)
+        row = stats.setdefault(example.source, [0, 0, 0, 0])  # total, kept, too_long, longest
+        row[0] += 1
+        row[3] = max(row[3], len(rendered))
+        if len(rendered) > max_length:
+            row[2] += 1
+        else:
+            row[1] += 1
+            yield rendered
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _prepare_into(folder: Path, tokenizer: Any, examples: Sequence[Example], max_length: int, meta: dict) -> None:
+    stats: dict[str, list[int]] = {}
+    started = time.perf_counter()
+    kept = _write_arrays(folder, _render_kept(tokenizer, examples, max_length, stats))
+    meta["sources"] = [[source, *values] for source, values in stats.items()]
+    meta["kept"] = kept
+    meta["prepare_seconds"] = round(time.perf_counter() - started, 3)
+    meta["prepared_by_pid"] = os.getpid()
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    _fsync_tree(folder)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # blocks while another process prepares
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _map(path: Path, dtype) -> np.ndarray:
+    # np.memmap refuses empty files; an empty array is the same thing for every reader here.
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
+
+
+def _load(folder: Path, key: str, prepared_here: bool) -> PreparedConversations:
+    meta = json.loads((folder / "meta.json").read_text())
+    report = LengthReport(meta["max_length"], tuple(SourceLengths(*row) for row in meta["sources"]))
+    offsets = np.load(folder / "offsets.npy")
+    ids, mask = (_map(folder / name, dtype) for name, dtype in (("ids.bin", np.int32), ("mask.bin", np.uint8)))
+    assert len(offsets) == meta["kept"] + 1 and offsets[-1] == len(ids) == len(mask), f"{folder} is inconsistent"
+    return PreparedConversations(ids=ids, mask=mask, offsets=offsets, report=report, key=key, prepared_here=prepared_here)
+
+
+def prepare(tokenizer: Any, examples: Sequence[Example], max_length: int, cache_dir: Path) -> PreparedConversations:
+    """Tokenise `examples` into `cache_dir/prepared/{key}` unless present; return the memory-mapped result."""
+    assert max_length > 0
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    key = preparation_key(examples, fingerprint, max_length)
+    root = Path(cache_dir) / "prepared"
+    folder = root / key
+    with _exclusive(root / f"{key}.lock"):
+        if (folder / "meta.json").is_file():
+            logger.info("data: mapped prepared conversations %s (tokenised earlier, not again)", folder)
+            return _load(folder, key, prepared_here=False)
+        staging = root / f".tmp-{key}-{os.getpid()}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        meta = {"key": key, "render_version": RENDER_VERSION, "max_length": max_length, "rows": len(examples),
+                **fingerprint}
+        try:
+            _prepare_into(staging, tokenizer, examples, max_length, meta)
+            os.replace(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        logger.info("data: tokenised %d conversations into %s in %.1f s (other processes map it)",
+                    len(examples), folder, json.loads((folder / "meta.json").read_text())["prepare_seconds"])
+        return _load(folder, key, prepared_here=True)
