@@ -7,6 +7,8 @@ SFT data is rendered so that over-long conversations and token counts are real n
 
 from __future__ import annotations
 
+import numpy as np
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +108,11 @@ def _sft_lines(config: Config, sequences: int, supervised_tokens: int | None, to
     if s.num_iterations != -1:
         steps, how = s.num_iterations, "num_iterations"
     else:
-        per_epoch = max(sequences // s.target_examples_per_step, 1) if sequences else 0
-        steps, how = s.num_epochs * per_epoch, f"{s.num_epochs} epoch(s) of {sequences} {unit}"
+        # Epochs are read back to back (an epoch's tail joins the next step): floor(epochs × rows / rows per step).
+        steps = s.num_epochs * sequences // s.target_examples_per_step
+        partial = s.num_epochs * sequences % s.target_examples_per_step
+        how = (f"{s.num_epochs} epoch(s) of {sequences} {unit}, epoch tails carried into the next step; the last "
+               f"partial step ({partial}/{s.target_examples_per_step} {unit}) is not trained")
         if supervised_tokens is None:
             steps, how = f"≤ {steps}", f"upper bound: {sequences} conversations before download and packing"
     lines = [
@@ -263,10 +268,17 @@ def _sft_data_estimate(config: Config, tokenizer, offline: bool, lines: list[str
         _render(tokenizer, data.sft_val_mixture, config, "sft_val_mixture")
     supervised = sum(sum(r.loss_mask) for r in rendered)
     total = sum(len(r.input_ids) for r in rendered)
-    sequences = len(template.pack_greedy(rendered, data.max_length)) if config.sft.packing else len(rendered)
+    if config.sft.packing:  # the training stream's rows: best fit decreasing, the same count every epoch
+        from integration_training.data.packing import best_fit_decreasing_rows
+
+        row_of_rank, _ = best_fit_decreasing_rows(np.asarray([len(r) for r in rendered]), data.max_length)
+        sequences = int(row_of_rank.max()) + 1
+    else:
+        sequences = len(rendered)
     if sequences < config.sft.target_examples_per_step:
         raise UserError(
             f"sft.target_examples_per_step: {config.sft.target_examples_per_step} sequences per step, but the SFT "
             f"data gives only {sequences} sequences per epoch (packing={config.sft.packing}); add data or lower it"
         )
+    lines.append(f"  chat templates that print a date get the fixed date {template.FIXED_DATE_STRING!r} (exact resume)")
     return sequences, supervised, total

@@ -273,12 +273,15 @@ def _stage_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints" / STAGE
 
 
-def _prepare(tokenizer, specs, config: Config, what: str) -> tuple[PreparedConversations, dict[str, str]]:
-    """The mixture's conversations, tokenised once per machine (cache) and mapped; with per-source fingerprints."""
+def _mixture(specs, config: Config):
     from integration_training.data import build_mixture
 
-    mixture = build_mixture(specs, config.data.shuffle_seed)
-    prepared = prepare(tokenizer, mixture.examples, config.data.max_length, models.cache_root())
+    return build_mixture(specs, config.data.shuffle_seed).examples
+
+
+def _prepare(tokenizer, examples, config: Config, what: str) -> PreparedConversations:
+    """The mixture's conversations, tokenised once per machine (cache) and memory-mapped."""
+    prepared = prepare(tokenizer, examples, config.data.max_length, models.cache_root())
     for line in prepared.report.lines():
         logger.info("%s: %s", what, line)
     if prepared.report.dropped:
@@ -288,7 +291,7 @@ def _prepare(tokenizer, specs, config: Config, what: str) -> tuple[PreparedConve
         )
     if not len(prepared):
         raise UserError(f"data.{what}: no conversation fits data.max_length={config.data.max_length}; raise it")
-    return prepared, source_fingerprints(mixture.examples)
+    return prepared
 
 
 def _data_fingerprints(tokenizer, config: Config, train: dict[str, str], val: dict[str, str]) -> dict[str, Any]:
@@ -303,6 +306,19 @@ def _source_paths(config: Config) -> dict[str, str]:
 
     specs = [*config.data.sft_mixture, *config.data.sft_val_mixture]
     return {source_label(s): str(Path(s.path).expanduser().resolve()) for s in specs if s.path is not None}
+
+
+def _render(tokenizer, specs, config: Config, what: str) -> list[Rendered]:
+    """The dry run's check of a mixture: render without writing the cache, with the same messages as training."""
+    from integration_training.data import build_mixture
+
+    mixture = build_mixture(specs, config.data.shuffle_seed)
+    rendered, report = template.render_examples(tokenizer, mixture.examples, config.data.max_length)
+    for line in report.lines():
+        logger.info("%s: %s", what, line)
+    if not rendered:
+        raise UserError(f"data.{what}: no conversation fits data.max_length={config.data.max_length}; raise it")
+    return rendered
 
 
 def _prepare_model(config: Config, path: str, dist: distributed.Dist) -> nn.Module:
@@ -362,11 +378,15 @@ def run_sft(
     tokenizer = models.load_tokenizer(base_path)
     # Data first: a changed source must stop a resume before the model loads, and ranks map one prepared copy.
     accumulation = gradient_accumulation(stage, dist.world_size)
-    train_data, train_prints = _prepare(tokenizer, config.data.sft_mixture, config, "sft_mixture")
-    val_data, val_prints = _prepare(tokenizer, config.data.sft_val_mixture, config, "sft_val_mixture")
-    provenance.record_stage(run_dir, STAGE, config.data.shuffle_seed,
-                            _data_fingerprints(tokenizer, config, train_prints, val_prints),
-                            resume_from is not None, _source_paths(config), dist.is_main)
+    train_examples, val_examples = _mixture(config.data.sft_mixture, config), _mixture(config.data.sft_val_mixture, config)
+    provenance.record_stage(
+        run_dir, STAGE, config.data.shuffle_seed,
+        _data_fingerprints(tokenizer, config, source_fingerprints(train_examples), source_fingerprints(val_examples)),
+        resume_from is not None, _source_paths(config), dist.is_main,
+    )
+    train_data = _prepare(tokenizer, train_examples, config, "sft_mixture")
+    val_data = _prepare(tokenizer, val_examples, config, "sft_val_mixture")
+    del train_examples, val_examples  # the prepared arrays are all training reads from here on
     stream = SFTStream(
         rendered=train_data,
         seed=config.data.shuffle_seed,

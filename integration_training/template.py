@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from integration_training.data.types import Example
@@ -119,22 +120,27 @@ def render_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -
         raise UserError("the assistant loss mask needs a fast (Rust) tokenizer with offset mapping")
     full = _template_text(tokenizer, messages, generation_prompt=False)
     encoded = _encode(tokenizer, full, offsets=True)
-    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
-    special = _special_ids(tokenizer)
-    mask = [0] * len(ids)
+    ids = list(encoded["input_ids"])
+    # numpy over the token axis: the per-token Python loops were most of the rendering time on long conversations.
+    offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    is_special = np.isin(np.asarray(ids, dtype=np.int64), np.fromiter(_special_ids(tokenizer), dtype=np.int64))
+    mask = np.zeros(len(ids), dtype=np.int8)
     for start, end in _assistant_char_spans(tokenizer, messages, full):
         # The end-of-turn token: the first special token starting at/after the content, whitespace between.
-        eot = next((k for k, (s, _) in enumerate(offsets) if s >= end and ids[k] in special), None)
-        if eot is None or full[end : offsets[eot][0]].strip():
+        candidates = np.flatnonzero((starts >= end) & is_special)
+        eot = int(candidates[0]) if len(candidates) else None
+        if eot is None or full[end : int(starts[eot])].strip():
             raise UserError(
                 f"chat template of {getattr(tokenizer, 'name_or_path', '?')}: no end-of-turn special token right "
                 "after an assistant turn, so the assistant loss mask cannot be derived reliably"
             )
-        stop = offsets[eot][1]
-        for k, (s, e) in enumerate(offsets):
-            if (s < stop and e > start) or (s == e and start <= s < stop):
-                mask[k] = 1
+        stop = int(ends[eot])
+        overlaps = (starts < stop) & (ends > start)
+        empty_inside = (starts == ends) & (starts >= start) & (starts < stop)
+        mask[overlaps | empty_inside] = 1
         assert mask[eot] == 1
+    mask = mask.tolist()
     assert any(mask), "every assistant turn contributes supervised tokens"
     return Rendered(input_ids=ids, loss_mask=mask)
 

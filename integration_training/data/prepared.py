@@ -7,7 +7,8 @@ the rendering version). Layout of `{cache}/prepared/{key}/`:
   offsets.npy int64, n + 1 boundaries (conversation i is ids[offsets[i]:offsets[i+1]])
   meta.json   counts per source (the length report), the fingerprints, who prepared it
 One process per machine prepares under an exclusive `fcntl` lock on `{key}.lock`; the others block on that lock
-and then find the finished directory. The directory is written under a temp name and `os.replace`d, so a crash
+and then find the finished directory. Every use appends "pid prepared|mapped" to `{key}.uses` (under the lock),
+so which process tokenised is on record. The directory is written under a temp name and `os.replace`d, so a crash
 mid-write never leaves something that looks prepared; a second run or a resume maps it without tokenising.
 """
 
@@ -114,9 +115,40 @@ def _write_arrays(folder: Path, rendered: Iterator[Rendered]) -> int:
     return len(offsets) - 1
 
 
-def _render_kept(tokenizer: Any, examples: Sequence[Example], max_length: int, stats: dict[str, list[int]]):
-    for example in examples:
-        rendered = render_conversation(tokenizer, example.messages)
+# Below this many conversations a worker pool costs more (spawning, importing torch) than it saves.
+POOL_THRESHOLD = 4096
+_worker_tokenizer: Any = None
+
+
+def _worker_init(tokenizer: Any) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _worker_render(messages) -> Rendered:
+    return render_conversation(_worker_tokenizer, messages)
+
+
+@contextlib.contextmanager
+def _renderer(tokenizer: Any, count: int):
+    """Yields map(messages iterable) → Rendered iterator, in order: a pool over the CPUs for large inputs.
+
+    Rendering is per-conversation Python (template) plus single-threaded Rust (tokeniser) work, so processes are
+    what scales it; 'spawn' because the parent may hold torch threads and a tokenizer that must not be forked.
+    """
+    workers = min(os.cpu_count() or 1, 32)
+    if count < POOL_THRESHOLD or workers == 1:
+        yield lambda items: (render_conversation(tokenizer, m) for m in items)
+        return
+    import multiprocessing
+
+    logger.info("data: tokenising %d conversations with %d processes", count, workers)
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(tokenizer,)) as pool:
+        yield lambda items: pool.imap(_worker_render, items, chunksize=64)
+
+
+def _render_kept(render, examples: Sequence[Example], max_length: int, stats: dict[str, list[int]]):
+    for example, rendered in zip(examples, render(e.messages for e in examples), strict=True):
         row = stats.setdefault(example.source, [0, 0, 0, 0])  # total, kept, too_long, longest
         row[0] += 1
         row[3] = max(row[3], len(rendered))
@@ -136,7 +168,8 @@ def _fsync_tree(folder: Path) -> None:
 def _prepare_into(folder: Path, tokenizer: Any, examples: Sequence[Example], max_length: int, meta: dict) -> None:
     stats: dict[str, list[int]] = {}
     started = time.perf_counter()
-    kept = _write_arrays(folder, _render_kept(tokenizer, examples, max_length, stats))
+    with _renderer(tokenizer, len(examples)) as render:
+        kept = _write_arrays(folder, _render_kept(render, examples, max_length, stats))
     meta["sources"] = [[source, *values] for source, values in stats.items()]
     meta["kept"] = kept
     meta["prepare_seconds"] = round(time.perf_counter() - started, 3)
@@ -154,6 +187,11 @@ def _exclusive(lock_path: Path):
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _note_use(path: Path, how: str) -> None:
+    with path.open("a") as handle:
+        handle.write(f"{os.getpid()} {how}\n")
 
 
 def _map(path: Path, dtype) -> np.ndarray:
@@ -179,6 +217,7 @@ def prepare(tokenizer: Any, examples: Sequence[Example], max_length: int, cache_
     folder = root / key
     with _exclusive(root / f"{key}.lock"):
         if (folder / "meta.json").is_file():
+            _note_use(root / f"{key}.uses", "mapped")
             logger.info("data: mapped prepared conversations %s (tokenised earlier, not again)", folder)
             return _load(folder, key, prepared_here=False)
         staging = root / f".tmp-{key}-{os.getpid()}"
@@ -193,6 +232,7 @@ def prepare(tokenizer: Any, examples: Sequence[Example], max_length: int, cache_
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        _note_use(root / f"{key}.uses", "prepared")
         logger.info("data: tokenised %d conversations into %s in %.1f s (other processes map it)",
                     len(examples), folder, json.loads((folder / "meta.json").read_text())["prepare_seconds"])
         return _load(folder, key, prepared_here=True)
