@@ -234,3 +234,30 @@ def test_resume_refuses_an_edited_custom_json_and_resumes_bitwise_when_unchanged
     # The refused resume stopped before tokenising; the good one mapped the cache instead of tokenising again.
     uses = [line.split()[1] for path in (cache / "prepared").glob("*.uses") for line in path.read_text().splitlines()]
     assert uses.count("prepared") == 2 and "mapped" in uses
+
+
+def test_a_large_preparation_renders_in_a_process_pool_with_identical_output(tmp_path, monkeypatch):
+    from integration_training.data import prepared as prepared_module
+
+    monkeypatch.setattr(prepared_module, "POOL_THRESHOLD", 8)
+    monkeypatch.setattr(prepared_module.os, "cpu_count", lambda: 2)
+    tokenizer = smollm2_tokenizer()
+    examples = build_mixture([arithmetic("train", 40)], seed=1).examples
+    pooled = prepare(tokenizer, examples, 256, tmp_path)
+    expected, report = template.render_examples(tokenizer, examples, 256)
+    assert pooled.prepared_here and pooled.report == report
+    assert [pooled[i] for i in range(len(pooled))] == expected
+
+
+def test_templates_get_the_fixed_date_instead_of_today():
+    class RecordingTokenizer:
+        chat_template = "{{ date_string }}"
+        seen: dict = {}
+
+        def apply_chat_template(self, messages, **kwargs):
+            self.seen.update(kwargs)
+            return "text"
+
+    tokenizer = RecordingTokenizer()
+    template._template_text(tokenizer, [{"role": "user", "content": "hi"}], generation_prompt=True)
+    assert tokenizer.seen["date_string"] == template.FIXED_DATE_STRING
