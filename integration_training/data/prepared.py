@@ -95,6 +95,11 @@ class PreparedConversations(Sequence[Rendered]):
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
         return Rendered(input_ids=self.ids[start:end].tolist(), loss_mask=self.mask[start:end].tolist())
 
