@@ -141,7 +141,6 @@ def main() -> None:
                 cold = run_child(args, size)
                 warm = run_child(args, size)
                 assert cold["prepared"] and not warm["prepared"]
-                from integration_training.data.prepared import PreparedConversations  # noqa: F401
                 lengths = np.load(Path(cache) / f"lengths-{size}.npy")
                 measured_lengths, per_conversation = lengths, cold["seconds"] / size
                 prepare_s, rss, cached_s = f"{cold['seconds']:.1f}", f"{cold['rss_mib']:.0f}", f"{warm['seconds']:.2f}"

@@ -304,7 +304,7 @@ def main() -> None:
           f"{args.steps} timed steps; torch threads per side: {args.threads or 'default'}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; {versions()}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("ours: template.render_examples (assistant-only mask) -> template.pack_greedy -> collate_packed (4-D block mask) "
+    print("ours: template.render_examples (assistant-only mask) -> data.stream (best fit decreasing rows) -> collate_packed (4-D block mask) "
           "-> sft.train_step with SupervisedTokenLoss (LM head only at supervised positions), AdamW")
     print("TRL : SFTTrainer, conversational prompt-completion dataset, completion_only_loss=True, packing=True "
           "(bfd => padding_free, position_ids), use_cpu=True, bf16=False, adamw_torch")

@@ -102,6 +102,21 @@ def record_stage(run_dir: Path, stage: str, seed: int, fingerprints: dict[str, A
     _write(run_dir, record)
 
 
+def local_paths(specs) -> dict[str, str]:
+    """Source label → absolute file path of the local sources among `specs` (named when a resume is refused)."""
+    from integration_training.data import source_label
+
+    return {source_label(s): str(Path(s.path).expanduser().resolve()) for s in specs if s.path is not None}
+
+
+def data_fingerprints(tokenizer: Any, train, held_out, max_length: int) -> dict[str, Any]:
+    """What a stage trains on: per-source row hashes (training and held-out examples), tokenizer, template."""
+    from integration_training.data.prepared import source_fingerprints, tokenizer_fingerprint
+
+    return {"sources": source_fingerprints(train), "val_sources": source_fingerprints(held_out),
+            "max_length": max_length, **tokenizer_fingerprint(tokenizer)}
+
+
 def _check_unchanged(stage: str, recorded: dict[str, Any], now: dict[str, Any], paths: dict[str, str]) -> None:
     for group in ("sources", "val_sources"):
         before, after = recorded.get(group, {}), now.get(group, {})

@@ -627,6 +627,12 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
                                    config.data.max_length, rl.max_new_tokens, "rl_mixture")
     eval_examples = drop_overlong(rl_examples(config.data.rl_eval_mixture, seed, "rl_eval_mixture"), tokenizer,
                                   config.data.max_length, rl.max_new_tokens, "rl_eval_mixture")[: rl.eval_examples]
+    from integration_training import provenance  # environment.json; a resume refuses changed data (exit 2)
+
+    provenance.record_stage(
+        run_dir, STAGE, seed, provenance.data_fingerprints(tokenizer, train_examples, eval_examples, config.data.max_length),
+        latest is not None, provenance.local_paths([*config.data.rl_mixture, *config.data.rl_eval_mixture]), dist.is_main,
+    )
     steps = total_steps(rl, len(train_examples))
     model = wrap_model(policy, config.target, dist, config.model.dtype)
     optimizer = build_optimizer(policy, rl)

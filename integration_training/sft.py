@@ -37,7 +37,7 @@ from torch import nn
 from integration_training import checkpoint, distributed, metrics, models, optim, precision, provenance, template
 from integration_training.template import IGNORE_INDEX, Batch, Rendered
 from integration_training.config import Config, SFTConfig, to_dict
-from integration_training.data.prepared import PreparedConversations, prepare, source_fingerprints
+from integration_training.data.prepared import PreparedConversations, prepare
 from integration_training.data.stream import SFTStream
 from integration_training.errors import TrainingDiverged, UserError
 from integration_training.signals import StopRequest
@@ -294,20 +294,6 @@ def _prepare(tokenizer, examples, config: Config, what: str) -> PreparedConversa
     return prepared
 
 
-def _data_fingerprints(tokenizer, config: Config, train: dict[str, str], val: dict[str, str]) -> dict[str, Any]:
-    from integration_training.data.prepared import tokenizer_fingerprint
-
-    return {"sources": train, "val_sources": val, "max_length": config.data.max_length,
-            **tokenizer_fingerprint(tokenizer)}
-
-
-def _source_paths(config: Config) -> dict[str, str]:
-    from integration_training.data import source_label
-
-    specs = [*config.data.sft_mixture, *config.data.sft_val_mixture]
-    return {source_label(s): str(Path(s.path).expanduser().resolve()) for s in specs if s.path is not None}
-
-
 def _render(tokenizer, specs, config: Config, what: str) -> list[Rendered]:
     """The dry run's check of a mixture: render without writing the cache, with the same messages as training."""
     from integration_training.data import build_mixture
@@ -381,8 +367,9 @@ def run_sft(
     train_examples, val_examples = _mixture(config.data.sft_mixture, config), _mixture(config.data.sft_val_mixture, config)
     provenance.record_stage(
         run_dir, STAGE, config.data.shuffle_seed,
-        _data_fingerprints(tokenizer, config, source_fingerprints(train_examples), source_fingerprints(val_examples)),
-        resume_from is not None, _source_paths(config), dist.is_main,
+        provenance.data_fingerprints(tokenizer, train_examples, val_examples, config.data.max_length),
+        resume_from is not None, provenance.local_paths([*config.data.sft_mixture, *config.data.sft_val_mixture]),
+        dist.is_main,
     )
     train_data = _prepare(tokenizer, train_examples, config, "sft_mixture")
     val_data = _prepare(tokenizer, val_examples, config, "sft_val_mixture")

@@ -202,7 +202,7 @@ def test_resume_refuses_an_edited_custom_json_and_resumes_bitwise_when_unchanged
     data = write_conversations(tmp_path / "mine.jsonl", 16, "")
     spec = DatasetSpec(name="custom_json", split="train", subset=None, max_samples=None, repeat=1, path=str(data),
                        reward=None)
-    config = make_config(tmp_path, data=dict(sft_mixture=[spec]),
+    config = make_config(tmp_path, data=dict(sft_mixture=[spec]), output=dict(mode="sft+rl"),
                          sft=dict(num_iterations=4, checkpoint_every=2, packing=True, batch_size=2,
                                   target_examples_per_step=2))
     config_file = write_config(tmp_path / "cfg.py", config)
@@ -215,9 +215,11 @@ def test_resume_refuses_an_edited_custom_json_and_resumes_bitwise_when_unchanged
     assert {"python", "packages", "cuda", "devices", "project", "template_date"} <= set(record)
     sft = record["stages"]["sft"]
     assert set(sft["sources"]) == {"custom_json(mine.jsonl)/train"} and len(sft["tokenizer_sha256"]) == 64
+    assert set(record["stages"]["rl"]["sources"]) == {"arithmetic/train"}  # RL records its data too
     final = run / "checkpoints" / "sft" / "step_000004"
     uninterrupted = load_file(str(final / "model.safetensors"))
     shutil.rmtree(final)  # as if killed after the step-2 checkpoint
+    shutil.rmtree(run / "checkpoints" / "rl")
 
     original = data.read_text()
     data.write_text(original.replace("number 3.", "number three."))
