@@ -11,7 +11,7 @@ Terminal: `/clear` starts a new conversation, `/exit` (or Ctrl-D) quits, Ctrl-C 
 `--prompt TEXT` answers once on stdout and exits. `--web` serves one self-contained page (chat_page.html) from
 the standard library's HTTP server; see `serve`.
 
-Tools (the calculator) do not exist yet. Their seam: `ChatEngine.reply` is where a tool call would be detected in
+Tools (the calculator) do not exist yet. Their seam: `Reply.__iter__` is where a tool call would be detected in
 the token stream, run, and its result fed back as prompt tokens before sampling resumes; it would reach the
 terminal as a distinctly styled line and the page as its own server-sent event kind (`event: tool`) beside
 `text`, so neither transport changes shape.
@@ -126,9 +126,9 @@ class Reply:
 class ChatEngine:
     """One loaded model with its sampling settings and KV cache. One reply at a time (the web server queues)."""
 
-    def __init__(self, model, tokenizer, sampling: Sampling, system: str | None, seed: int, label: str) -> None:
+    def __init__(self, model, tokenizer, stops: frozenset[int], sampling: Sampling, system: str | None, seed: int,
+                 label: str) -> None:
         from integration_training.rollout import StreamCache
-        from integration_training.template import stop_token_ids
 
         assert not model.training, "chat samples; load the model in eval mode"
         self.model = model
@@ -137,7 +137,7 @@ class ChatEngine:
         self.system = system
         self.seed = seed
         self.label = label
-        self.stops = stop_token_ids(tokenizer)
+        self.stops = stops  # template.stop_token_ids: EOS and the template's end-of-turn token
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.kv = StreamCache()
@@ -201,6 +201,7 @@ def load_engine(args: argparse.Namespace) -> ChatEngine:
     """Model, tokenizer and device; what a user can get wrong here fails before the weights load."""
     from integration_training.evaluate import resolve_device
     from integration_training.models import load_model, load_tokenizer, resolve_model_path
+    from integration_training.template import stop_token_ids
 
     device = resolve_device(args.device)
     path = resolve_model_path(args.model)
@@ -209,9 +210,10 @@ def load_engine(args: argparse.Namespace) -> ChatEngine:
         raise UserError(f"{args.model}: {local} has no weights ({' or '.join(WEIGHT_FILES[::2])}); point at a "
                         "save_pretrained directory or a run checkpoint step_NNNNNN directory")
     tokenizer = load_tokenizer(path)
+    stops = stop_token_ids(tokenizer)  # also refuses a tokenizer without a usable chat template, before the weights
     model = load_model(path, args.dtype, "sdpa", device).eval()
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
-    return ChatEngine(model, tokenizer, sampling, args.system, args.seed, label=args.model)
+    return ChatEngine(model, tokenizer, stops, sampling, args.system, args.seed, label=args.model)
 
 
 def _settings_line(engine: ChatEngine) -> str:
