@@ -43,6 +43,7 @@ PAGE = Path(__file__).with_name("chat_page.html")
 MAX_MESSAGE_CHARS = 8000  # one web message; the whole conversation is bounded by the model's context instead
 MAX_BODY_BYTES = 1 << 20  # a web request body; larger ones are refused before they are read
 QUEUE_POLL_SECONDS = 0.25  # how often a waiting web request checks its client is still there
+STOP_WAIT_SECONDS = 10.0  # Ctrl-C on --web: how long open streams get to wind down
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -359,6 +360,9 @@ class ChatServer(ThreadingHTTPServer):
         self.engine: ChatEngine | None = None  # set before serving starts: the port is taken before the model loads
         self.queue = Queue()
         self.served = Served(delivered=0, abandoned=0, tokens=0)
+        # Set on Ctrl-C: open streams end at their next piece (as if their clients had left), so the process never
+        # exits with a thread inside the model (interpreter shutdown under a running forward aborts).
+        self.stopping = threading.Event()
         self.page = PAGE.read_bytes()
 
 
@@ -453,7 +457,10 @@ class ChatHandler(BaseHTTPRequestHandler):
             queue.leave(ticket)
 
     def _check_client(self) -> None:
-        """Raise ClientGone if the browser hung up; writes alone notice that only a write or two later."""
+        """Raise ClientGone if the browser hung up (writes alone notice that only a write or two later) or the
+        server is stopping."""
+        if self.server.stopping.is_set():
+            raise ClientGone()
         readable, _, _ = select.select([self.connection], [], [], 0)
         if readable:
             try:
@@ -496,8 +503,12 @@ def serve(server: ChatServer, engine: ChatEngine) -> None:
     print(f"serving http://{bound_host}:{bound_port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how the server is meant to stop
+    except KeyboardInterrupt:  # Ctrl-C is how the server is meant to stop
+        server.stopping.set()
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        while len(server.queue) and time.monotonic() < deadline:
+            time.sleep(0.05)  # open streams notice `stopping` within one piece or one queue poll
+        print("stopped", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
