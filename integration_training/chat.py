@@ -352,7 +352,7 @@ class ClientGone(Exception):
 
 
 class ChatServer(ThreadingHTTPServer):
-    daemon_threads = True  # Ctrl-C ends the process without waiting for open streams
+    daemon_threads = True  # a backstop: Ctrl-C winds open streams down first (`stopping`), bounded in time
     request_queue_size = 128  # the listen backlog; the default 5 refuses bursts of browsers and load tests
 
     def __init__(self, address: tuple[str, int]) -> None:
