@@ -42,7 +42,7 @@ def engine_checks(model_dir: str, device: str) -> bool:
     prompt = render_prompt(tokenizer, [{"role": "user", "content": "héllo 世界"}])
     ok = True
     for dtype in ("float32", "bfloat16"):
-        model = load_model(model_dir, dtype, "sdpa", torch.device(device)).eval()
+        model = load_model(model_dir, dtype, "sdpa", torch.device(device), training=False).eval()
 
         def gen(seed: int) -> torch.Generator:
             return torch.Generator(device=device).manual_seed(seed)

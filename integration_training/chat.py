@@ -212,7 +212,7 @@ def load_engine(args: argparse.Namespace) -> ChatEngine:
                         "save_pretrained directory or a run checkpoint step_NNNNNN directory")
     tokenizer = load_tokenizer(path)
     stops = stop_token_ids(tokenizer)  # also refuses a tokenizer without a usable chat template, before the weights
-    model = load_model(path, args.dtype, "sdpa", device).eval()
+    model = load_model(path, args.dtype, "sdpa", device, training=False).eval()
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
     return ChatEngine(model, tokenizer, stops, sampling, args.system, args.seed, label=args.model)
 
@@ -553,9 +553,9 @@ def main(argv: Sequence[str]) -> int:
     except UserError as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, however the cause was worded
         return 2
-    except KeyboardInterrupt:  # Ctrl-C while loading or during --prompt: quit quietly, as the shell expects
-        print(file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C while loading or during --prompt: quit quietly, exit 3 as deploy.py does
+        print("interrupted", file=sys.stderr)
+        return 3
     finally:
         if server is not None:
             server.server_close()
