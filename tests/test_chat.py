@@ -630,7 +630,7 @@ def test_real_browser_sends_sees_tokens_stops_and_starts_a_new_chat(tmp_path):
         options.add_argument(flag)
     # An explicit driver path: selenium never looks for (or downloads) a driver of its own.
     service = Service(executable_path=str(CHROMEDRIVER))
-    with web_server(OFFLINE_SMOLLM2, "--temperature", "0", "--max-new-tokens", "300") as server:
+    with web_server(OFFLINE_SMOLLM2, "--temperature", "0", "--max-new-tokens", "1000") as server:
         driver = webdriver.Chrome(service=service, options=options)
         try:
             wait = WebDriverWait(driver, 180)
