@@ -358,7 +358,7 @@ def load_problems(name: str, split: str, subset: str | None, path: str | None, m
     return examples[:max_samples] if max_samples is not None else examples
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -383,7 +383,7 @@ def run_cli(args: argparse.Namespace) -> dict:
         raise UserError(f"--temperature must be >= 0, got {args.temperature}")
     examples = load_problems(args.dataset, args.split, args.subset, args.path, args.max_samples, args.reward,
                              args.seed)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
     model = load_model(path, args.dtype, "sdpa", device, training=False)

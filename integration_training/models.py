@@ -65,7 +65,8 @@ def resolve_model_path(name: str) -> str:
                 "save_pretrained (or a run checkpoint step_NNNNNN directory)"
             )
         return str(local.resolve())
-    if name.startswith(("/", "./", "../", "~")):
+    # A hub id is "name" or "owner/name"; anything with more slashes (results/X/checkpoints/rl/step_N) is a path.
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
         raise UserError(f"model.name: local directory {name} does not exist; fix the path")
     return name
 

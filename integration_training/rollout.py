@@ -247,6 +247,26 @@ class PreallocatedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` positions, keeping the ones held (one copy, instead of recomputing them)."""
+        assert capacity >= self.capacity, f"a cache only grows: {self.capacity} -> {capacity}"
+        self.capacity = capacity
+        if self.is_initialized:
+            with torch.inference_mode(False):
+                old_key, old_value = self._key_buffer, self._value_buffer
+                self._key_buffer = self._empty_like_with_capacity(old_key)
+                self._value_buffer = self._empty_like_with_capacity(old_value)
+                self._key_buffer[:, :, : self.length] = old_key[:, :, : self.length]
+                self._value_buffer[:, :, : self.length] = old_value[:, :, : self.length]
+            self._refresh_views()
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (the buffers stay; later updates overwrite them)."""
+        assert 0 <= length <= self.length, f"cannot truncate a {self.length}-token cache to {length}"
+        self.length = length
+        if self.is_initialized:
+            self._refresh_views()
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             with torch.inference_mode(False):
@@ -264,6 +284,95 @@ def preallocated_cache(model, capacity: int) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+class StreamCache:
+    """The KV cache of one conversation, kept between `stream` calls; `fed` lists the tokens whose keys and values
+    it holds, in order. A new call reuses the longest common prefix of `fed` and its prompt and computes only the
+    rest: exact, since a position's keys and values depend only on the tokens up to it.
+
+    Mutable by design (one conversation's sampling state); one caller at a time.
+    """
+
+    def __init__(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.fed: list[int] = []
+        self.capacity = 0
+
+
+@torch.inference_mode()  # torch wraps a generator function: the mode holds inside each step, not in the caller
+def stream(
+    model,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    stop_ids: frozenset[int],
+    generator: torch.Generator,
+    kv: StreamCache,
+) -> Iterator[int]:
+    """Yield the token ids of one completion of `prompt` (batch 1) as they are drawn; the last one is a stop id
+    unless `max_new_tokens` ran out. Same sampling as `sample` (`pick_tokens`), for chat.
+
+    Closing the generator early (a user's stop) is safe: `kv.fed` always describes a valid prefix of the cache
+    (it is updated after each forward), so even an interrupt inside a forward leaves `kv` usable.
+    The model must already be in eval mode (chat loads it so; toggling modes per token would cost a module walk).
+    """
+    assert len(prompt) > 0, "a prompt needs at least one token"
+    assert max_new_tokens >= 1, max_new_tokens
+    assert not model.training, "stream() samples; put the model in eval mode first"
+    device = _model_device(model)
+    assert generator.device.type == device.type, f"generator on {generator.device}, model on {device}"
+    prompt = list(prompt)
+    reused = _reuse_or_allocate(model, kv, prompt, len(prompt) + max_new_tokens)
+    ones = torch.ones((1, len(prompt) + max_new_tokens), dtype=torch.long, device=device)
+    out = model(
+        input_ids=torch.tensor([prompt[reused:]], dtype=torch.long, device=device),
+        attention_mask=ones[:, : len(prompt)],
+        position_ids=torch.arange(reused, len(prompt), device=device)[None],
+        past_key_values=kv.cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    kv.fed = prompt
+    for produced in range(1, max_new_tokens + 1):
+        token, _ = pick_tokens(out.logits[:, -1, :], temperature, top_k, generator)
+        token_id = int(token)  # the host sync that streaming needs anyway
+        yield token_id
+        if token_id in stop_ids or produced == max_new_tokens:
+            return
+        position = len(kv.fed)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=ones[:, : position + 1],
+            position_ids=torch.tensor([[position]], device=device),
+            past_key_values=kv.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        kv.fed.append(token_id)
+
+
+def _reuse_or_allocate(model, kv: StreamCache, prompt: list[int], needed: int) -> int:
+    """Make `kv` ready to take `prompt[reused:]` and `needed` positions in all; return `reused`, the prompt tokens
+    already in the cache."""
+    rewindable = kv.cache is not None and all(isinstance(layer, PreallocatedLayer) for layer in kv.cache.layers)
+    if not rewindable:  # other layer kinds (sliding windows) cannot be rewound exactly: start afresh
+        kv.capacity = needed
+        kv.cache, kv.fed = preallocated_cache(model, kv.capacity), []
+    elif needed > kv.capacity:
+        kv.capacity = max(needed, 2 * kv.capacity)  # doubling: a growing conversation copies O(length) in all
+        for layer in kv.cache.layers:
+            layer.grow(kv.capacity)
+    # At most len(prompt) - 1: the last prompt token is always fed again, its logits start the completion.
+    reused = 0
+    while reused < min(len(kv.fed), len(prompt) - 1) and kv.fed[reused] == prompt[reused]:
+        reused += 1
+    for layer in kv.cache.layers:
+        if isinstance(layer, PreallocatedLayer):
+            layer.truncate(reused)
+    kv.fed = prompt[:reused]
+    return reused
 
 
 def pick_tokens(
