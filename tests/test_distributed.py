@@ -155,8 +155,12 @@ def rank_rl_rows(rows: list[Sequence_], dist: distributed.Dist) -> list[Sequence
     return [row for group in distributed.shard(groups, dist) for row in group]
 
 
-def one_update(model_dir: Path, config: Config, dist: distributed.Dist, kind: str) -> dict[str, torch.Tensor]:
-    """Weights after one SFT (`kind="sft"`) or RL step on this rank's share of the fixed global batch."""
+def one_update(model_dir: Path, config: Config, dist: distributed.Dist, kind: str) -> dict:
+    """Weights and pre-clip gradient norm of one SFT (`kind="sft"`) or RL step on this rank's share of the fixed
+    global batch: {"weights": state dict, "grad_norm": float}.
+
+    The weights alone cannot show a wrong gradient scale (a lost ×world_size): AdamW's first step moves each weight
+    by ~lr·sign(g) and clipping rescales anyway, so the pre-clip norm is compared too."""
     from integration_training.models import load_model
     from integration_training.optim import build_optimizer
 
@@ -169,16 +173,19 @@ def one_update(model_dir: Path, config: Config, dist: distributed.Dist, kind: st
         optimizer = build_optimizer(model, stage)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         micro = rank_micro_batches(sft_sequences(), GLOBAL_BATCH // dist.world_size, dist, False, 0, "sdpa")
-        train_step(wrapped, optimizer, params, micro, 0, 1.0, stage.grad_clip, dist, None)
+        grad_norm = train_step(wrapped, optimizer, params, micro, 0, 1.0, stage.grad_clip, dist, None).grad_norm
         state_of, prefix = loss_module, "model."
     else:
         wrapped = distributed.wrap_model(model, config.target, dist, "float32")
         optimizer = build_optimizer(model, stage)
-        train_on_rows(wrapped, None, optimizer, rank_rl_rows(rl_rows(), dist), stage, 0, dist, F32, None)
+        grad_norm = train_on_rows(wrapped, None, optimizer, rank_rl_rows(rl_rows(), dist), stage, 0, dist, F32,
+                                  None)["grad_norm"]
         state_of, prefix = model, ""
     if distributed.is_sharded(config.target, dist):
-        return distributed.full_model_state(state_of, prefix)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        weights = distributed.full_model_state(state_of, prefix)
+    else:
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"weights": weights, "grad_norm": float(grad_norm)}
 
 
 def equivalence_config(tmp_path: Path, parallelism: str, world: int) -> Config:
@@ -239,10 +246,14 @@ def test_ddp_and_fsdp2_updates_equal_one_process_with_the_same_global_batch(tmp_
     single_config = equivalence_config(tmp_path, "none", 1)
     for kind in ("sft", "rl"):
         expected = one_update(model_dir, single_config, SINGLE, kind)
-        moved = max(float((expected[k] - initial[k]).abs().max()) for k in initial)
+        moved = max(float((expected["weights"][k] - initial[k]).abs().max()) for k in initial)
         assert moved > 1e-4, f"{kind}: the update is too small to tell anything apart"
+        assert expected["grad_norm"] > 1.0, f"{kind}: clipping at 1.0 must be active for the norm check to matter"
         for parallelism in ("ddp", "fsdp2"):
-            assert_same_weights(results[f"{parallelism}_{kind}"], expected, atol=1e-6)
+            got = results[f"{parallelism}_{kind}"]
+            # A gradient scaled by 1/world_size (or ×world_size) halves (doubles) this norm: rel 1e-4 sees it.
+            assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), (parallelism, kind)
+            assert_same_weights(got["weights"], expected["weights"], atol=1e-6)
 
     # Lockstep: rank 1 made fewer forwards and paired rank 0's extra ones with dummies; outputs are unaffected.
     ranks = results["lockstep"]

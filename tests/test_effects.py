@@ -1,0 +1,316 @@
+"""Config fields and RL options, each shown to have its effect (not only to run).
+
+Every test here fails when the named field's effect is removed; tests/test_config_coverage.py maps each config
+field to such a test.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_config, smollm2_tokenizer, tiny_model
+from integration_training import cli, models, rl
+from integration_training.config import to_json
+from integration_training.distributed import Dist
+
+CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
+VOCAB = 96
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def write_config(path: Path, config) -> Path:
+    path.write_text(f"from integration_training.config import from_json\nconfig = from_json(r'''{to_json(config)}''')\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- RL: KL, clip
+
+
+def rl_config(**overrides):
+    return dataclasses.replace(make_config_rl(), **overrides)
+
+
+def make_config_rl():
+    from test_rl import _rl_cfg
+
+    return _rl_cfg(device_batch_size=3)
+
+
+def on_policy_rows(model, seed: int = 0) -> list[rl.Sequence_]:
+    """Two groups of three completions with ± advantages; old log-probs are the model's own (ratio 1 exactly)."""
+    gen = torch.Generator().manual_seed(seed)
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    advantages = rl.group_advantages(rewards, "mean")
+    rows = []
+    for p in range(2):
+        prompt = torch.randint(1, VOCAB, (3 + p,), generator=gen).tolist()
+        for s in range(3):
+            completion = torch.randint(1, VOCAB, (2 + s,), generator=gen).tolist()
+            row = rl.Sequence_(prompt, completion, [0.0] * len(completion), float(advantages[p, s]), float(rewards[p, s]))
+            with torch.no_grad():
+                old, _ = rl.completion_logprobs(model, rl.build_batch([row], 0, torch.device("cpu")))
+            rows.append(dataclasses.replace(row, old_logprobs=old.tolist()))
+    return rows
+
+
+def perturbed(model, scale: float, seed: int = 1):
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return other.requires_grad_(False)
+
+
+class NoStep:
+    """An optimizer stand-in that never moves the weights and records the gradients it was asked to apply."""
+
+    def __init__(self, model) -> None:
+        self.model, self.grads = model, []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.model.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.grads.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
+
+
+def test_kl_is_zero_against_itself_and_grows_with_divergence():
+    from test_rl import tiny_llama
+
+    model = tiny_llama(VOCAB)
+    rows = on_policy_rows(model)
+    kls = []
+    for scale in (0.0, 0.02, 0.1):
+        stats = rl.train_on_rows(model, perturbed(model, scale), NoStep(model), rows, rl_config(kl_coef=0.1), 0, CPU)
+        kls.append(stats["kl"])
+    assert kls[0] == pytest.approx(0.0, abs=1e-6), kls
+    assert 0.0 < kls[1] < kls[2], kls
+
+
+def test_kl_coef_adds_the_gradient_of_the_penalty():
+    from test_rl import tiny_llama
+
+    model = tiny_llama(VOCAB)
+    rows = on_policy_rows(model)
+    ref = perturbed(model, 0.1)
+    grads = {}
+    for coef in (0.0, 0.5):
+        optimizer = NoStep(model)
+        rl.train_on_rows(model, ref, optimizer, rows, rl_config(kl_coef=coef), 0, CPU)
+        grads[coef] = optimizer.grads[0]
+    difference = max(float((grads[0.0][n] - grads[0.5][n]).abs().max()) for n in grads[0.0])
+    assert difference > 1e-6, "kl_coef changed nothing in the gradient"
+
+
+def test_clip_fraction_is_zero_inside_the_band_and_positive_outside():
+    from test_rl import tiny_llama
+
+    # Without a weight change the ratio stays exactly 1: nothing is clipped over two updates.
+    model = tiny_llama(VOCAB)
+    rows = on_policy_rows(model)
+    inside = rl.train_on_rows(model, None, NoStep(model), rows, rl_config(updates_per_batch=2, clip_eps=0.2), 0, CPU)
+    assert inside["clip_frac"] == 0.0
+    # A big SGD step after the first update pushes ratios out of [0.8, 1.2]: the second update clips some tokens.
+    fractions = {}
+    for eps in (0.2, 1e6):
+        model = tiny_llama(VOCAB)
+        optimizer = torch.optim.SGD(model.parameters(), lr=20.0)
+        stats = rl.train_on_rows(model, None, optimizer, rows, rl_config(updates_per_batch=2, clip_eps=eps), 0, CPU)
+        fractions[eps] = stats["clip_frac"]
+    assert fractions[0.2] > 0.0, fractions
+    assert fractions[1e6] == 0.0, fractions  # the band, not the step, decides what is clipped
+
+
+def test_rl_grad_clip_bounds_the_applied_gradient_and_reports_the_unclipped_norm():
+    from test_rl import tiny_llama
+
+    model = tiny_llama(VOCAB)
+    rows = on_policy_rows(model)
+    norms = {}
+    for clip in (0.0, 1e-3):
+        optimizer = NoStep(model)
+        stats = rl.train_on_rows(model, None, optimizer, rows, rl_config(grad_clip=clip), 0, CPU)
+        applied = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in optimizer.grads[0].values()]))
+        norms[clip] = (stats["grad_norm"], float(applied))
+    assert norms[0.0][0] == pytest.approx(norms[0.0][1], rel=1e-4) and norms[0.0][1] > 1e-2
+    assert norms[1e-3][0] == pytest.approx(norms[0.0][0], rel=1e-5)  # reported before clipping
+    assert norms[1e-3][1] == pytest.approx(1e-3, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------- RL: length
+
+
+def test_rl_max_length_drops_prompts_over_the_budget_and_keeps_the_boundary():
+    from integration_training.data import build_mixture
+    from integration_training.template import render_prompt
+    from helpers import arithmetic
+
+    tokenizer = smollm2_tokenizer()
+    examples = build_mixture([arithmetic("train", 32)], seed=0).examples
+    lengths = [len(render_prompt(tokenizer, list(e.messages[:-1]))) for e in examples]
+    assert len(set(lengths)) >= 3, "need varied prompt lengths"
+    max_new_tokens = 5
+    for budget in sorted(set(lengths))[:-1]:
+        kept = rl.drop_overlong(examples, tokenizer, budget + max_new_tokens, max_new_tokens, "rl_mixture")
+        assert kept == [e for e, n in zip(examples, lengths) if n <= budget]
+    from integration_training.errors import UserError
+
+    with pytest.raises(UserError, match="max_length"):
+        rl.drop_overlong(examples, tokenizer, min(lengths) - 1 + max_new_tokens, max_new_tokens, "rl_mixture")
+
+
+# ---------------------------------------------------------------------------------------------------- RL optimizer
+
+
+def test_rl_run_builds_its_optimizer_and_schedule_from_the_rl_section(tmp_path, monkeypatch):
+    """rl.* optimizer fields (not sft.*) set the RL optimizer's groups and the logged LR schedule."""
+    from integration_training import optim
+    from integration_training.metrics import read_metrics
+
+    base = make_config(tmp_path)
+    config = make_config(
+        tmp_path,
+        rl=dict(num_iterations=4, embedding_lr=3e-4, unembedding_lr=2e-4, matrix_lr=1e-4, weight_decay=0.125,
+                init_lr_frac=0.5, warmup_ratio=0.5, lr_schedule="linear", eval_every=100, save_every=100,
+                eval_examples=1, max_new_tokens=2),
+        output=dict(mode="rl", source_checkpoint=base.model.name),
+    )
+    built = []
+    original = optim.build_optimizer
+
+    def recording(model, stage):
+        optimizer = original(model, stage)
+        built.append((stage, optimizer))
+        return optimizer
+
+    monkeypatch.setattr(optim, "build_optimizer", recording)
+    rl.run_rl(config, tmp_path / "run", config.output.source_checkpoint, resume=False)
+    ((stage, optimizer),) = built
+    assert stage is config.rl
+    groups = optimizer.param_groups
+    assert {g["base_lr"] for g in groups} == {3e-4, 2e-4, 1e-4}
+    assert 0.125 in {g["weight_decay"] for g in groups}
+    rows = [r for r in read_metrics(tmp_path / "run", "rl") if "lr_multiplier" in r]
+    # warmup W = round(0.5 × 4) = 2 steps up to init_lr_frac 0.5, then linear towards 0 over the other 2.
+    assert [r["lr_multiplier"] for r in rows] == pytest.approx([0.25, 0.5, 0.5, 0.25])
+
+
+# ---------------------------------------------------------------------------------------------------- target
+
+
+def test_gpu_ranks_become_cuda_visible_devices(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # whatever the host had
+    config = make_config(tmp_path, target=dict(device_type="cuda", gpu_ranks=[3, 5], processes_per_node=2,
+                                               parallelism="ddp"), sft=dict(target_examples_per_step=4))
+    assert cli.main([str(write_config(tmp_path / "c.py", config)), "--dry-run"]) == 0
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("dtype,attn", [("bfloat16", "eager"), ("float32", "sdpa")])
+def test_model_dtype_and_attention_reach_the_loaded_model(tmp_path, dtype, attn):
+    from helpers import save_tiny_model_dir
+
+    model = models.load_model(str(save_tiny_model_dir(tmp_path / "m")), dtype, attn, torch.device("cpu"))
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+    assert model.config._attn_implementation == attn
+
+
+class Recorder:
+    """Records every models.load_model call (its arguments and the model) while delegating to the real one."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[tuple[tuple, object]] = []
+        original = models.load_model
+
+        def recording(*args, **kwargs):
+            model = original(*args, **kwargs)
+            self.calls.append((args, model))
+            return model
+
+        monkeypatch.setattr(models, "load_model", recording)
+
+
+def fake_wandb(monkeypatch) -> list:
+    """A stand-in `wandb` module: the run's init/log/finish calls land in the returned list."""
+    events: list = []
+
+    class Run:
+        def log(self, values):
+            events.append(("log", dict(values)))
+
+        def finish(self):
+            events.append(("finish",))
+
+    def init(**kwargs):
+        events.append(("init", kwargs))
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    return events
+
+
+def test_model_and_output_fields_reach_both_stages_of_a_run(tmp_path, monkeypatch):
+    """One deploy.py run (sft+rl) with non-default model/output knobs: dtype, attention, gradient checkpointing,
+    compile, log level, wandb, and SFT's and RL's log/eval cadence are each seen where they act."""
+    from integration_training.metrics import read_metrics
+
+    loads = Recorder(monkeypatch)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    events = fake_wandb(monkeypatch)
+    config = make_config(
+        tmp_path,
+        model=dict(dtype="bfloat16", attn_implementation="eager", gradient_checkpointing=True, compile=True),
+        sft=dict(num_iterations=4, log_every=2, eval_every=3, checkpoint_every=100),
+        rl=dict(num_iterations=4, log_every=3, eval_every=2, save_every=100, eval_examples=1, max_new_tokens=2),
+        output=dict(mode="sft+rl", log_level="WARNING", use_wandb=True, wandb_project="proj-x",
+                    experiment_name="knobs"),
+    )
+    assert cli.main([str(write_config(tmp_path / "knobs.py", config))]) == 0
+    run = tmp_path / "results" / "knobs"
+
+    # model.*: every load (baseline eval, SFT, RL) asked for the configured dtype and attention; what trained is so.
+    assert len(loads.calls) == 3
+    for args, model in loads.calls:
+        assert args[1:3] == ("bfloat16", "eager"), args
+        assert model.config._attn_implementation == "eager"
+        assert model.is_gradient_checkpointing
+    assert len(compiled) == 1  # SFT's training module
+
+    # output.log_level: WARNING keeps every INFO record out of train.log (an INFO run writes many).
+    assert (run / "train.log").is_file() and " INFO " not in (run / "train.log").read_text()
+
+    # output.use_wandb / wandb_project: one wandb run per stage, fed the stage's metrics.
+    inits = [e[1] for e in events if e[0] == "init"]
+    assert [(i["project"], i["name"]) for i in inits] == [("proj-x", "knobs-sft"), ("proj-x", "knobs-rl")]
+    logged = {k for e in events if e[0] == "log" for k in e[1]}
+    assert {"sft/loss", "sft/val_loss", "rl/reward", "rl/eval/pass@1_strict"} <= logged
+    assert [e[0] for e in events].count("finish") == 2
+
+    # Cadence: sft.log_every=2, sft.eval_every=3 over 4 steps; rl.log_every=3, rl.eval_every=2 over 4 steps.
+    sft = read_metrics(run, "sft")
+    assert [r["step"] for r in sft if "loss" in r] == [2, 4]
+    assert [r["step"] for r in sft if "val_loss" in r] == [0, 3, 4]
+    rows = read_metrics(run, "rl")
+    assert [r["step"] for r in rows if "reward" in r] == [2, 3, 4]
+    assert [r["step"] for r in rows if "eval/pass@1_strict" in r] == [0, 2, 4]
