@@ -177,37 +177,63 @@ def test_rl_max_length_drops_prompts_over_the_budget_and_keeps_the_boundary():
 # ---------------------------------------------------------------------------------------------------- RL optimizer
 
 
-def test_rl_run_builds_its_optimizer_and_schedule_from_the_rl_section(tmp_path, monkeypatch):
-    """rl.* optimizer fields (not sft.*) set the RL optimizer's groups and the logged LR schedule."""
-    from integration_training import optim
+def test_rl_run_takes_every_rl_field_from_the_rl_section(tmp_path, monkeypatch):
+    """A run_rl with distinct rl.* values: the optimizer's groups, the logged LR schedule, the sampler's settings
+    (rollouts and evaluation) and the rows trained per step all follow the rl section (never sft.*)."""
+    import json
+
+    from integration_training import optim, rollout
     from integration_training.metrics import read_metrics
 
     base = make_config(tmp_path)
     config = make_config(
         tmp_path,
-        rl=dict(num_iterations=4, embedding_lr=3e-4, unembedding_lr=2e-4, matrix_lr=1e-4, weight_decay=0.125,
+        rl=dict(num_iterations=4, examples_per_step=2, num_samples=3, device_batch_size=3, sample_batch_size=5,
+                temperature=0.7, top_k=5, embedding_lr=3e-4, unembedding_lr=2e-4, matrix_lr=1e-4, weight_decay=0.125,
                 init_lr_frac=0.5, warmup_ratio=0.5, lr_schedule="linear", eval_every=100, save_every=100,
-                eval_examples=1, max_new_tokens=2),
+                eval_examples=3, eval_k=2, max_new_tokens=2),
         output=dict(mode="rl", source_checkpoint=base.model.name),
     )
-    built = []
-    original = optim.build_optimizer
+    built, sampled, trained = [], [], []
+    build, sample, train = optim.build_optimizer, rollout.sample, rl.train_on_rows
 
-    def recording(model, stage):
-        optimizer = original(model, stage)
-        built.append((stage, optimizer))
-        return optimizer
+    def recording_build(model, stage):
+        built.append((stage, build(model, stage)))
+        return built[-1][1]
 
-    monkeypatch.setattr(optim, "build_optimizer", recording)
+    def recording_sample(model, prompts, *args, **kwargs):
+        sampled.append((len(prompts), args[:4], args[7], kwargs))
+        return sample(model, prompts, *args, **kwargs)
+
+    def recording_train(model, ref, optimizer, rows, *args, **kwargs):
+        trained.append([(tuple(r.prompt_ids), r.advantage) for r in rows])
+        return train(model, ref, optimizer, rows, *args, **kwargs)
+
+    monkeypatch.setattr(optim, "build_optimizer", recording_build)
+    monkeypatch.setattr(rollout, "sample", recording_sample)
+    monkeypatch.setattr(rl, "train_on_rows", recording_train)
     rl.run_rl(config, tmp_path / "run", config.output.source_checkpoint, resume=False)
+
     ((stage, optimizer),) = built
     assert stage is config.rl
-    groups = optimizer.param_groups
-    assert {g["base_lr"] for g in groups} == {3e-4, 2e-4, 1e-4}
-    assert 0.125 in {g["weight_decay"] for g in groups}
+    assert {g["base_lr"] for g in optimizer.param_groups} == {3e-4, 2e-4, 1e-4}
+    assert 0.125 in {g["weight_decay"] for g in optimizer.param_groups}
     rows = [r for r in read_metrics(tmp_path / "run", "rl") if "lr_multiplier" in r]
     # warmup W = round(0.5 × 4) = 2 steps up to init_lr_frac 0.5, then linear towards 0 over the other 2.
     assert [r["lr_multiplier"] for r in rows] == pytest.approx([0.25, 0.5, 0.5, 0.25])
+
+    # Sampling calls: (prompts, (samples per prompt, max_new_tokens, temperature, top_k), batch size, kwargs).
+    evals = [c for c in sampled if c[3].get("greedy_first")]
+    rollouts = [c for c in sampled if not c[3].get("greedy_first")]
+    assert [c[0] for c in evals] == [3, 3]  # eval_examples problems, at step 0 and at the end
+    assert all(c[1] == (2 + 1, 2, 0.7, 5) and c[2] == 5 for c in evals)  # eval_k samples + one greedy row
+    assert len(rollouts) == 4 and all(c[0] == 2 and c[1] == (3, 2, 0.7, 5) and c[2] == 5 for c in rollouts)
+    # Training: examples_per_step × num_samples rows per step, groups of num_samples sharing a prompt.
+    assert [len(step) for step in trained] == [6, 6, 6, 6]
+    for step in trained:
+        assert all(len({p for p, _ in step[g : g + 3]}) == 1 for g in (0, 3))
+    records = (tmp_path / "run" / "eval" / "rl_step_000004.jsonl").read_text().splitlines()
+    assert [len(json.loads(line)["strict"]) for line in records] == [2, 2, 2]  # eval_k samples per problem
 
 
 # ---------------------------------------------------------------------------------------------------- target
