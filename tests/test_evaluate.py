@@ -131,8 +131,46 @@ def _score_gsm8k_file(data: Path, rows: int, tmp_path: Path) -> None:
     assert payload["num_problems"] == rows and len(payload["problems"]) == rows
     first = json.loads(data.read_text().splitlines()[0])
     assert payload["problems"][0]["prompt"][-1]["content"] == first["question"]  # the first rows, in order
-    for name in ("pass@1_strict", "pass@1_lenient"):
-        assert 0.0 <= payload["metrics"][name]["value"] <= 1.0
+    assert_metrics_match_records(payload)
+
+
+def assert_metrics_match_records(payload: dict) -> None:
+    """The reported pass@1/pass@k are the per-problem unbiased estimates averaged over the recorded samples."""
+    k = payload["k"]
+    for kind in ("strict", "lenient"):
+        per_problem = [(len(p[kind]), sum(v > 0.5 for v in p[kind])) for p in payload["problems"]]
+        for j in sorted({1, k}):
+            expected = sum(pass_at_k(n, c, j) for n, c in per_problem) / len(per_problem)
+            assert payload["metrics"][f"pass@{j}_{kind}"]["value"] == pytest.approx(expected), (kind, j)
+
+
+def odd_length(completion: str, reference: str) -> float:
+    """A reward that a random model earns about half the time (so the aggregates are not trivially 0)."""
+    return float(len(completion) % 2)
+
+
+def test_cli_scores_a_local_model_with_a_custom_reward(tmp_path: Path) -> None:
+    """The eval CLI's success path on a fresh clone: a local tiny model, procedural problems, a module:function reward."""
+    from helpers import save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path / "tiny")
+    out = tmp_path / "eval.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "integration_training.evaluate", "--model", str(model_dir), "--dataset", "arithmetic",
+         "--split", "test", "--max-samples", "6", "--reward", "test_evaluate:odd_length", "--k", "3",
+         "--max-new-tokens", "6", "--batch-size", "8", "--seed", "0", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "tests"), "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(out.read_text())
+    assert payload["num_problems"] == 6 and payload["k"] == 3
+    assert all(len(p["completions"]) == 3 and p["greedy"] is not None for p in payload["problems"])
+    for p in payload["problems"]:
+        assert p["strict"] == [odd_length(c, p["reference"]) for c in p["completions"]]
+    assert 0 < sum(sum(p["strict"]) for p in payload["problems"]) < 18  # both outcomes occur: the check below bites
+    assert_metrics_match_records(payload)
+    assert "pass@3_strict" in done.stdout
 
 
 @pytest.mark.slow
