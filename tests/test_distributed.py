@@ -272,6 +272,7 @@ def test_ddp_and_fsdp2_updates_equal_one_process_with_the_same_global_batch(tmp_
 # ---------------------------------------------------------------------------------------------------- deploy.py
 
 
+@pytest.mark.slow  # two torchrun ranks, SFT then RL: 50-180 s on 2 loaded cores
 def test_two_process_sft_then_rl_run_writes_a_checkpoint_one_process_can_load(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -287,6 +288,7 @@ def test_two_process_sft_then_rl_run_writes_a_checkpoint_one_process_can_load(tm
     assert evals and all(line["eval/num_problems"] == 3 for line in evals)  # an odd count: no problem dropped
 
 
+@pytest.mark.slow  # three FSDP2 deploy runs: 50-180 s on 2 loaded cores
 def test_fsdp2_resume_at_world_size_two_matches_an_uninterrupted_run(tmp_path):
     config = two_process_config(tmp_path, "fsdp2", "sft+rl", sft=dict(checkpoint_every=2), rl=dict(save_every=1))
     config_file = write_config(tmp_path / "cfg.py", config)
@@ -322,6 +324,7 @@ def test_resuming_with_another_world_size_or_parallelism_is_a_user_error():
             _check_same_layout(Path("step_000001"), state, world, parallelism)
 
 
+@pytest.mark.slow  # two torchrun nodes: 50-180 s on 2 loaded cores
 def test_two_nodes_on_localhost_train_and_write_one_checkpoint(tmp_path):
     port = free_port()
     node = {r: two_process_config(tmp_path, "ddp", "sft",
