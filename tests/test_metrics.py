@@ -42,7 +42,9 @@ def test_non_main_rank_writes_nothing(tmp_path):
         log.log(1, {"loss": 1.0})
         log.truncate_after(0)
     assert not (tmp_path / "metrics.jsonl").exists()
-    Progress(total=3, initial=0, is_main=False, description="x").update({"loss": "1"})
+    progress = Progress(total=3, initial=0, is_main=False, description="x")
+    progress.update({"loss": "1"})
+    assert progress._bar is None  # no tqdm bar on other ranks
 
 
 def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
