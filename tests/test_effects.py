@@ -19,10 +19,11 @@ import torch
 
 from helpers import make_config, smollm2_tokenizer, tiny_model
 from integration_training import cli, models, rl
-from integration_training.config import to_json
+from integration_training.config import ModelConfig, to_json
 from integration_training.distributed import Dist
 
 CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
+F32 = ModelConfig(name="unused", dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False)
 VOCAB = 96
 
 
@@ -62,7 +63,7 @@ def on_policy_rows(model, seed: int = 0) -> list[rl.Sequence_]:
             completion = torch.randint(1, VOCAB, (2 + s,), generator=gen).tolist()
             row = rl.Sequence_(prompt, completion, [0.0] * len(completion), float(advantages[p, s]), float(rewards[p, s]))
             with torch.no_grad():
-                old, _ = rl.completion_logprobs(model, rl.build_batch([row], 0, torch.device("cpu")))
+                old, _ = rl.completion_logprobs(model, rl.build_batch([row], 0, torch.device("cpu")), False, "float32")
             rows.append(dataclasses.replace(row, old_logprobs=old.tolist()))
     return rows
 
@@ -96,7 +97,7 @@ def test_kl_is_zero_against_itself_and_grows_with_divergence():
     rows = on_policy_rows(model)
     kls = []
     for scale in (0.0, 0.02, 0.1):
-        stats = rl.train_on_rows(model, perturbed(model, scale), NoStep(model), rows, rl_config(kl_coef=0.1), 0, CPU)
+        stats = rl.train_on_rows(model, perturbed(model, scale), NoStep(model), rows, rl_config(kl_coef=0.1), 0, CPU, F32, None)
         kls.append(stats["kl"])
     assert kls[0] == pytest.approx(0.0, abs=1e-6), kls
     assert 0.0 < kls[1] < kls[2], kls
@@ -111,7 +112,7 @@ def test_kl_coef_adds_the_gradient_of_the_penalty():
     grads = {}
     for coef in (0.0, 0.5):
         optimizer = NoStep(model)
-        rl.train_on_rows(model, ref, optimizer, rows, rl_config(kl_coef=coef), 0, CPU)
+        rl.train_on_rows(model, ref, optimizer, rows, rl_config(kl_coef=coef), 0, CPU, F32, None)
         grads[coef] = optimizer.grads[0]
     difference = max(float((grads[0.0][n] - grads[0.5][n]).abs().max()) for n in grads[0.0])
     assert difference > 1e-6, "kl_coef changed nothing in the gradient"
@@ -123,14 +124,14 @@ def test_clip_fraction_is_zero_inside_the_band_and_positive_outside():
     # Without a weight change the ratio stays exactly 1: nothing is clipped over two updates.
     model = tiny_llama(VOCAB)
     rows = on_policy_rows(model)
-    inside = rl.train_on_rows(model, None, NoStep(model), rows, rl_config(updates_per_batch=2, clip_eps=0.2), 0, CPU)
+    inside = rl.train_on_rows(model, None, NoStep(model), rows, rl_config(updates_per_batch=2, clip_eps=0.2), 0, CPU, F32, None)
     assert inside["clip_frac"] == 0.0
     # A big SGD step after the first update pushes ratios out of [0.8, 1.2]: the second update clips some tokens.
     fractions = {}
     for eps in (0.2, 1e6):
         model = tiny_llama(VOCAB)
         optimizer = torch.optim.SGD(model.parameters(), lr=20.0)
-        stats = rl.train_on_rows(model, None, optimizer, rows, rl_config(updates_per_batch=2, clip_eps=eps), 0, CPU)
+        stats = rl.train_on_rows(model, None, optimizer, rows, rl_config(updates_per_batch=2, clip_eps=eps), 0, CPU, F32, None)
         fractions[eps] = stats["clip_frac"]
     assert fractions[0.2] > 0.0, fractions
     assert fractions[1e6] == 0.0, fractions  # the band, not the step, decides what is clipped
@@ -144,7 +145,7 @@ def test_rl_grad_clip_bounds_the_applied_gradient_and_reports_the_unclipped_norm
     norms = {}
     for clip in (0.0, 1e-3):
         optimizer = NoStep(model)
-        stats = rl.train_on_rows(model, None, optimizer, rows, rl_config(grad_clip=clip), 0, CPU)
+        stats = rl.train_on_rows(model, None, optimizer, rows, rl_config(grad_clip=clip), 0, CPU, F32, None)
         applied = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in optimizer.grads[0].values()]))
         norms[clip] = (stats["grad_norm"], float(applied))
     assert norms[0.0][0] == pytest.approx(norms[0.0][1], rel=1e-4) and norms[0.0][1] > 1e-2
@@ -254,23 +255,32 @@ def test_gpu_ranks_become_cuda_visible_devices(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dtype,attn", [("bfloat16", "eager"), ("float32", "sdpa")])
 def test_model_dtype_and_attention_reach_the_loaded_model(tmp_path, dtype, attn):
+    """Sampling loads weights in the compute dtype; training keeps float32 masters and computes in the dtype."""
     from helpers import save_tiny_model_dir
+    from integration_training import precision
 
-    model = models.load_model(str(save_tiny_model_dir(tmp_path / "m")), dtype, attn, torch.device("cpu"))
-    assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
-    assert model.config._attn_implementation == attn
+    path = str(save_tiny_model_dir(tmp_path / "m"))
+    sampler = models.load_model(path, dtype, attn, torch.device("cpu"), training=False)
+    assert {p.dtype for p in sampler.parameters()} == {getattr(torch, dtype)}
+    assert sampler.config._attn_implementation == attn
+    trainer = models.load_model(path, dtype, attn, torch.device("cpu"), training=True)
+    assert {p.dtype for p in trainer.parameters()} == {torch.float32}
+    assert trainer.config._attn_implementation == attn
+    with precision.autocast(torch.device("cpu"), dtype):
+        logits = trainer(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert logits.dtype == getattr(torch, dtype)
 
 
 class Recorder:
     """Records every models.load_model call (its arguments and the model) while delegating to the real one."""
 
     def __init__(self, monkeypatch) -> None:
-        self.calls: list[tuple[tuple, object]] = []
+        self.calls: list[tuple[tuple, dict, object]] = []
         original = models.load_model
 
         def recording(*args, **kwargs):
             model = original(*args, **kwargs)
-            self.calls.append((args, model))
+            self.calls.append((args, kwargs, model))
             return model
 
         monkeypatch.setattr(models, "load_model", recording)
@@ -300,7 +310,17 @@ def test_model_and_output_fields_reach_both_stages_of_a_run(tmp_path, monkeypatc
     compile, log level, wandb, and SFT's and RL's log/eval cadence are each seen where they act."""
     from integration_training.metrics import read_metrics
 
+    from integration_training import precision
+
     loads = Recorder(monkeypatch)
+    autocast_dtypes = []
+    original_autocast = precision.autocast
+
+    def recording_autocast(device, name):
+        autocast_dtypes.append(name)
+        return original_autocast(device, name)
+
+    monkeypatch.setattr(precision, "autocast", recording_autocast)
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
     events = fake_wandb(monkeypatch)
@@ -315,12 +335,14 @@ def test_model_and_output_fields_reach_both_stages_of_a_run(tmp_path, monkeypatc
     assert cli.main([str(write_config(tmp_path / "knobs.py", config))]) == 0
     run = tmp_path / "results" / "knobs"
 
-    # model.*: every load (baseline eval, SFT, RL) asked for the configured dtype and attention; what trained is so.
-    assert len(loads.calls) == 3
-    for args, model in loads.calls:
+    # model.*: every load (baseline eval, SFT, RL) asked for the configured dtype and attention; the two trained
+    # models checkpoint activations; every autocast (SFT and RL forwards, sampling) computes in bfloat16.
+    assert [kwargs["training"] for _, kwargs, _ in loads.calls] == [False, True, True]
+    for args, _, model in loads.calls:
         assert args[1:3] == ("bfloat16", "eager"), args
         assert model.config._attn_implementation == "eager"
-        assert model.is_gradient_checkpointing
+    assert [model.is_gradient_checkpointing for _, kwargs, model in loads.calls if kwargs["training"]] == [True, True]
+    assert autocast_dtypes and set(autocast_dtypes) == {"bfloat16"}
     assert len(compiled) == 1  # SFT's training module
 
     # output.log_level: WARNING keeps every INFO record out of train.log (an INFO run writes many).
