@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -292,6 +293,8 @@ def main(argv: list[str]) -> int:
             print(f"{f.name:28s} {f.file:36s} {f.why}")
         return 0
     faults = select(args)
+    # SIGTERM unwinds like Ctrl-C: subprocess.run kills the running pytest and the temporary copies are removed.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     rows: list[tuple[str, str, str, float]] = []
     status = 0
     with tempfile.TemporaryDirectory(prefix="mutation-check-") as scratch:
