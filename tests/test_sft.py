@@ -395,11 +395,14 @@ SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 
 @pytest.mark.slow  # ~2 minutes on 2 loaded cores: a 135M model, 20 steps
-@pytest.mark.skipif(not (SHARED_GSM8K / "train.jsonl").is_file(), reason="shared GSM8K rows not present")
 def test_smollm2_on_gsm8k_lowers_validation_loss(tmp_path):
+    """The real SmolLM2 learns: on GSM8K rows when ../shared/data has them, else on procedural arithmetic (so the
+    test runs on a fresh clone too)."""
     from integration_training.models import OFFLINE_SMOLLM2
 
     def gsm8k(split, n):
+        if not (SHARED_GSM8K / "train.jsonl").is_file():
+            return arithmetic(split, n)
         return DatasetSpec(name="openai/gsm8k", split=split, subset="main", max_samples=n, repeat=1,
                            path=str(SHARED_GSM8K / f"{split}.jsonl"), reward=None)
 
