@@ -60,6 +60,8 @@ CASES = [
     ("one_process_must_use_none", dict(target=dict(parallelism="ddp")), "target.parallelism"),
     ("dtype_name", dict(model=dict(dtype="fp8")), "model.dtype"),
     ("float16_on_cpu", dict(model=dict(dtype="float16")), "model.dtype"),
+    ("float16_with_fsdp2", dict(target=dict(CUDA1, gpu_ranks=[0, 1], processes_per_node=2, parallelism="fsdp2"),
+                                model=dict(dtype="float16"), **TWO_RANK_BATCHES), "model.dtype"),
     ("attn_name", dict(model=dict(attn_implementation="flex")), "model.attn_implementation"),
     ("flash_attention_on_cpu", dict(model=dict(attn_implementation="flash_attention_2")), "model.attn_implementation"),
     ("model_name_empty", dict(model=dict(name="")), "model.name"),
