@@ -153,6 +153,26 @@ def test_rl_grad_clip_bounds_the_applied_gradient_and_reports_the_unclipped_norm
     assert norms[1e-3][1] == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_temperature_and_top_k_shape_what_is_drawn():
+    """Token frequencies follow softmax(logits / temperature) restricted to the top k (seeded, 20000 draws)."""
+    from integration_training.rollout import pick_tokens
+
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).expand(20000, 3)
+
+    def frequencies(temperature, top_k):
+        tokens, logprobs = pick_tokens(logits, temperature, top_k, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1))
+        return torch.bincount(tokens, minlength=3).double() / len(tokens)
+
+    for temperature in (0.5, 1.0, 2.0):
+        expected = torch.softmax(logits[0].double() / temperature, -1)
+        torch.testing.assert_close(frequencies(temperature, 0), expected, rtol=0, atol=0.015)
+    expected = torch.softmax(torch.tensor([1.0, 2.0], dtype=torch.float64) / 2.0, -1)
+    got = frequencies(2.0, 2)
+    assert got[0] == 0.0  # outside the top 2: never drawn
+    torch.testing.assert_close(got[1:], expected, rtol=0, atol=0.015)
+
+
 # ---------------------------------------------------------------------------------------------------- RL: length
 
 
