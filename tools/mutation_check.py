@@ -169,7 +169,7 @@ FAULTS: tuple[Fault, ...] = (
           '            optimizer.load_state_dict(state["optimizer"])', "            pass",
           (T_SFT + "test_resume_after_stop_or_crash_is_bitwise_identical",), "SFT resume drops the optimizer state"),
     Fault("metrics-truncate", "integration_training/metrics.py",
-          'row.get("step", -1) > step', 'row.get("step", -1) >= step',
+          'row["step"] > step:', 'row["step"] >= step:',
           ("tests/test_metrics.py::test_truncate_after_drops_only_this_stages_later_steps",),
           "resume truncation drops the checkpoint step's own metrics"),
     Fault("checkpoint-latest-by-name", "integration_training/checkpoint.py",
