@@ -4,6 +4,7 @@ from integration_training.config import (  # noqa: F401  (re-exports for config 
     Config,
     DataConfig,
     DatasetSpec,
+    LoRAConfig,
     ModelConfig,
     OutputConfig,
     RLConfig,

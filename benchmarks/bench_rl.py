@@ -110,7 +110,7 @@ def run_ours(args) -> dict:
         rows, stats = rl.rollout_step(model, tokenizer, batch, config, stop_ids, tokenizer.pad_token_id, generator, "float32")
         t1 = time.perf_counter()
         trained = rl.train_on_rows(model, None, optimizer, rows, config, tokenizer.pad_token_id, dist, ModelConfig(name="unused", dtype="float32", compile=False, attn_implementation="sdpa",
-                                             gradient_checkpointing=False), None)
+                                             gradient_checkpointing=False, lora=None), None)
         t2 = time.perf_counter()
         skipped.append(trained["skipped_frac"])
         if step >= args.warmup:

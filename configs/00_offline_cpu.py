@@ -34,6 +34,7 @@ config = Config(
         compile=False,
         attn_implementation="sdpa",
         gradient_checkpointing=False,
+        lora=None,  # full fine-tune (configs/03_offline_lora.py trains LoRA adapters)
     ),
     data=DataConfig(
         # A short SFT on purpose: 64 problems teach the worked-answer format (greedy 0 → ~0.15) but leave sampling at

@@ -33,6 +33,7 @@ config = Config(
         compile=False,
         attn_implementation="sdpa",  # packed rows get a block mask; "flash_attention_2" (CUDA) uses its varlen path
         gradient_checkpointing=False,
+        lora=None,  # full fine-tune (configs/03_offline_lora.py trains LoRA adapters)
     ),
     data=DataConfig(
         sft_mixture=[

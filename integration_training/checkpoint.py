@@ -137,7 +137,7 @@ def verify_checkpoint(path: Path) -> None:
 
     path = Path(path)
     fix = f"delete {path} to resume from the checkpoint before it"
-    weights = sorted(path.glob("*.safetensors"))
+    weights = sorted(path.rglob("*.safetensors"))  # rglob: a LoRA checkpoint keeps its adapter in adapter/
     if not weights:
         raise UserError(f"{path}: holds no *.safetensors weights; {fix}")
     for file in weights:

@@ -115,12 +115,26 @@ class TargetConfig:
 
 
 @_schema
+class LoRAConfig:
+    """Low-rank adapters (peft LoRA) on the model's linear layers; the base weights stay frozen."""
+
+    r: int  # adapter rank, >= 1
+    alpha: float  # scaling numerator: the adapter's update is (alpha / r) · B·A
+    dropout: float  # dropout on the adapter's input during training, in [0, 1)
+    # Linear modules that get adapters: names matched as peft does (a module whose name is, or ends with, ".NAME"),
+    # e.g. ["q_proj", "v_proj"]; or exactly ["all-linear"]: every linear layer except the LM head. Each name must
+    # match at least one linear layer of the model (checked when the model loads, and by --dry-run).
+    target_modules: list[str]
+
+
+@_schema
 class ModelConfig:
     name: str  # HF hub id, local directory, or "offline:SmolLM2-135M-Instruct"
     dtype: str  # "float32" | "bfloat16" | "float16"
     compile: bool  # torch.compile the model for training
     attn_implementation: str  # "sdpa" | "eager" | "flash_attention_2"
     gradient_checkpointing: bool
+    lora: LoRAConfig | None  # None = full fine-tune; otherwise SFT and RL train only the adapters
 
 
 @_schema
@@ -229,6 +243,7 @@ OPTIMIZERS = ("adamw", "muon")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 ADVANTAGES = ("mean", "mean_std")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LORA_ALL_LINEAR = "all-linear"
 
 
 def runs_sft(config: Config) -> bool:
@@ -394,6 +409,30 @@ def _model_rules(m: ModelConfig, t: TargetConfig):
         "(or parallelism='ddp')"]
 
 
+def _lora_rules(config: Config):
+    """model.lora's own ranges, and Muon refused with it for each stage that runs: Muon orthogonalises a whole
+    weight matrix's update; orthogonalising the factors A and B separately does not orthogonalise the update B·A."""
+    lora = config.model.lora
+    if lora is None:
+        return
+    names = lambda: lora.target_modules  # noqa: E731
+    yield lambda: _at_least(lora.r, 1, "model.lora.r")
+    yield lambda: [] if lora.alpha > 0 else [f"model.lora.alpha: must be > 0, got {lora.alpha!r}"]
+    yield lambda: [] if 0.0 <= lora.dropout < 1.0 else [f"model.lora.dropout: must be in [0, 1), got {lora.dropout!r}"]
+    yield lambda: [] if names() else [
+        f"model.lora.target_modules: must name at least one module, or be [{LORA_ALL_LINEAR!r}]"]
+    yield lambda: [] if LORA_ALL_LINEAR not in names() or len(names()) == 1 else [
+        f"model.lora.target_modules: {LORA_ALL_LINEAR!r} already covers every linear layer; use it alone"]
+    yield lambda: [f"model.lora.target_modules[{i}]: {n!r} is not a module name such as 'q_proj'"
+                   for i, n in enumerate(names()) if not n or n != n.strip() or n.startswith(".") or n.endswith(".")]
+    yield lambda: [] if len(set(names())) == len(names()) else [
+        f"model.lora.target_modules: {names()} lists a name twice"]
+    for stage, runs in (("sft", runs_sft), ("rl", runs_rl)):
+        yield lambda stage=stage, runs=runs: [] if not runs(config) or getattr(config, stage).optimizer != "muon" else [
+            f"{stage}.optimizer: 'muon' does not apply to LoRA adapters (model.lora is set); use optimizer='adamw', "
+            "or model.lora=None for a full fine-tune with Muon"]
+
+
 OFFLINE_MODEL_ID = "offline:SmolLM2-135M-Instruct"
 
 
@@ -543,6 +582,7 @@ def problems(config: Config) -> list[str]:
     rules = [
         *_target_rules(t),
         *_model_rules(config.model, t),
+        *_lora_rules(config),
         *_data_rules(d, config.output.mode if isinstance(config.output.mode, str) else ""),
         *_sft_rules(config.sft, world),
         *_rl_rules(config.rl, world, lambda: d.max_length),

@@ -44,7 +44,8 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
             groups["matrix"].append(param)
         else:
             groups["other"].append(param)
-    assert groups["embedding"], "the input embedding must be trainable"
+    # A full fine-tune trains the embedding; with LoRA (model.lora) only the adapters train, all in `matrix`.
+    assert any(groups.values()), "the model has no trainable parameter"
     return groups
 
 

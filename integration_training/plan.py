@@ -68,16 +68,27 @@ def _model_lines(config: Config) -> tuple[list[str], object | None, int | None]:
     m = config.model
     lines = [f"model: {models.describe_source(m.name)}"]
     local = _local_model_dir(m.name)
-    tokenizer, params, architecture = None, None, None
+    tokenizer, params, architecture, adapter = None, None, None, None
     if local is not None:
         tokenizer = models.load_tokenizer(str(local))
-        params, architecture = _count_params(local)
+        params, architecture, adapter = _count_params(local, m.lora)
     params_text = f"{params / 1e6:.1f}M parameters ({architecture})" if params else "parameters: known after download"
     lines.append(
         f"  {params_text}; dtype={m.dtype}; attn={m.attn_implementation}; compile={m.compile}; "
         f"gradient_checkpointing={m.gradient_checkpointing}"
     )
-    return lines, tokenizer, params
+    if m.lora is None:
+        lines.append("  training: full fine-tune (model.lora=None): every parameter trains")
+    else:
+        l = m.lora
+        share = f"{adapter / 1e6:.2f}M trainable adapter parameters = {adapter / params:.2%} of the model" if adapter else (
+            "trainable adapter parameters: known after download")
+        lines.append(
+            f"  training: LoRA r={l.r} alpha={l.alpha} (scale {l.alpha / l.r:g}) dropout={l.dropout} on "
+            f"{l.target_modules}; base frozen; {share}; adapters train at each stage's matrix_lr "
+            "(embedding_lr/unembedding_lr: no trainable tensor); RL after SFT: fresh adapters on the merged SFT model"
+        )
+    return lines, tokenizer, params, adapter
 
 
 def _local_model_dir(name: str) -> Path | None:
@@ -90,15 +101,19 @@ def _local_model_dir(name: str) -> Path | None:
     return directory if (directory / "config.json").is_file() else None
 
 
-def _count_params(model_dir: Path) -> tuple[int, str]:
-    """Parameter count from the config alone: the model is built on the meta device, no weights are read."""
+def _count_params(model_dir: Path, lora) -> tuple[int, str, int | None]:
+    """(parameters, architecture, LoRA adapter parameters or None) from the config alone: the model is built on the
+    meta device, no weights are read. With LoRA this also checks the targets against the model (UserError)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from integration_training.lora import adapter_parameter_count
 
     model_config = AutoConfig.from_pretrained(str(model_dir))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
-    return sum(p.numel() for p in model.parameters()), type(model).__name__
+    adapter = adapter_parameter_count(model, lora) if lora is not None else None
+    return sum(p.numel() for p in model.parameters()), type(model).__name__, adapter
 
 
 def _sft_lines(config: Config, sequences: int, supervised_tokens: int | None, total_tokens: int | None) -> list[str]:
@@ -158,28 +173,43 @@ def _rl_lines(config: Config, prompts: int | None) -> list[str]:
     ]
 
 
-def _memory_lines(config: Config, params: int | None) -> list[str]:
+def _memory_lines(config: Config, params: int | None, adapter: int | None) -> list[str]:
     """Static memory per process (before activations) under mixed precision with float32 masters.
 
     Training keeps float32 parameters, float32 gradients and AdamW's two float32 moments (16 bytes/parameter)
     whatever `model.dtype` says; a lower compute dtype adds the autocast copies of the weights in flight (counted
-    as one compute-dtype copy) and is what the frozen KL reference is held in.
+    as one compute-dtype copy) and is what the frozen KL reference is held in. With LoRA (`adapter` = its parameter
+    count) the frozen base keeps its float32 weights and casts, but gradients and moments exist only for the float32
+    adapters, and the KL reference is the base with the adapters off (no copy).
     """
     if not params:
         return ["memory: estimated once the model's size is known"]
     compute_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
-    masters = params * 4
-    gradients = params * 4
-    optimizer = params * 8  # AdamW keeps two fp32 moments per parameter
-    casts = params * compute_bytes if compute_bytes != 4 else 0
-    reference = params * compute_bytes if config.rl.kl_coef > 0 and runs_rl(config) else 0
     gib = 1024**3
-    total = (masters + gradients + optimizer + casts + reference) / gib
-    lines = [
-        f"memory (per process, before activations): fp32 master weights {masters / gib:.2f} GiB + fp32 grads "
-        f"{gradients / gib:.2f} + optimizer {optimizer / gib:.2f} + {config.model.dtype} weight casts {casts / gib:.2f} "
-        f"+ reference {reference / gib:.2f} = {total:.2f} GiB"
-    ]
+    kl = config.rl.kl_coef > 0 and runs_rl(config)
+    casts = params * compute_bytes if compute_bytes != 4 else 0
+
+    def line(label: str, trainable: int, adapters: int, reference: int, digits: int) -> str:
+        masters, gradients, optimizer = params * 4, trainable * 4, trainable * 8  # AdamW: two fp32 moments
+        total = (masters + adapters + gradients + optimizer + casts + reference) / gib
+        adapter_text = f" + fp32 adapters {adapters / gib:.{digits}f}" if adapters else ""
+        return (
+            f"{label}: fp32 master weights {masters / gib:.2f} GiB{adapter_text} + fp32 grads "
+            f"{gradients / gib:.{digits}f} + optimizer {optimizer / gib:.{digits}f} + {config.model.dtype} weight casts "
+            f"{casts / gib:.2f} + reference {reference / gib:.2f} = {total:.2f} GiB"
+        )
+
+    full_reference = params * compute_bytes if kl else 0
+    if config.model.lora is None:
+        lines = [line("memory (per process, before activations)", params, 0, full_reference, 2)]
+    elif adapter is None:
+        lines = ["memory: estimated once the model's size is known"]
+    else:
+        lines = [
+            line("memory with LoRA (per process, before activations)", adapter, adapter * 4, 0, 3)
+            + (" (KL reference: the base with adapters off, no copy)" if kl else ""),
+            line("  a full fine-tune would need", params, 0, full_reference, 2),
+        ]
     if config.model.dtype == "bfloat16" and config.target.device_type == "cpu":
         lines.append("  note: bfloat16 compute on CPU is slow (measured ~20x float32 on 2 cores); float32 is the CPU choice")
     return lines
@@ -198,7 +228,7 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
     )
     if device_note:
         lines.append(f"  NOTE: {device_note} — a real run here would stop before loading anything")
-    model_lines, tokenizer, params = _model_lines(config)
+    model_lines, tokenizer, params, adapter = _model_lines(config)
     lines += model_lines
     data = config.data
     lines.append(f"data (shuffle_seed={data.shuffle_seed}, max_length={data.max_length}):")
@@ -219,7 +249,7 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
         rl_offline = all(not _is_hub_source(s) for s in data.rl_mixture)
         prompts = _rl_prompts(config, tokenizer) if rl_offline else None
         lines += _rl_lines(config, prompts)
-    lines += _memory_lines(config, params)
+    lines += _memory_lines(config, params, adapter)
     if example_text is not None:
         lines += ["one rendered training example (supervised tokens between « and »):", example_text]
     else:

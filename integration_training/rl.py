@@ -616,9 +616,15 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
             "rl.optimizer: 'muon' orthogonalises whole matrices but target.parallelism='fsdp2' shards them; "
             "use parallelism='ddp' or optimizer='adamw'"
         )
-    policy, tokenizer = load_policy(latest if latest is not None else init_model, config.model, dist.device,
-                                    training=True)
-    ref_model = load_reference(init_model, config.model, dist.device) if rl.kl_coef > 0 else None
+    from integration_training import lora
+
+    # LoRA: the base is always init_model (fresh adapters on it, or the resumed checkpoint's adapter).
+    full_resume = latest is not None and config.model.lora is None
+    policy, tokenizer = load_policy(latest if full_resume else init_model, config.model, dist.device, training=True)
+    adapters = lora.prepare(policy, config.model, latest, seed)
+    ref_model = None
+    if rl.kl_coef > 0:  # with LoRA the reference is the policy with its adapters off: no second copy
+        ref_model = load_reference(init_model, config.model, dist.device) if adapters is None else adapters.reference()
     stop_ids = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id
     assert pad_id is not None  # load_tokenizer guarantees one
@@ -671,7 +677,12 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
                  "world_size": dist.world_size, "parallelism": config.target.parallelism}
         path = stage_dir / step_dir_name(step)
         if dist.is_main:
-            path = save_checkpoint(stage_dir, step, policy, tokenizer, state, state_dict=weights, dtype=config.model.dtype)
+            if adapters is None:
+                path = save_checkpoint(stage_dir, step, policy, tokenizer, state, state_dict=weights,
+                                       dtype=config.model.dtype)
+            else:  # adapter (float32) + merged export: the writer handles the compute dtype itself
+                path = save_checkpoint(stage_dir, step, adapters.writer(final=step == steps, dtype=config.model.dtype),
+                                       tokenizer, state, state_dict=weights, dtype="float32")
         barrier(dist)
         return path
 

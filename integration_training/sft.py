@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from integration_training import checkpoint, distributed, metrics, models, optim, precision, provenance, template
+from integration_training import checkpoint, distributed, lora, metrics, models, optim, precision, provenance, template
 from integration_training.template import IGNORE_INDEX, Batch, Rendered
 from integration_training.config import Config, SFTConfig, to_dict
 from integration_training.data.prepared import PreparedConversations, prepare
@@ -389,7 +389,10 @@ def run_sft(
     total = total_steps(stage, stream)
     attn = config.model.attn_implementation
     val = validation_batches(val_data, stage, config.data.max_length, dist, tokenizer.pad_token_id, attn)
-    model = _prepare_model(config, str(resume_from) if resume_from else base_path, dist)
+    # LoRA: the base is always model.name; a resumed run reloads its adapter from the checkpoint.
+    weights_from = str(resume_from) if resume_from and config.model.lora is None else base_path
+    model = _prepare_model(config, weights_from, dist)
+    adapters = lora.prepare(model, config.model, resume_from, config.data.shuffle_seed)
     sharded = distributed.is_sharded(config.target, dist)
     if sharded and stage.optimizer == "muon":
         raise UserError(
@@ -458,8 +461,13 @@ def run_sft(
         state = _train_state(at_step, stream, optimizer_state, dist, total, config.target.parallelism, scaler)
         path = _stage_dir(run_dir) / checkpoint.step_dir_name(at_step)
         if dist.is_main:
-            path = checkpoint.save_checkpoint(stage_dir, at_step, model, tokenizer, state, state_dict=weights,
-                                              dtype=config.model.dtype)
+            if adapters is None:
+                path = checkpoint.save_checkpoint(stage_dir, at_step, model, tokenizer, state, state_dict=weights,
+                                                  dtype=config.model.dtype)
+            else:  # adapter (float32) + merged export: the writer handles the compute dtype itself
+                writer = adapters.writer(final=at_step == total, dtype=config.model.dtype)
+                path = checkpoint.save_checkpoint(stage_dir, at_step, writer, tokenizer, state, state_dict=weights,
+                                                  dtype="float32")
             logger.info("saved checkpoint %s", path)
         distributed.barrier(dist)
         return path

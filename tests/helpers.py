@@ -95,7 +95,8 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
             num_nodes=1, node_rank=0, master_addr="127.0.0.1", master_port=29500,
         ),
         "model": ModelConfig(
-            name=str(model_dir), dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False
+            name=str(model_dir), dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False,
+            lora=None,
         ),
         "data": DataConfig(
             sft_mixture=[arithmetic("train", 16)],

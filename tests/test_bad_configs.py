@@ -53,6 +53,8 @@ def _annotation_kind(annotation) -> tuple[str, bool]:
         optional = True
     if typing.get_origin(annotation) is list:
         return "list", optional
+    if dataclasses.is_dataclass(annotation):  # model.lora: LoRAConfig | None (its own fields: tests/test_lora.py)
+        return "dataclass", optional
     return {int: "int", float: "float", bool: "bool", str: "str", Path: "Path"}[annotation], optional
 
 
@@ -63,7 +65,8 @@ ENUMERATED = {
 
 
 def _wrong_type(kind: str) -> str:
-    return {"int": "'3'", "float": "'0.1'", "bool": "1", "str": "5", "Path": "'results'", "list": "'x'"}[kind]
+    return {"int": "'3'", "float": "'0.1'", "bool": "1", "str": "5", "Path": "'results'", "list": "'x'",
+            "dataclass": "'x'"}[kind]
 
 
 def _out_of_range(field: str, kind: str) -> str | None:

@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 SINGLE = distributed.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
 GLOBAL_BATCH = 4  # sequences (SFT) per step over all ranks
 RL_PROMPTS, RL_SAMPLES = 4, 2
-F32 = ModelConfig(name="unused", dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False)
+F32 = ModelConfig(name="unused", dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False,
+                  lora=None)
 
 
 def free_port() -> int:

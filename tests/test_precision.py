@@ -251,6 +251,6 @@ def test_plan_memory_line_counts_masters_and_optimizer_state(tmp_path):
     from integration_training.plan import _memory_lines
 
     config = make_config(tmp_path, model=dict(dtype="bfloat16"))
-    line = _memory_lines(config, params=1024**3 // 4)  # 0.25 G parameters
+    line = _memory_lines(config, params=1024**3 // 4, adapter=None)  # 0.25 G parameters, full fine-tune
     assert "fp32 master weights 1.00 GiB" in line[0] and "optimizer 2.00" in line[0] and "bfloat16 weight casts 0.50" in line[0]
     assert any("slow" in extra for extra in line[1:])  # bf16 on CPU is allowed, and the plan says it is slow

@@ -32,7 +32,8 @@ from integration_training.metrics import read_metrics
 TARGET_DIGIT = "7"
 PROMPT = "Pick a digit."
 CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
-F32 = ModelConfig(name="unused", dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False)
+F32 = ModelConfig(name="unused", dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False,
+                  lora=None)
 
 
 # ---------------------------------------------------------------------------------------------------- reward used
@@ -111,7 +112,7 @@ def make_config(tmp: Path, model_dir: Path, data: Path, **rl_overrides: Any) -> 
         target=TargetConfig(gpu_ranks=[], device_type="cpu", processes_per_node=1, parallelism="none", num_nodes=1,
                             node_rank=0, master_addr="127.0.0.1", master_port=29500),
         model=ModelConfig(name=str(model_dir), dtype="float32", compile=False, attn_implementation="sdpa",
-                          gradient_checkpointing=False),
+                          gradient_checkpointing=False, lora=None),
         data=DataConfig(sft_mixture=[spec], sft_val_mixture=[spec], rl_mixture=[spec], rl_eval_mixture=[spec],
                         max_length=128, shuffle_seed=7),
         sft=SFTConfig(num_epochs=1, num_iterations=1, batch_size=1, target_examples_per_step=1, optimizer="adamw",
@@ -340,8 +341,8 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def test_handoff_loads_exact_sft_weights(digit_model_dir: Path) -> None:
     model, tokenizer = rl.load_policy(digit_model_dir, ModelConfig(
-        name="unused", dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False),
-        torch.device("cpu"), training=True)
+        name="unused", dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False,
+        lora=None), torch.device("cpu"), training=True)
     saved = _weights(digit_model_dir)
     state = model.state_dict()
     assert set(saved) <= set(state)
@@ -351,7 +352,7 @@ def test_handoff_loads_exact_sft_weights(digit_model_dir: Path) -> None:
 
 def test_missing_init_model_is_user_error_naming_path(tmp_path: Path) -> None:
     cfg = ModelConfig(name="x", dtype="float32", compile=False, attn_implementation="sdpa",
-                      gradient_checkpointing=False)
+                      gradient_checkpointing=False, lora=None)
     missing = tmp_path / "nope" / "step_000010"
     with pytest.raises(UserError, match="step_000010"):
         rl.load_policy(missing, cfg, torch.device("cpu"), training=True)
