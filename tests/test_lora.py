@@ -542,3 +542,27 @@ def _worker(out_dir: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     _worker(Path(sys.argv[1]))
+
+
+@pytest.mark.parametrize("r,alpha,dropout", [(2, 4.0, 0.0), (8, 4.0, 0.25)])
+def test_rank_alpha_and_dropout_reach_every_adapted_layer(r, alpha, dropout):
+    """r sets the adapters' shapes, alpha / r their scale on the output, dropout the adapters' input dropout."""
+    adapters = lora.prepare(tiny_model(VOCAB, 0), model_config(lora_config(("q_proj",), r=r, alpha=alpha,
+                                                                           dropout=dropout)), None, 0)
+    assert set(adapters.scalings().values()) == {alpha / r}
+    layers = [m for m in adapters.model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert len(layers) == 2
+    for layer in layers:
+        assert layer.lora_A["default"].weight.shape[0] == r and layer.lora_B["default"].weight.shape[1] == r
+        drop = layer.lora_dropout["default"]
+        assert (drop.p if isinstance(drop, torch.nn.Dropout) else 0.0) == dropout
+    # The scale acts on the output: doubling alpha doubles the adapters' contribution.
+    x = torch.randn(3, layers[0].in_features)
+    layer = layers[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        layer.eval()
+        base = layer.base_layer(x)
+        delta = layer(x) - base
+        layer.scaling["default"] *= 2
+        torch.testing.assert_close(layer(x) - base, 2 * delta, rtol=1e-5, atol=1e-6)
