@@ -25,11 +25,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from integration_training.precision import accum_dtype
+
+if TYPE_CHECKING:
+    from integration_training.tools import ToolRunner
 
 
 COMPACT_FRACTION = 4  # compact the decode batch once 1/COMPACT_FRACTION of its rows have finished
@@ -38,8 +42,9 @@ COMPACT_FRACTION = 4  # compact the decode batch once 1/COMPACT_FRACTION of its 
 @dataclass(frozen=True)
 class Completion:
     token_ids: list[int]  # as sampled, including the stop token when one was emitted
-    logprobs: list[float]  # untempered log-prob of each token in token_ids
+    logprobs: list[float]  # untempered log-prob of each drawn token in token_ids; 0.0 at forced positions
     finished: bool  # True iff the last token is a stop id (False: max_new_tokens ran out)
+    forced: list[bool]  # per token: forced by a tool (context, not drawn: no log-prob, no gradient)
 
 
 def sample(
@@ -54,6 +59,7 @@ def sample(
     generator: torch.Generator,
     batch_size: int,
     greedy_first: bool,
+    tools: "ToolRunner | None" = None,
 ) -> list[list[Completion]]:
     """Sample `num_samples` completions per prompt; result indexed `[prompt][sample]`.
 
@@ -62,6 +68,10 @@ def sample(
     k samples from one shared prefill instead of two. `generator` must live
     on the model's device (sampling happens there). The model is put in eval mode for the call and its
     previous mode restored afterwards.
+
+    `tools` (a `tools.ToolRunner`, or None = tools off, exactly the plain sampler): when a row's text ends with an
+    open call `<<EXPR=`, the row's next tokens are the forced `RESULT>>` tokens, taken one per step from a per-row
+    queue instead of drawing (the draw still runs for the whole batch, so the random stream stays aligned).
     """
     assert num_samples >= 1, num_samples
     assert max_new_tokens >= 0, max_new_tokens
@@ -91,6 +101,7 @@ def sample(
                 generator=generator,
                 device=device,
                 greedy_rows=torch.tensor([greedy_first and s == 0 for _, s in chunk], device=device),
+                tools=tools,
             )
             for (p, s), completion in zip(chunk, completions, strict=True):
                 results[p][s] = completion
@@ -110,10 +121,11 @@ def _sample_chunk(
     generator: torch.Generator,
     device: torch.device,
     greedy_rows: torch.Tensor,
+    tools: "ToolRunner | None",
 ) -> list[Completion]:
     num_rows = len(row_prompt)
     if max_new_tokens == 0:
-        return [Completion([], [], False) for _ in range(num_rows)]
+        return [Completion([], [], False, []) for _ in range(num_rows)]
 
     # 1. Prefill each distinct prompt once; only the last position's logits are needed.
     logits, cache, attention_mask, next_pos = prefill(model, unique_prompts, pad_id, device, max_new_tokens)
@@ -135,8 +147,11 @@ def _sample_chunk(
     num_live = num_rows
 
     any_greedy = bool(greedy_rows.any())  # evaluation's greedy rows; RL sampling has none
+    forcing = _Forcing(tools, num_rows, max_new_tokens, logits.shape[-1], stop_tensor, device) if tools else None
     for step in range(max_new_tokens):
         token, logprob = pick_tokens(logits, temperature, top_k, generator, greedy_rows[live] if any_greedy else None)
+        if forcing is not None:
+            token, logprob = forcing.apply(token, logprob, live, active, step)
         tokens_out[live, step] = torch.where(active, token, pad_id)
         logprobs_out[live, step] = torch.where(active, logprob, 0.0)
         lengths[live] = torch.where(active, step + 1, lengths[live])
@@ -145,7 +160,9 @@ def _sample_chunk(
         if step == max_new_tokens - 1:
             break
         active = active & ~stopped
-        num_active = int(active.sum())  # the one host sync per step
+        if forcing is not None:
+            forcing.advance(token, live, active, tokens_out, step)
+        num_active = int(active.sum())  # the one host sync per step (tools add theirs in `advance`)
         if num_active == 0:
             break
         if (num_live - num_active) * COMPACT_FRACTION >= num_live:
@@ -170,7 +187,52 @@ def _sample_chunk(
         next_pos = next_pos + 1
         logits = out.logits[:, -1, :]
 
-    return _to_completions(tokens_out.tolist(), logprobs_out.tolist(), lengths.tolist(), finished.tolist())
+    forced = forcing.forced_out.tolist() if forcing is not None else [[False] * max_new_tokens] * num_rows
+    return _to_completions(tokens_out.tolist(), logprobs_out.tolist(), lengths.tolist(), finished.tolist(), forced)
+
+
+class _Forcing:
+    """Per-row queues of forced tool tokens for one chunk (indexed by chunk row, so compaction needs nothing).
+
+    `next_token[r]` is the token row r must take at the next step (-1: draw). Host-side `queues` hold the rest of
+    each row's forced span. Detection is cheap: only rows whose last drawn token ends in '=' are decoded.
+    """
+
+    def __init__(self, tools, num_rows: int, max_new_tokens: int, vocab: int, stop_tensor: torch.Tensor,
+                 device: torch.device) -> None:
+        self.tools = tools
+        self.stop_tensor = stop_tensor
+        self.ends_with_equals = tools.ends_with_equals(vocab, device)
+        self.next_token = torch.full((num_rows,), -1, dtype=torch.long, device=device)
+        self.forced_out = torch.zeros((num_rows, max_new_tokens), dtype=torch.bool, device=device)
+        self.queues: dict[int, list[int]] = {}  # forcing chunk row → its forced tokens after next_token[row]
+        self.is_forced: torch.Tensor | None = None
+
+    def apply(self, token, logprob, live, active, step):
+        planned = self.next_token[live]
+        self.is_forced = (planned >= 0) & active
+        self.forced_out[live, step] = self.is_forced
+        return torch.where(self.is_forced, planned, token), torch.where(self.is_forced, 0.0, logprob)
+
+    def advance(self, token, live, active, tokens_out, step) -> None:
+        """After step `step`: move every queue on by one token, then open queues for rows that just wrote `<<E=`."""
+        assert self.is_forced is not None
+        for row in list(self.queues):  # every row with a queue took its forced token this step
+            rest = self.queues[row]
+            if rest:
+                self.next_token[row] = rest.pop(0)
+            else:  # the span is done: draw again
+                self.next_token[row] = -1
+                del self.queues[row]
+        opened = self.ends_with_equals[token] & active & ~self.is_forced
+        for row in live[opened].tolist():
+            ids = self.tools.forced_for(tokens_out[row, : step + 1].tolist())
+            if ids is None:
+                continue
+            assert not bool(torch.isin(torch.tensor(ids, device=self.stop_tensor.device), self.stop_tensor).any()), \
+                "a forced tool span contains a stop token"
+            self.next_token[row] = ids[0]
+            self.queues[row] = ids[1:]  # kept while the row is forcing, even empty: `advance` resets next_token
 
 
 def prefill(
@@ -461,11 +523,12 @@ def sequence_logprobs(
 
 
 def _to_completions(
-    tokens: list[list[int]], logprobs: list[list[float]], lengths: list[int], finished: list[bool]
+    tokens: list[list[int]], logprobs: list[list[float]], lengths: list[int], finished: list[bool],
+    forced: list[list[bool]],
 ) -> list[Completion]:
     return [
-        Completion(token_ids=t[:n], logprobs=lp[:n], finished=f)
-        for t, lp, n, f in zip(tokens, logprobs, lengths, finished, strict=True)
+        Completion(token_ids=t[:n], logprobs=lp[:n], finished=f, forced=fo[:n])
+        for t, lp, n, f, fo in zip(tokens, logprobs, lengths, finished, forced, strict=True)
     ]
 
 

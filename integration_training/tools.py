@@ -233,3 +233,50 @@ def equals_token_table(tokenizer: Any, vocab_size: int) -> list[bool]:
     for token_id in range(min(vocab_size, len(tokenizer))):
         table[token_id] = tokenizer.decode([token_id]).endswith(CALL_EQUALS)
     return table
+
+
+# ---------------------------------------------------------------------------------------------------- sampling engine
+
+
+class ToolRunner:
+    """What the rollout engine needs to run the calculator protocol for one tokenizer.
+
+    `ends_with_equals(vocab, device)` is a [V] bool table (built once per vocabulary size and device, by decoding
+    every token once): the engine looks at a row's text only after it drew a token that ends in '='. `forced_for`
+    decodes just the row's last `TAIL_TOKENS` tokens (every token is at least one character, so an open call of at
+    most MAX_CHARS characters fits) and returns the forced token ids, or None when no call is open.
+    """
+
+    TAIL_TOKENS = MAX_CHARS + len(CALL_OPEN) + len(CALL_EQUALS) + 1
+
+    def __init__(self, tokenizer: Any, tools: Sequence[str]) -> None:
+        assert tools and not validate_tools(tools), tools
+        self.tokenizer = tokenizer
+        self.tools = tuple(tools)
+        self._tables: dict[tuple[int, str], Any] = {}
+
+    def ends_with_equals(self, vocab_size: int, device: Any) -> Any:
+        import torch
+
+        key = (vocab_size, str(device))
+        if key not in self._tables:
+            table = equals_token_table(self.tokenizer, vocab_size)
+            self._tables[key] = torch.tensor(table, dtype=torch.bool, device=device)
+        return self._tables[key]
+
+    def forced_for(self, completion_ids: Sequence[int]) -> list[int] | None:
+        tail = list(completion_ids[-self.TAIL_TOKENS :])
+        expression = pending_call(self.tokenizer.decode(tail, skip_special_tokens=False))
+        if expression is None:
+            return None
+        return forced_token_ids(self.tokenizer, forced_text(expression))
+
+
+def tool_runner(tokenizer: Any, tools: Sequence[str]) -> ToolRunner | None:
+    """The engine's tool hook for a configured tool list; None when tools are off (the sampler's unchanged path)."""
+    return ToolRunner(tokenizer, tools) if tools else None
+
+
+def tool_calls(text: str) -> list[dict[str, str]]:
+    """The calls in a completion's text, for evaluation records: [{"expression", "result"}]."""
+    return [{"expression": m.group(1), "result": m.group(2)} for m in ANNOTATION.finditer(text)]
