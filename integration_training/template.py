@@ -113,20 +113,27 @@ def _assistant_char_spans(tokenizer: Any, messages: Sequence[Mapping[str, str]],
     return spans
 
 
-def render_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> Rendered:
-    """Token ids of the conversation and a mask that is 1 on each assistant content + its end-of-turn token."""
+def render_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]], tools: Sequence[str] = ()) -> Rendered:
+    """Token ids of the conversation and a mask that is 1 on each assistant content + its end-of-turn token.
+
+    `tools` non-empty (the config's `data.tools`): every forced span `RESULT>>` after a `<<EXPR=` in an assistant
+    turn is tokenised on its own with `tools.forced_token_ids` (as the rollout engine forces it; the text before and
+    after it is tokenised separately too, as sampling produces it) and gets loss mask 0: the engine writes it, the
+    model never has to. Empty `tools`: the whole text is tokenised at once, as before tools existed.
+    """
     assert messages and messages[-1]["role"] == "assistant", "a training conversation ends with the assistant"
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("the assistant loss mask needs a fast (Rust) tokenizer with offset mapping")
     full = _template_text(tokenizer, messages, generation_prompt=False)
-    encoded = _encode(tokenizer, full, offsets=True)
-    ids = list(encoded["input_ids"])
+    assistant_spans = _assistant_char_spans(tokenizer, messages, full)
+    forced_spans = _forced_spans(full, assistant_spans) if tools else []
+    ids, offset_list, forced = _encode_segments(tokenizer, full, forced_spans)
     # numpy over the token axis: the per-token Python loops were most of the rendering time on long conversations.
-    offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    offsets = np.asarray(offset_list, dtype=np.int64).reshape(-1, 2)
     starts, ends = offsets[:, 0], offsets[:, 1]
     is_special = np.isin(np.asarray(ids, dtype=np.int64), np.fromiter(_special_ids(tokenizer), dtype=np.int64))
     mask = np.zeros(len(ids), dtype=np.int8)
-    for start, end in _assistant_char_spans(tokenizer, messages, full):
+    for start, end in assistant_spans:
         # The end-of-turn token: the first special token starting at/after the content, whitespace between.
         candidates = np.flatnonzero((starts >= end) & is_special)
         eot = int(candidates[0]) if len(candidates) else None
@@ -140,9 +147,52 @@ def render_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -
         empty_inside = (starts == ends) & (starts >= start) & (starts < stop)
         mask[overlaps | empty_inside] = 1
         assert mask[eot] == 1
+    mask[np.asarray(forced, dtype=bool)] = 0  # forced tool spans: context the engine writes, never a target
     mask = mask.tolist()
     assert any(mask), "every assistant turn contributes supervised tokens"
     return Rendered(input_ids=ids, loss_mask=mask)
+
+
+def _forced_spans(full: str, assistant_spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Character spans of the forced `RESULT>>` texts inside assistant contents, in order."""
+    from integration_training.tools import forced_char_spans
+
+    spans = []
+    for start, end in assistant_spans:
+        spans += [(start + s, start + e) for s, e in forced_char_spans(full[start:end])]
+    return spans
+
+
+def _encode_segments(
+    tokenizer: Any, full: str, forced_spans: Sequence[tuple[int, int]]
+) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
+    """(ids, character offsets, forced flags): `full` tokenised in one piece when there are no forced spans, else
+    cut at every forced span's edges, each forced span encoded with `forced_token_ids` (its tokens' offsets cover
+    the whole span), each other piece with offsets shifted to `full`'s coordinates."""
+    from integration_training.tools import forced_token_ids
+
+    if not forced_spans:
+        encoded = _encode(tokenizer, full, offsets=True)
+        ids = list(encoded["input_ids"])
+        return ids, [tuple(o) for o in encoded["offset_mapping"]], [False] * len(ids)
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    forced: list[bool] = []
+    cursor = 0
+    for start, end in [*forced_spans, (len(full), len(full))]:
+        assert cursor <= start <= end, "forced spans are ordered and disjoint"
+        if start > cursor:
+            encoded = _encode(tokenizer, full[cursor:start], offsets=True)
+            ids += encoded["input_ids"]
+            offsets += [(cursor + s, cursor + e) for s, e in encoded["offset_mapping"]]
+            forced += [False] * len(encoded["input_ids"])
+        if end > start:
+            span_ids = forced_token_ids(tokenizer, full[start:end])
+            ids += span_ids
+            offsets += [(start, end)] * len(span_ids)
+            forced += [True] * len(span_ids)
+        cursor = end
+    return ids, offsets, forced
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
@@ -193,14 +243,15 @@ class LengthReport:
 
 
 def render_examples(
-    tokenizer: Any, examples: Sequence[Example], max_length: int
+    tokenizer: Any, examples: Sequence[Example], max_length: int, tools: Sequence[str] = ()
 ) -> tuple[list[Rendered], LengthReport]:
-    """Render every example; conversations over `max_length` tokens are dropped and counted per source."""
+    """Render every example (forced tool spans unsupervised when `tools` is non-empty, see `render_conversation`);
+    conversations over `max_length` tokens are dropped and counted per source."""
     assert max_length > 0
     kept: list[Rendered] = []
     stats: dict[str, list[int]] = {}  # source → [total, kept, too_long, longest]; insertion order = first seen
     for example in examples:
-        rendered = render_conversation(tokenizer, example.messages)
+        rendered = render_conversation(tokenizer, example.messages, tools)
         row = stats.setdefault(example.source, [0, 0, 0, 0])
         row[0] += 1
         row[3] = max(row[3], len(rendered))

@@ -137,3 +137,55 @@ def test_tools_off_is_the_plain_sampler(model):
 
 
 TOOLS_OFF_DIGESTS = {"sampled": "4953fe370236f225", "greedy_first": "126732f3fa0c7d98"}
+
+
+# ---------------------------------------------------------------------------------------------------- SFT rendering
+
+ANSWERS = [
+    "She sold 48/2 = <<48/2=24>>24 clips.\n48+24 = <<48+24=72>>72\n#### 72",
+    "<<1,000*3=3000>>3000 then <<3000-4500=-1500>>-1500.\n#### -1500",
+    "Each is <<10/4=2.5>>2.5 (a half), <<2.5*2=5>>5!\n#### 5",
+    "No calls here: 2 + 2 = 4\n#### 4",
+]
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_sft_mask_is_zero_exactly_on_forced_spans(answer):
+    from helpers import smollm2_tokenizer
+
+    from integration_training.template import render_conversation, render_prompt
+    from integration_training.tools import forced_char_spans
+
+    tokenizer = smollm2_tokenizer()
+    messages = [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": answer}]
+    plain = render_conversation(tokenizer, messages)
+    with_tools = render_conversation(tokenizer, messages, ["calculator"])
+    prompt = render_prompt(tokenizer, messages[:-1])
+    assert with_tools.input_ids[: len(prompt)] == prompt
+    end = max(k for k, m in enumerate(with_tools.loss_mask) if m) + 1  # through the end-of-turn token
+    completion = with_tools.input_ids[len(prompt):end]
+    mask = with_tools.loss_mask[len(prompt):end]
+    spans = [answer[s:e] for s, e in forced_char_spans(answer)]
+    # The unsupervised runs inside the completion are exactly the forced spans, each tokenised on its own.
+    runs, k = [], 0
+    while k < len(mask):
+        if mask[k] == 0:
+            j = k
+            while j < len(mask) and mask[j] == 0:
+                j += 1
+            runs.append((k, j))
+            k = j
+        else:
+            k += 1
+    assert [tokenizer.decode(completion[a:b]) for a, b in runs] == spans
+    assert [completion[a:b] for a, b in runs] == [forced_token_ids(tokenizer, s) for s in spans]
+    # And the engine, given the drawn tokens before each span, forces exactly those tokens.
+    runner = ToolRunner(tokenizer, ["calculator"])
+    table = runner.ends_with_equals(len(tokenizer), "cpu")
+    for a, b in runs:
+        assert bool(table[completion[a - 1]]), "the token before a forced span ends with '='"
+        expression = pending_call(tokenizer.decode(completion[:a]))
+        assert runner.forced_for(completion[:a]) == completion[a:b]
+        assert tokenizer.decode(completion[a:b]) == forced_text(expression)
+    if not spans:
+        assert with_tools == plain  # nothing to force: identical to rendering without tools
