@@ -73,14 +73,26 @@ def policy_loss(
     kl_coef: float,
     clip_eps: float,
     use_ratio: bool,
+    drawn: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch; all tensors are flat over its completion tokens.
 
-    `normaliser` is the number of completion tokens of the whole step (all micro-batches, all ranks), so summing
-    the micro-batch losses gives the token-level mean. Returns (loss, detached sums for logging).
+    `normaliser` is the number of drawn completion tokens of the whole step (all micro-batches, all ranks), so
+    summing the micro-batch losses gives the token-level mean. `drawn` (1 = drawn, 0 = forced by a tool; None = all
+    drawn) removes forced tokens from the objective, the KL term and the statistics: their log-probs carry no
+    gradient. Returns (loss, detached sums for logging).
     """
     assert logprobs.shape == old_logprobs.shape == advantages.shape and logprobs.ndim == 1
     assert normaliser > 0
+    if drawn is not None:
+        assert drawn.shape == logprobs.shape
+        # where(), not multiplication: a forced token's log-prob must not reach the graph at all (0 · inf = nan).
+        keep = drawn > 0
+        logprobs = torch.where(keep, logprobs, logprobs.detach().new_zeros(()))
+        old_logprobs = torch.where(keep, old_logprobs, 0.0)
+        advantages = torch.where(keep, advantages, 0.0)
+        if ref_logprobs is not None:
+            ref_logprobs = torch.where(keep, ref_logprobs, 0.0)
     if use_ratio:
         # PPO: the ratio against the sampler's policy, clipped so stale batches cannot push too far.
         ratio = torch.exp(logprobs - old_logprobs)
@@ -113,6 +125,21 @@ class Sequence_:
     old_logprobs: list[float]  # sampler's untempered log-probs of completion_ids
     advantage: float
     reward: float
+    # Per completion token: forced by a tool (context only: no policy gradient, not in the token normaliser, KL,
+    # entropy or length statistics). Empty = no token forced (tools off).
+    forced: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        assert not self.forced or len(self.forced) == len(self.completion_ids), "one forced flag per token"
+        assert not self.forced or not self.forced[0], "a completion's first token is always drawn"
+
+    @property
+    def drawn_mask(self) -> list[float]:
+        return [0.0 if f else 1.0 for f in self.forced] if self.forced else [1.0] * len(self.completion_ids)
+
+    @property
+    def num_drawn(self) -> int:
+        return len(self.completion_ids) - sum(self.forced)
 
 
 @dataclass(frozen=True)
@@ -133,6 +160,7 @@ class TrainBatch:
     targets: torch.Tensor  # [n] the completion tokens, flat in row-major order
     old_logprobs: torch.Tensor  # [n]
     advantages: torch.Tensor  # [n] each completion's advantage repeated over its tokens
+    drawn: torch.Tensor  # [n] float: 1 for tokens the policy drew, 0 for tokens a tool forced
 
     @property
     def num_tokens(self) -> int:
@@ -150,7 +178,7 @@ def build_batch(rows: Sequence[Sequence_], pad_id: int, device: torch.device) ->
     width = max(len(r.completion_ids) for r in rows) - 1
     inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    targets, old, adv, order = [], [], [], []
+    targets, old, adv, order, drawn = [], [], [], [], []
     later = len(rows)  # later-token logits follow the R first-token logits
     for b, r in enumerate(rows):
         assert len(r.old_logprobs) == len(r.completion_ids)
@@ -162,6 +190,7 @@ def build_batch(rows: Sequence[Sequence_], pad_id: int, device: torch.device) ->
         targets += r.completion_ids
         old += r.old_logprobs
         adv += [r.advantage] * c
+        drawn += r.drawn_mask
     batch = TrainBatch(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
@@ -173,6 +202,7 @@ def build_batch(rows: Sequence[Sequence_], pad_id: int, device: torch.device) ->
         targets=torch.tensor(targets, dtype=torch.long, device=device),
         old_logprobs=torch.tensor(old, dtype=torch.float32, device=device),
         advantages=torch.tensor(adv, dtype=torch.float32, device=device),
+        drawn=torch.tensor(drawn, dtype=torch.float32, device=device),
     )
     assert batch.order.numel() == batch.num_tokens == len(rows) + int(batch.completion_mask.sum())
     return batch
@@ -259,7 +289,7 @@ def make_rows(prompt_ids: Sequence[list[int]], completions, rewards: torch.Tenso
     for p, group in enumerate(completions):
         for s, completion in enumerate(group):
             rows.append(Sequence_(list(prompt_ids[p]), list(completion.token_ids), list(completion.logprobs),
-                                  float(advantages[p, s]), float(rewards[p, s])))
+                                  float(advantages[p, s]), float(rewards[p, s]), tuple(completion.forced)))
     return rows
 
 
@@ -400,8 +430,9 @@ def train_on_rows(
     most = int(all_reduce_max(torch.tensor([float(max(real_batches, 1))], device=device), dist).item())
     batches += [build_batch([replace(rows[0], advantage=0.0)], pad_id, device)
                 for _ in range(most - real_batches)]
-    local_tokens = sum(len(r.completion_ids) for r in rows)
-    trained_tokens_here = sum(b.num_tokens for b in batches[:real_batches])
+    # Token counts are of drawn tokens: tokens a tool forced are context, not actions (no gradient, no statistics).
+    local_tokens = sum(r.num_drawn for r in rows)
+    trained_tokens_here = sum(float(b.drawn.sum()) for b in batches[:real_batches])
     counts = torch.tensor([float(local_tokens), float(trained_tokens_here), float(len(rows)),
                            float(len(rows) - len(trained))], dtype=acc, device=device)
     all_reduce_sum(counts, dist)
@@ -435,15 +466,15 @@ def train_on_rows(
             with gradient_sync(model, enabled=i == len(batches) - 1):
                 logprobs, entropy = score(model, batch, full_rows, with_entropy=update == 0)
                 loss, parts = policy_loss(logprobs, old_logprobs[i], ref_logprobs[i], batch.advantages, normaliser,
-                                          rl.kl_coef, rl.clip_eps, use_ratio)
+                                          rl.kl_coef, rl.clip_eps, use_ratio, drawn=batch.drawn)
                 loss = loss if real else loss * 0.0
                 backward(loss, scaler)
             update_loss += float(loss.detach())
             sums[0] += loss.detach().to(acc) / rl.updates_per_batch
             if update == 0 and real:
                 sums[1] += parts["kl_sum"].to(acc)
-                sums[2] += entropy.sum().to(acc)
-                sums[5] += (logprobs.detach() - batch.old_logprobs).abs().sum().to(acc)
+                sums[2] += (entropy * batch.drawn).sum().to(acc)
+                sums[5] += ((logprobs.detach() - batch.old_logprobs).abs() * batch.drawn).sum().to(acc)
             if real:
                 sums[3] += parts["clip_count"].to(acc) / rl.updates_per_batch
         unscale(optimizer, scaler)
@@ -481,8 +512,11 @@ def _clip_gradients(model, max_norm: float) -> float:
 
 
 def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, stop_ids: frozenset[int], pad_id: int,
-                 generator: torch.Generator, dtype: str) -> tuple[list[Sequence_], dict[str, float]]:
-    """Sample (under autocast to the compute dtype `dtype`), reward and compute advantages for this rank's prompts."""
+                 generator: torch.Generator, dtype: str, tools=None) -> tuple[list[Sequence_], dict[str, float]]:
+    """Sample (under autocast to the compute dtype `dtype`), reward and compute advantages for this rank's prompts.
+
+    `tools`: the engine's `tools.ToolRunner` (None = tools off). Forced tool tokens are counted apart
+    ("forced_tokens"); "tokens" and the sampled NLL cover drawn tokens only."""
     from integration_training.template import render_prompt
     from integration_training.evaluate import decode
     from integration_training.rewards import resolve_reward
@@ -492,7 +526,7 @@ def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, st
     prompt_ids = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
     with autocast(_model_device(model), dtype):
         completions = sample(model, prompt_ids, rl.num_samples, rl.max_new_tokens, rl.temperature, rl.top_k,
-                             stop_ids, pad_id, generator, rl.sample_batch_size, greedy_first=False)
+                             stop_ids, pad_id, generator, rl.sample_batch_size, greedy_first=False, tools=tools)
     rewards = torch.tensor([
         [float(resolve_reward(e.reward).strict(decode(tokenizer, c.token_ids), e.reference)) for c in group]
         for e, group in zip(examples, completions, strict=True)
@@ -504,7 +538,10 @@ def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, st
     stats = {
         "reward_sum": float(rewards.sum()),
         "completions": float(rewards.numel()),
-        "tokens": float(sum(len(r.completion_ids) for r in rows)),
+        "tokens": float(sum(r.num_drawn for r in rows)),
+        "forced_tokens": float(sum(len(r.completion_ids) - r.num_drawn for r in rows)),
+        "tool_calls": float(sum(sum(1 for k in range(1, len(r.forced)) if r.forced[k] and not r.forced[k - 1])
+                                for r in rows)),
         "groups_any_correct": float((rewards > 0.5).any(dim=1).sum()),
         "uniform_groups": float((rewards == rewards[:, :1]).all(dim=1).sum()),
         "groups": float(rewards.shape[0]),
@@ -752,7 +789,9 @@ def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed
         "reward": s["reward_sum"] / s["completions"],
         f"train_pass@{rl.num_samples}": s["groups_any_correct"] / s["groups"],
         "uniform_groups": s["uniform_groups"] / s["groups"],
-        "response_tokens": s["tokens"] / s["completions"],
+        "response_tokens": s["tokens"] / s["completions"],  # drawn tokens only
+        "forced_tokens": s["forced_tokens"] / s["completions"],
+        "tool_calls": s["tool_calls"] / s["completions"],
         "finished": s["finished"] / s["completions"],
         "loss": train["loss"],
         "kl": train["kl"],
