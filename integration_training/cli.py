@@ -593,9 +593,9 @@ def held_out_eval(config: Config, run_dir: Path, model_name: str, stage: str, st
     rl, seed = config.rl, config.data.shuffle_seed
     dist = init_distributed(config.target)
     model, tokenizer = load_policy(model_name, config.model, dist.device, training=False)
-    problems = rl_examples(config.data.rl_eval_mixture, seed, "rl_eval_mixture")
+    problems = rl_examples(config.data.rl_eval_mixture, seed, "rl_eval_mixture", config.data.tools)
     problems = drop_overlong(problems, tokenizer, config.data.max_length, rl.max_new_tokens, "rl_eval_mixture")
     values = run_eval(model, tokenizer, problems[: rl.eval_examples], rl, seed, dist, run_dir, step, stage,
-                      config.model.dtype)
+                      config.model.dtype, config.data.tools)
     barrier(dist)
     log.info("%s evaluation: %s", stage, {k: round(v, 4) for k, v in values.items() if not k.endswith(("_low", "_high"))})

@@ -156,6 +156,10 @@ class DataConfig:
     rl_eval_mixture: list[DatasetSpec]
     max_length: int  # tokens per training sequence (SFT) and per prompt+completion budget (RL)
     shuffle_seed: int
+    # Tools the model may call while it writes ([] = none; known: "calculator", the `<<EXPR=RESULT>>` protocol).
+    # Read by data (GSM8K keeps its calculator annotations), SFT rendering (forced spans unsupervised), rollouts,
+    # RL and evaluation alike.
+    tools: list[str]
 
 
 @_schema
@@ -465,9 +469,16 @@ def _is_module_function(text: str) -> bool:
     return bool(colon) and all(part.isidentifier() for part in module.split(".")) and function.isidentifier()
 
 
+def _tools_problems(tools: list[str]) -> list[str]:
+    from integration_training.tools import validate_tools  # stdlib only
+
+    return [f"data.tools: {problem}; use [] for none or ['calculator']" for problem in validate_tools(tools)]
+
+
 def _data_rules(d: DataConfig, mode: str):
     yield lambda: _at_least(d.max_length, MIN_MAX_LENGTH, "data.max_length")
     yield lambda: _in_range(d.shuffle_seed, 0, MAX_SEED, "data.shuffle_seed")
+    yield lambda: _tools_problems(d.tools)
     for field in ("sft_mixture", "sft_val_mixture", "rl_mixture", "rl_eval_mixture"):
         specs = getattr(d, field)
         for index, spec in enumerate(specs if isinstance(specs, list) else []):

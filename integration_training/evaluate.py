@@ -58,6 +58,9 @@ class ProblemRecord:
     tokens: list[int]  # completion lengths of the samples, in tokens
     letter: str | None = None  # ARC only: the letter with the highest logit
     letter_correct: float | None = None
+    # With tools on: the calls in the greedy completion and in each sample ([{"expression", "result"}]); None = off
+    greedy_tool_calls: list[dict[str, str]] | None = None
+    tool_calls: list[list[dict[str, str]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -153,10 +156,11 @@ def evaluate(
     batch_size: int,
     seed: int,
     greedy: bool = True,
+    tools: Sequence[str] = (),
 ) -> EvalResult:
     """Score `examples` (greedy + k samples each) and aggregate; see the module docstring."""
     records = score_problems(model, tokenizer, examples, range(len(examples)), k, temperature, top_k,
-                             max_new_tokens, batch_size, seed, greedy)
+                             max_new_tokens, batch_size, seed, greedy, tools=tools)
     return aggregate(records, k, seed)
 
 
@@ -172,8 +176,12 @@ def score_problems(
     batch_size: int,
     seed: int,
     greedy: bool = True,
+    tools: Sequence[str] = (),
 ) -> list[ProblemRecord]:
-    """Per-problem records; `indices` are the problems' global numbers (kept in the records for ordering)."""
+    """Per-problem records; `indices` are the problems' global numbers (kept in the records for ordering).
+
+    `tools` is `data.tools` / `--tools`: the sampler runs them, and the records list each completion's calls."""
+    from integration_training.tools import tool_calls, tool_runner
     from integration_training.template import render_prompt, stop_token_ids
     from integration_training.rewards import resolve_reward
     from integration_training.rollout import sample
@@ -192,7 +200,8 @@ def score_problems(
     pad = _pad_id(tokenizer)
     # One prefill per prompt: with `greedy` the first row of each prompt is argmax, the other k rows sample.
     out = sample(model, prompts, k + int(greedy), max_new_tokens, temperature, top_k, stops, pad,
-                 torch.Generator(device=device).manual_seed(seed), batch_size, greedy_first=greedy)
+                 torch.Generator(device=device).manual_seed(seed), batch_size, greedy_first=greedy,
+                 tools=tool_runner(tokenizer, tools))
     greedy_out = [row[:1] for row in out] if greedy else None
     sampled = [row[int(greedy):] for row in out]
     letters = _letter_choices(model, tokenizer, examples, prompts, batch_size)
@@ -219,6 +228,8 @@ def score_problems(
             tokens=[len(c.token_ids) for c in sampled[i]],
             letter=letter,
             letter_correct=None if letter is None else float(letter == example.reference),
+            greedy_tool_calls=tool_calls(g_text) if tools and g_text is not None else None,
+            tool_calls=[tool_calls(t) for t in texts] if tools else None,
         ))
     return records
 
@@ -338,6 +349,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-greedy", action="store_true", help="skip the greedy pass (halves the prompt work)")
+    parser.add_argument("--tools", nargs="*", default=[], metavar="TOOL",
+                        help="tools the model may call, e.g. --tools calculator (default: none)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--out", default=None, help="JSON results file (default: eval_results.json)")
@@ -345,7 +358,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def load_problems(name: str, split: str, subset: str | None, path: str | None, max_samples: int | None,
-                  reward: str | None, seed: int) -> list[Example]:
+                  reward: str | None, seed: int, tools: Sequence[str] = ()) -> list[Example]:
     """The first `max_samples` problems of one source, in source order (comparable with other harnesses)."""
     from integration_training.config import DatasetSpec
     from integration_training.data import load_all
@@ -354,7 +367,7 @@ def load_problems(name: str, split: str, subset: str | None, path: str | None, m
         raise UserError(f"--max-samples must be >= 1, got {max_samples}")
     spec = DatasetSpec(name=name, split=split, subset=subset, max_samples=max_samples, repeat=1, path=path,
                        reward=reward)
-    examples = load_all(spec, seed)  # procedural sources generate exactly max_samples
+    examples = load_all(spec, seed, tools)  # procedural sources generate exactly max_samples
     return examples[:max_samples] if max_samples is not None else examples
 
 
@@ -381,22 +394,28 @@ def run_cli(args: argparse.Namespace) -> dict:
             raise UserError(f"{flag} must be >= {minimum}, got {value}")
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    from integration_training.tools import validate_tools
+
+    tool_problems = validate_tools(args.tools)
+    if tool_problems:
+        raise UserError(f"--tools: {'; '.join(tool_problems)}")
     examples = load_problems(args.dataset, args.split, args.subset, args.path, args.max_samples, args.reward,
-                             args.seed)
+                             args.seed, args.tools)
     device = resolve_device(args.device)
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
     model = load_model(path, args.dtype, "sdpa", device, training=False)
     start = time.perf_counter()
     result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.top_k, args.max_new_tokens,
-                      args.batch_size, args.seed, greedy=not args.no_greedy)
+                      args.batch_size, args.seed, greedy=not args.no_greedy, tools=args.tools)
     seconds = time.perf_counter() - start
     settings = {key: getattr(args, key) for key in vars(args)} | {"seconds": seconds, "device": str(device)}
     payload = result_to_json(result, settings)
     out = Path(args.out or "eval_results.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
-    title = f"{args.model} on {args.dataset}/{args.split} ({result.num_problems} problems, k={args.k}, {seconds:.0f}s)"
+    title = (f"{args.model} on {args.dataset}/{args.split} ({result.num_problems} problems, k={args.k}, "
+             f"tools: {', '.join(args.tools) or 'off'}, {seconds:.0f}s)")
     print(format_table(result, title))
     print(f"saved {out}")
     return payload

@@ -231,7 +231,7 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
     model_lines, tokenizer, params, adapter = _model_lines(config)
     lines += model_lines
     data = config.data
-    lines.append(f"data (shuffle_seed={data.shuffle_seed}, max_length={data.max_length}):")
+    lines.append(f"data (shuffle_seed={data.shuffle_seed}, max_length={data.max_length}, tools={data.tools}):")
     for field in ("sft_mixture", "sft_val_mixture", "rl_mixture", "rl_eval_mixture"):
         specs = getattr(data, field)
         if specs:
@@ -242,8 +242,8 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
         sequences, supervised, total = _sft_data_estimate(config, tokenizer, sft_offline, lines)
         lines += _sft_lines(config, sequences, supervised, total)
         if tokenizer is not None and sft_offline:
-            mixture = build_mixture(data.sft_mixture, data.shuffle_seed)
-            rendered = template.render_conversation(tokenizer, list(mixture.examples[0].messages))
+            mixture = build_mixture(data.sft_mixture, data.shuffle_seed, data.tools)
+            rendered = template.render_conversation(tokenizer, list(mixture.examples[0].messages), data.tools)
             example_text = template.format_masked_example(tokenizer, rendered)
     if runs_rl(config):
         rl_offline = all(not _is_hub_source(s) for s in data.rl_mixture)
@@ -284,10 +284,10 @@ def _sft_data_estimate(config: Config, tokenizer, offline: bool, lines: list[str
     if not offline:
         upper = sum(s.max_samples * s.repeat for s in data.sft_mixture if s.max_samples is not None)
         return upper, None, None
-    mixture = build_mixture(data.sft_mixture, data.shuffle_seed)
+    mixture = build_mixture(data.sft_mixture, data.shuffle_seed, data.tools)
     if tokenizer is None:
         return len(mixture.examples), None, None
-    rendered, report = template.render_examples(tokenizer, list(mixture.examples), data.max_length)
+    rendered, report = template.render_examples(tokenizer, list(mixture.examples), data.max_length, data.tools)
     lines += [f"  rendered {line}" for line in report.lines()]
     # The checks SFT makes before its first step, with the same messages.
     if not rendered:

@@ -215,11 +215,21 @@ def _eval_k(run_dir: Path) -> int | None:
     return json.loads(snapshot.read_text())["rl"]["eval_k"]
 
 
+def _tools_line(run_dir: Path) -> str:
+    """Whether the evaluations ran with tools (from the config snapshot; older runs had none)."""
+    snapshot = run_dir / "config.json"
+    if not snapshot.is_file():
+        return "tools: unknown (no config.json)"
+    tools = json.loads(snapshot.read_text()).get("data", {}).get("tools", [])
+    return f"tools: {', '.join(tools)} (results of <<EXPR= forced by the engine)" if tools else "tools: off"
+
+
 def build_report(run_dir: Path) -> tuple[str, str]:
     """(table text for the terminal, report.md text). Writes the plots as a side effect."""
     checkpoints = stage_checkpoints(run_dir)
     k = _eval_k(run_dir)
     table = format_table(comparison_rows(checkpoints), k) if checkpoints else "(no evaluations in this run)"
+    table = f"{table}\n{_tools_line(run_dir)}"
     plots = write_plots(run_dir)
     sft, rl = read_metrics(run_dir, "sft"), read_metrics(run_dir, "rl")
     lines = [

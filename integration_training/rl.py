@@ -554,10 +554,10 @@ def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, st
 # ---------------------------------------------------------------------------------------------------- the stage
 
 
-def rl_examples(specs, seed: int, what: str) -> list[Example]:
+def rl_examples(specs, seed: int, what: str, tools: Sequence[str] = ()) -> list[Example]:
     from integration_training.data import build_mixture
 
-    examples = build_mixture(specs, seed).examples
+    examples = build_mixture(specs, seed, tools).examples
     missing = sorted({e.source for e in examples if e.reward is None})
     if missing:
         raise UserError(
@@ -585,7 +585,7 @@ def drop_overlong(examples: list[Example], tokenizer, max_length: int, max_new_t
 
 
 def run_eval(model, tokenizer, examples: Sequence[Example], rl: RLConfig, seed: int, dist, run_dir: Path, step: int,
-             stage: str, dtype: str) -> dict[str, float]:
+             stage: str, dtype: str, tools: Sequence[str] = ()) -> dict[str, float]:
     """The shared harness on this rank's shard of the eval problems; rank 0 aggregates and writes the JSONL.
 
     Every problem is scored exactly once (round-robin shards may differ by one problem: none is dropped). With an
@@ -598,7 +598,7 @@ def run_eval(model, tokenizer, examples: Sequence[Example], rl: RLConfig, seed: 
     indices = list(range(len(examples)))[dist.rank :: dist.world_size]
     with autocast(dist.device, dtype):
         records = score_problems(model, tokenizer, [examples[i] for i in indices], indices, rl.eval_k, rl.temperature,
-                                 rl.top_k, rl.max_new_tokens, rl.sample_batch_size, seed)
+                                 rl.top_k, rl.max_new_tokens, rl.sample_batch_size, seed, tools=tools)
     # Problem order, not rank order: aggregates (bootstrap intervals) then match a single-process evaluation.
     records = sorted(all_gather_objects(records, dist), key=lambda r: r.index)
     assert [r.index for r in records] == list(range(len(examples))), "each eval problem scored exactly once"
@@ -623,6 +623,7 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
         step_dir_name,
     )
     from integration_training.template import stop_token_ids
+    from integration_training.tools import tool_runner
     from integration_training.distributed import (
         any_rank,
         barrier,
@@ -663,12 +664,13 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
     if rl.kl_coef > 0:  # with LoRA the reference is the policy with its adapters off: no second copy
         ref_model = load_reference(init_model, config.model, dist.device) if adapters is None else adapters.reference()
     stop_ids = stop_token_ids(tokenizer)
+    runner = tool_runner(tokenizer, config.data.tools)  # None when tools are off: the plain sampler
     pad_id = tokenizer.pad_token_id
     assert pad_id is not None  # load_tokenizer guarantees one
 
-    train_examples = drop_overlong(rl_examples(config.data.rl_mixture, seed, "rl_mixture"), tokenizer,
+    train_examples = drop_overlong(rl_examples(config.data.rl_mixture, seed, "rl_mixture", config.data.tools), tokenizer,
                                    config.data.max_length, rl.max_new_tokens, "rl_mixture")
-    eval_examples = drop_overlong(rl_examples(config.data.rl_eval_mixture, seed, "rl_eval_mixture"), tokenizer,
+    eval_examples = drop_overlong(rl_examples(config.data.rl_eval_mixture, seed, "rl_eval_mixture", config.data.tools), tokenizer,
                                   config.data.max_length, rl.max_new_tokens, "rl_eval_mixture")[: rl.eval_examples]
     from integration_training import provenance  # environment.json; a resume refuses changed data (exit 2)
 
@@ -730,20 +732,20 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
             if start == 0:
                 with lockstep(policy, config.target, dist) as sampler:
                     values = run_eval(sampler, tokenizer, eval_examples, rl, seed, dist, run_dir, 0, STAGE,
-                                      config.model.dtype)
+                                      config.model.dtype, config.data.tools)
                 metrics.log(0, values)
                 logger.info("RL step 0 (baseline): %s", _brief(values))
             for step in range(start, steps):
                 values = _one_step(model, policy, ref_model, optimizer, tokenizer, train_examples, rl, seed, step,
                                    steps, stop_ids, pad_id, dist, apply_lr, lr_multiplier, config.target, config.model,
-                                   scaler)
+                                   scaler, runner)
                 if values.pop("diverged"):
                     raise TrainingDiverged(STAGE, step + 1, values["loss"], values["grad_norm"], final or latest)
                 done = step + 1
                 if done % rl.eval_every == 0 or done == steps:
                     with lockstep(policy, config.target, dist) as sampler:
                         values |= run_eval(sampler, tokenizer, eval_examples, rl, seed, dist, run_dir, done, STAGE,
-                                           config.model.dtype)
+                                           config.model.dtype, config.data.tools)
                 if done % rl.log_every == 0 or done == steps or "eval/pass@1_strict" in values:
                     metrics.log(done, values)
                     logger.info("RL step %d/%d: %s", done, steps, _brief(values))
@@ -764,7 +766,7 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
 
 
 def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed, step, steps, stop_ids, pad_id, dist,
-              apply_lr, lr_multiplier, target, model_config, scaler) -> dict[str, float]:
+              apply_lr, lr_multiplier, target, model_config, scaler, runner) -> dict[str, float]:
     from integration_training.distributed import all_reduce_sum, lockstep, shard
     from integration_training.precision import accum_dtype
 
@@ -774,7 +776,8 @@ def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed
     t0 = time.perf_counter()
     # Rows stop at different decode steps on different ranks; under FSDP2 the lockstep proxy pairs the forwards.
     with lockstep(policy, target, dist) as sampler:
-        rows, stats = rollout_step(sampler, tokenizer, mine, rl, stop_ids, pad_id, generator, model_config.dtype)
+        rows, stats = rollout_step(sampler, tokenizer, mine, rl, stop_ids, pad_id, generator, model_config.dtype,
+                                   tools=runner)
     t1 = time.perf_counter()
     multiplier = lr_multiplier(step, steps, rl)
     apply_lr(optimizer, multiplier)

@@ -298,8 +298,9 @@ def _render(tokenizer, specs, config: Config, what: str) -> list[Rendered]:
     """The dry run's check of a mixture: render without writing the cache, with the same messages as training."""
     from integration_training.data import build_mixture
 
-    mixture = build_mixture(specs, config.data.shuffle_seed)
-    rendered, report = template.render_examples(tokenizer, mixture.examples, config.data.max_length)
+    mixture = build_mixture(specs, config.data.shuffle_seed, config.data.tools)
+    rendered, report = template.render_examples(tokenizer, mixture.examples, config.data.max_length,
+                                                config.data.tools)
     for line in report.lines():
         logger.info("%s: %s", what, line)
     if not rendered:

@@ -105,6 +105,7 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
             rl_eval_mixture=[arithmetic("test", 8)],
             max_length=256,
             shuffle_seed=0,
+            tools=[],
         ),
         "sft": SFTConfig(
             num_epochs=1, num_iterations=4, batch_size=2, target_examples_per_step=4, optimizer="adamw",

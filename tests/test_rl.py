@@ -114,7 +114,7 @@ def make_config(tmp: Path, model_dir: Path, data: Path, **rl_overrides: Any) -> 
         model=ModelConfig(name=str(model_dir), dtype="float32", compile=False, attn_implementation="sdpa",
                           gradient_checkpointing=False, lora=None),
         data=DataConfig(sft_mixture=[spec], sft_val_mixture=[spec], rl_mixture=[spec], rl_eval_mixture=[spec],
-                        max_length=128, shuffle_seed=7),
+                        max_length=128, shuffle_seed=7, tools=[]),
         sft=SFTConfig(num_epochs=1, num_iterations=1, batch_size=1, target_examples_per_step=1, optimizer="adamw",
                       embedding_lr=1e-4, unembedding_lr=1e-4, matrix_lr=1e-4, weight_decay=0.0, init_lr_frac=1.0,
                       warmup_ratio=0.0, lr_schedule="constant", grad_clip=1.0, packing=False, eval_every=1,

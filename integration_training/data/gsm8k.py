@@ -28,6 +28,29 @@ def extract_reference(answer: str) -> str:
     return reference
 
 
+def with_calculator(answer: str) -> str:
+    """Tools on: keep each `<<EXPR=RESULT>>`, RESULT rewritten to what the calculator returns (so SFT trains on
+    exactly what sampling forces: "144" for an annotator's "144.00"); an annotation the calculator refuses
+    (`560//10`, 2 of 23,716 in train) is removed as with tools off, so the model never learns a failing call."""
+    from integration_training.tools import ANNOTATION, calculate
+
+    def rewrite(match: re.Match) -> str:
+        result = calculate(match.group(1))
+        return "" if result.startswith("error") else f"<<{match.group(1)}={result}>>"
+
+    return _CALCULATOR.sub(lambda m: rewrite(ANNOTATION.fullmatch(m.group(0))) if ANNOTATION.fullmatch(m.group(0))
+                           else "", answer)
+
+
+def to_example_with_calculator(row: Mapping[str, Any], source: str, reward: str | None) -> Example:
+    """As `to_example`, keeping the calculator annotations (data.tools contains "calculator")."""
+    question = require_str(row, "question")
+    raw = require_str(row, "answer")
+    reference = extract_reference(clean_answer(raw))
+    messages = ({"role": "user", "content": question}, {"role": "assistant", "content": with_calculator(raw)})
+    return Example(messages=messages, reference=reference, reward=reward or REWARD, source=source)
+
+
 def to_example(row: Mapping[str, Any], source: str, reward: str | None) -> Example:
     question = require_str(row, "question")
     answer = clean_answer(require_str(row, "answer"))

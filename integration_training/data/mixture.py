@@ -42,10 +42,11 @@ def shuffle_interleaved(groups: Sequence[list[Example]], seed: int) -> list[Exam
     return combined
 
 
-def build_mixture(specs: Sequence[DatasetSpec], seed: int) -> Mixture:
+def build_mixture(specs: Sequence[DatasetSpec], seed: int, tools: Sequence[str] = ()) -> Mixture:
+    """`tools` is `data.tools` (sources that carry tool annotations keep them when the tool is on)."""
     groups, counts = [], []
     for spec in specs:
-        examples, count = load_source_counted(spec, seed)
+        examples, count = load_source_counted(spec, seed, tools)
         groups.append(examples)
         counts.append(count)
     examples = shuffle_interleaved(groups, seed)

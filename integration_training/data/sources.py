@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,8 +165,10 @@ def hub_rows(spec: DatasetSpec) -> Iterator[tuple[str, Any]]:
 # ---------------------------------------------------------------- Examples
 
 
-def load_all(spec: DatasetSpec, seed: int) -> list[Example]:
-    """Every Example of a non-procedural source, or `max_samples` generated ones of a procedural source."""
+def load_all(spec: DatasetSpec, seed: int, tools: Sequence[str] = ()) -> list[Example]:
+    """Every Example of a non-procedural source, or `max_samples` generated ones of a procedural source.
+
+    `tools` is `data.tools`: with the calculator on, GSM8K keeps its `<<EXPR=RESULT>>` annotations."""
     label = source_label(spec)
     if spec.name in PROCEDURAL:
         if spec.path is not None:
@@ -181,6 +183,8 @@ def load_all(spec: DatasetSpec, seed: int) -> list[Example]:
             raise UserError("data: custom_json needs DatasetSpec.path pointing at a JSONL file")
         return custom_json.load_file(Path(spec.path).expanduser(), label, spec.reward)
     adapter = adapter_for(spec.name)
+    if "calculator" in tools and spec.name == gsm8k.NAME:
+        adapter = gsm8k.to_example_with_calculator
     examples = []
     for where, row in (hub_rows(spec) if spec.path is None else local_rows(spec)):
         if not isinstance(row, Mapping):
@@ -206,9 +210,9 @@ def sample_and_repeat(
     return examples * repeat
 
 
-def load_source_counted(spec: DatasetSpec, seed: int) -> tuple[list[Example], SourceCount]:
+def load_source_counted(spec: DatasetSpec, seed: int, tools: Sequence[str] = ()) -> tuple[list[Example], SourceCount]:
     label = source_label(spec)
-    everything = load_all(spec, seed)
+    everything = load_all(spec, seed, tools)
     selected = sample_and_repeat(everything, spec.max_samples, spec.repeat, seed, label)
     sampled = len(selected) // spec.repeat
     assert sampled == min(len(everything), spec.max_samples or len(everything))
