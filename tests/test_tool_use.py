@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -250,3 +251,158 @@ def test_train_on_rows_excludes_forced_tokens_from_normaliser_and_statistics():
     torch.testing.assert_close(loss, expected)
     assert rows[0].num_drawn == 3 and rows[1].num_drawn == 3
     del ModelConfig
+
+
+# ---------------------------------------------------------------------------------------------------- config, data, CLI
+
+# Made-up worked answers in GSM8K's row schema (no GSM8K text): annotations with an annotator-style result ("6.00")
+# and one the calculator refuses (floor division).
+TOOL_ROWS = [
+    {"question": f"Sam has {a} boxes of {b} pens and gives away {c}. How many pens are left?",
+     "answer": f"Pens: {a}*{b} = <<{a}*{b}={a * b}.00>>{a * b}\nLeft: {a * b}-{c} = <<{a * b}-{c}={a * b - c}>>"
+               f"{a * b - c}\n#### {a * b - c}"}
+    for a, b, c in [(3, 2, 1), (4, 5, 6), (7, 8, 9), (2, 9, 4), (6, 6, 5), (5, 3, 2)]
+] + [{"question": "Halve 9 and drop the rest.", "answer": "9//2 = <<9//2=4>>4\n#### 4"}]
+
+
+def _tool_rows_file(tmp_path):
+    path = tmp_path / "tool_rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in TOOL_ROWS))
+    return path
+
+
+def _gsm8k_spec(path, max_samples=None):
+    from integration_training.config import DatasetSpec
+
+    return DatasetSpec(name="openai/gsm8k", split="train", subset=None, max_samples=max_samples, repeat=1,
+                       path=str(path), reward=None)
+
+
+def test_gsm8k_keeps_annotations_only_with_the_calculator(tmp_path):
+    from integration_training.data import load_source
+
+    spec = _gsm8k_spec(_tool_rows_file(tmp_path))
+    off = load_source(spec, 0)
+    on = load_source_counted_with_tools(spec)
+    assert all("<<" not in e.messages[1]["content"] for e in off)
+    assert [e.reference for e in on] == [e.reference for e in off]
+    first = on[0].messages[1]["content"]
+    assert "<<3*2=6>>6" in first and "<<6-1=5>>5" in first  # the annotator's "6.00" becomes the calculator's "6"
+    assert on[-1].messages[1]["content"] == off[-1].messages[1]["content"] == "9//2 = 4\n#### 4"  # refused: removed
+    for e_on, e_off in zip(on, off, strict=True):
+        assert re.sub(r"<<[^<>]*>>", "", e_on.messages[1]["content"]) == e_off.messages[1]["content"]
+
+
+def load_source_counted_with_tools(spec):
+    from integration_training.data import build_mixture, load_source_counted
+
+    examples, _ = load_source_counted(spec, 0, ["calculator"])
+    assert len(build_mixture([spec], 0, ["calculator"]).examples) == len(examples)
+    return examples
+
+
+def test_unknown_tool_is_a_config_error(tmp_path):
+    from helpers import make_config
+
+    from integration_training.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.tools: unknown tool 'python'"):
+        make_config(tmp_path, data={"tools": ["python"]})
+    with pytest.raises(ConfigError, match=r"data\.tools"):
+        make_config(tmp_path, data={"tools": ["calculator", "calculator"]})
+    assert make_config(tmp_path, data={"tools": ["calculator"]}).data.tools == ["calculator"]
+
+
+def test_deploy_unknown_tool_exits_2_and_calculator_dry_run_plans(tmp_path):
+    from test_cli import assert_one_line_user_error, config_text, deploy
+
+    bad = tmp_path / "bad_tool.py"
+    bad.write_text(config_text(**{"tools=[]": 'tools=["python"]'}))
+    result = deploy(str(bad), "--dry-run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "data.tools" in result.stderr
+    good = tmp_path / "calc.py"
+    good.write_text(config_text(**{"tools=[]": 'tools=["calculator"]'}))
+    result = deploy(str(good), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "tools=['calculator']" in result.stdout
+    del assert_one_line_user_error
+
+
+def test_eval_cli_unknown_tool_exits_2():
+    from integration_training.evaluate import main
+
+    assert main(["--model", "unused", "--dataset", "arithmetic", "--split", "test", "--tools", "abacus"]) == 2
+
+
+def test_sft_rl_and_eval_run_with_the_calculator(tmp_path):
+    """The whole path with tools on: GSM8K-schema rows keep their calls, SFT masks forced spans, RL samples with the
+    engine and trains, and the eval records list each completion's tool calls and say the report had tools on."""
+    from helpers import make_config
+
+    from integration_training import cli
+    from integration_training.report import build_report
+
+    spec = _gsm8k_spec(_tool_rows_file(tmp_path))
+    config = make_config(
+        tmp_path,
+        data={"sft_mixture": [spec], "sft_val_mixture": [spec], "rl_mixture": [spec], "rl_eval_mixture": [spec],
+              "tools": ["calculator"]},
+        rl={"max_new_tokens": 24},
+        output={"mode": "sft+rl"},
+    )
+    run_dir = cli.prepare_run_dir(config, resume=False, is_main=True)
+    cli.dispatch(config, run_dir, resume=False)
+    records = [json.loads(line) for f in sorted((run_dir / "eval").glob("*.jsonl")) for line in f.open()]
+    assert records and all(isinstance(r["tool_calls"], list) and isinstance(r["greedy_tool_calls"], list)
+                           for r in records)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    rl_steps = [m for m in metrics if m.get("stage") == "rl" and "reward" in m]
+    assert rl_steps and all("forced_tokens" in m and "tool_calls" in m for m in rl_steps)
+    assert "tools: calculator" in build_report(run_dir)[0]
+
+
+# ---------------------------------------------------------------------------------------------------- word_problems
+
+
+def _word_spec(split, n):
+    from integration_training.config import DatasetSpec
+
+    return DatasetSpec(name="word_problems", split=split, subset=None, max_samples=n, repeat=1, path=None, reward=None)
+
+
+@pytest.mark.parametrize("seed", [0, 7, 1234])
+def test_word_problems_are_exact_multistep_and_split_disjoint(seed):
+    from integration_training.data import load_source_counted
+    from integration_training.rewards import resolve_reward
+    from integration_training.tools import ANNOTATION, calculate
+
+    train, _ = load_source_counted(_word_spec("train", 400), seed, ["calculator"])
+    test, _ = load_source_counted(_word_spec("test", 200), seed, ["calculator"])
+    assert len(train) == 400 and len(test) == 200
+    key = lambda e: tuple(int(n) for n in re.findall(r"\d+", e.messages[1]["content"]))  # noqa: E731
+    assert not {key(e) for e in train} & {key(e) for e in test}, "a worked solution appears in both splits"
+    assert len({e.messages[0]["content"] for e in train}) == len(train)
+    verifier = resolve_reward("arithmetic")
+    operations = set()
+    for e in train + test:
+        answer = e.messages[1]["content"]
+        calls = ANNOTATION.findall(answer)
+        assert 3 <= len(calls) <= 4, answer
+        for expression, result in calls:
+            assert calculate(expression) == result and 0 <= int(result) <= 999  # exact integer steps, ≤ 3 digits
+            operations |= set(re.findall(r"[-+*/]", expression))
+        assert calls[-1][1] == e.reference and verifier.strict(answer, e.reference) == 1.0
+        operands = {n for expression, _ in calls for n in re.findall(r"\d+", expression)}
+        assert set(re.findall(r"\d+", e.messages[0]["content"])) - operands, "at least one distractor number"
+    assert operations == {"+", "-", "*", "/"}
+
+
+def test_word_problems_without_the_calculator_write_the_results_themselves():
+    from integration_training.data import load_source
+
+    on = load_source_counted_with_tools(_word_spec("train", 50))
+    off = load_source(_word_spec("train", 50), 0)
+    assert [e.messages[0] for e in on] == [e.messages[0] for e in off]
+    for e_on, e_off in zip(on, off, strict=True):
+        assert "<<" not in e_off.messages[1]["content"]
+        assert e_off.messages[1]["content"] == e_on.messages[1]["content"].replace("<<", "").replace(">>", "")

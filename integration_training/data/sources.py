@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from integration_training.config import DatasetSpec
-from integration_training.data import arc, arithmetic, custom_json, gsm8k, messages, smoltalk, spelling
+from integration_training.data import arc, arithmetic, custom_json, gsm8k, messages, smoltalk, spelling, word_problems
 from integration_training.data.types import (
     MAX_JSON_DEPTH,
     Example,
@@ -29,7 +29,8 @@ ROW_ADAPTERS: dict[str, Adapter] = {
     arc.NAME: arc.to_example,
     smoltalk.NAME: smoltalk.to_example,
 }
-PROCEDURAL: dict[str, Generator] = {arithmetic.NAME: arithmetic.generate, spelling.NAME: spelling.generate}
+PROCEDURAL: dict[str, Generator] = {arithmetic.NAME: arithmetic.generate, spelling.NAME: spelling.generate,
+                                    word_problems.NAME: word_problems.generate}
 SUPPORTED_NAMES = (*ROW_ADAPTERS, custom_json.NAME, *PROCEDURAL)
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
@@ -177,7 +178,10 @@ def load_all(spec: DatasetSpec, seed: int, tools: Sequence[str] = ()) -> list[Ex
             raise UserError(f"data: {spec.name!r} has splits 'train' and 'test', not {spec.split!r}")
         if spec.max_samples is None:
             raise UserError(f"data: {spec.name!r} is procedural and unbounded; set max_samples to how many rows")
-        return PROCEDURAL[spec.name](spec.split, spec.max_samples, seed, label, spec.reward)
+        generated = PROCEDURAL[spec.name](spec.split, spec.max_samples, seed, label, spec.reward)
+        if spec.name == word_problems.NAME and "calculator" not in tools:
+            return [word_problems.without_tools(e) for e in generated]  # plain `EXPR=RESULT` lines
+        return generated
     if spec.name == custom_json.NAME:
         if spec.path is None:
             raise UserError("data: custom_json needs DatasetSpec.path pointing at a JSONL file")
