@@ -147,7 +147,7 @@ def _sample_chunk(
     num_live = num_rows
 
     any_greedy = bool(greedy_rows.any())  # evaluation's greedy rows; RL sampling has none
-    forcing = _Forcing(tools, num_rows, max_new_tokens, logits.shape[-1], stop_tensor, device) if tools else None
+    forcing = _Forcing(tools, num_rows, max_new_tokens, logits.shape[-1], device) if tools else None
     for step in range(max_new_tokens):
         token, logprob = pick_tokens(logits, temperature, top_k, generator, greedy_rows[live] if any_greedy else None)
         if forcing is not None:
@@ -198,10 +198,8 @@ class _Forcing:
     each row's forced span. Detection is cheap: only rows whose last drawn token ends in '=' are decoded.
     """
 
-    def __init__(self, tools, num_rows: int, max_new_tokens: int, vocab: int, stop_tensor: torch.Tensor,
-                 device: torch.device) -> None:
+    def __init__(self, tools, num_rows: int, max_new_tokens: int, vocab: int, device: torch.device) -> None:
         self.tools = tools
-        self.stop_tensor = stop_tensor
         self.ends_with_equals = tools.ends_with_equals(vocab, device)
         self.next_token = torch.full((num_rows,), -1, dtype=torch.long, device=device)
         self.forced_out = torch.zeros((num_rows, max_new_tokens), dtype=torch.bool, device=device)
@@ -217,7 +215,9 @@ class _Forcing:
     def advance(self, token, live, active, tokens_out, step) -> None:
         """After step `step`: move every queue on by one token, then open queues for rows that just wrote `<<E=`."""
         assert self.is_forced is not None
-        for row in list(self.queues):  # every row with a queue took its forced token this step
+        # Every row with a queue took its forced token this step (a row that a forced stop id ended keeps popping
+        # its queue harmlessly: `apply` forces only active rows).
+        for row in list(self.queues):
             rest = self.queues[row]
             if rest:
                 self.next_token[row] = rest.pop(0)
@@ -229,8 +229,8 @@ class _Forcing:
             ids = self.tools.forced_for(tokens_out[row, : step + 1].tolist())
             if ids is None:
                 continue
-            assert not bool(torch.isin(torch.tensor(ids, device=self.stop_tensor.device), self.stop_tensor).any()), \
-                "a forced tool span contains a stop token"
+            # A forced token that is a stop id (a tokenizer whose stop token is plain text the result can contain)
+            # ends the row like a drawn one: the stop check runs on whatever token the row took.
             self.next_token[row] = ids[0]
             self.queues[row] = ids[1:]  # kept while the row is forcing, even empty: `advance` resets next_token
 

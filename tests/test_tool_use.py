@@ -118,7 +118,8 @@ def test_forced_tokens_with_greedy_first_stops_and_compaction(model):
         assert group[0].token_ids == alone[0].token_ids  # greedy-first row = a greedy run
         for c in group:
             assert c.forced == _expected_forced(tokenizer, c.token_ids, c.forced)
-            assert not any(f for t, f in zip(c.token_ids, c.forced) if t in stop)
+            assert c.finished == (bool(c.token_ids) and c.token_ids[-1] in stop)
+            assert not any(t in stop for t in c.token_ids[:-1])  # forced or drawn, a stop id ends the row
 
 
 def _digest(results) -> str:
