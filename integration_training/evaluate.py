@@ -55,7 +55,7 @@ class ProblemRecord:
     completions: list[str]
     strict: list[float]
     lenient: list[float]
-    tokens: list[int]  # completion lengths of the samples, in tokens
+    tokens: list[int]  # completion lengths of the samples, in drawn tokens (tool-forced tokens not counted)
     letter: str | None = None  # ARC only: the letter with the highest logit
     letter_correct: float | None = None
     # With tools on: the calls in the greedy completion and in each sample ([{"expression", "result"}]); None = off
@@ -221,17 +221,22 @@ def score_problems(
             greedy=g_text,
             greedy_strict=None if g_text is None else float(verifier.strict(g_text, example.reference)),
             greedy_lenient=None if g_text is None else float(verifier.lenient(g_text, example.reference)),
-            greedy_tokens=None if g_ids is None else len(g_ids),
+            greedy_tokens=None if g_ids is None else _drawn(greedy_out[i][0]),
             completions=texts,
             strict=[float(verifier.strict(t, example.reference)) for t in texts],
             lenient=[float(verifier.lenient(t, example.reference)) for t in texts],
-            tokens=[len(c.token_ids) for c in sampled[i]],
+            tokens=[_drawn(c) for c in sampled[i]],
             letter=letter,
             letter_correct=None if letter is None else float(letter == example.reference),
             greedy_tool_calls=tool_calls(g_text) if tools and g_text is not None else None,
             tool_calls=[tool_calls(t) for t in texts] if tools else None,
         ))
     return records
+
+
+def _drawn(completion) -> int:
+    """Response length: the tokens the model drew (a tool's forced tokens are not the model's output)."""
+    return len(completion.token_ids) - sum(completion.forced)
 
 
 def decode(tokenizer, token_ids: Sequence[int]) -> str:
