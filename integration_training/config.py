@@ -139,7 +139,7 @@ class ModelConfig:
 
 @_schema
 class DatasetSpec:
-    name: str  # hub id ("openai/gsm8k", ...), "custom_json", "spelling" or "arithmetic"
+    name: str  # hub id ("openai/gsm8k", ...), "custom_json", "spelling", "arithmetic" or "word_problems"
     split: str
     subset: str | None  # hub config name, e.g. "main" or "ARC-Easy"
     max_samples: int | None  # seeded sample of this many rows; None = all rows
@@ -335,7 +335,7 @@ def _dataclass_type_problems(instance, where: str) -> list[str]:
 # problems of other fields. Problems about a field whose type is wrong are dropped (the type message says it).
 
 # Sources that are generated or read from one file: hub-only fields do nothing there and are refused.
-PROCEDURAL_NAMES = ("arithmetic", "spelling")
+PROCEDURAL_NAMES = ("arithmetic", "spelling", "word_problems")
 PROCEDURAL_SPLITS = ("train", "test")
 CUSTOM_JSON = "custom_json"
 MIN_MAX_LENGTH = 16
