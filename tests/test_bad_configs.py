@@ -77,7 +77,7 @@ def _out_of_range(field: str, kind: str) -> str | None:
     if kind == "str":
         return "'bogus'" if field in ENUMERATED else "''"
     if kind == "list":
-        return "[]" if field != "gpu_ranks" else "[-5]"
+        return {"gpu_ranks": "[-5]", "tools": "['bogus']"}.get(field, "[]")  # [] is valid for tools (none)
     if kind == "Path":
         return "Path('/dev/null/results')"  # a file in the way: the output location cannot be created
     return None  # bool: every value is in range

@@ -1,4 +1,5 @@
-"""openai/gsm8k: question → worked answer ending in `#### N`; calculator annotations removed."""
+"""openai/gsm8k: question → worked answer ending in `#### N`; calculator annotations removed (kept, as tool
+calls, with data.tools=["calculator"])."""
 
 from __future__ import annotations
 
@@ -35,11 +36,11 @@ def with_calculator(answer: str) -> str:
     from integration_training.tools import ANNOTATION, calculate
 
     def rewrite(match: re.Match) -> str:
-        result = calculate(match.group(1))
-        return "" if result.startswith("error") else f"<<{match.group(1)}={result}>>"
+        call = ANNOTATION.fullmatch(match.group(0))  # None: no `=` inside, not a call
+        result = calculate(call.group(1)) if call is not None else "error"
+        return "" if result.startswith("error") else f"<<{call.group(1)}={result}>>"
 
-    return _CALCULATOR.sub(lambda m: rewrite(ANNOTATION.fullmatch(m.group(0))) if ANNOTATION.fullmatch(m.group(0))
-                           else "", answer)
+    return _CALCULATOR.sub(rewrite, answer)
 
 
 def to_example_with_calculator(row: Mapping[str, Any], source: str, reward: str | None) -> Example:
