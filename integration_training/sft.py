@@ -276,12 +276,12 @@ def _stage_dir(run_dir: Path) -> Path:
 def _mixture(specs, config: Config):
     from integration_training.data import build_mixture
 
-    return build_mixture(specs, config.data.shuffle_seed).examples
+    return build_mixture(specs, config.data.shuffle_seed, config.data.tools).examples
 
 
 def _prepare(tokenizer, examples, config: Config, what: str) -> PreparedConversations:
     """The mixture's conversations, tokenised once per machine (cache) and memory-mapped."""
-    prepared = prepare(tokenizer, examples, config.data.max_length, models.cache_root())
+    prepared = prepare(tokenizer, examples, config.data.max_length, models.cache_root(), config.data.tools)
     for line in prepared.report.lines():
         logger.info("%s: %s", what, line)
     if prepared.report.dropped:

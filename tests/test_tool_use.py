@@ -407,3 +407,20 @@ def test_word_problems_without_the_calculator_write_the_results_themselves():
     for e_on, e_off in zip(on, off, strict=True):
         assert "<<" not in e_off.messages[1]["content"]
         assert e_off.messages[1]["content"] == e_on.messages[1]["content"].replace("<<", "").replace(">>", "")
+
+
+def test_prepared_sft_data_renders_with_the_tools(tmp_path):
+    """The SFT stream's tokenised cache renders with data.tools (forced spans mask 0) and keys on it."""
+    from helpers import smollm2_tokenizer
+
+    from integration_training import template
+    from integration_training.data.prepared import prepare
+
+    tokenizer = smollm2_tokenizer()
+    examples = load_source_counted_with_tools(_gsm8k_spec(_tool_rows_file(tmp_path)))
+    with_tools = prepare(tokenizer, examples, 256, tmp_path, ["calculator"])
+    expected, _ = template.render_examples(tokenizer, examples, 256, ["calculator"])
+    assert [with_tools[i] for i in range(len(with_tools))] == expected
+    plain = prepare(tokenizer, examples, 256, tmp_path)
+    assert plain.key != with_tools.key
+    assert sum(sum(plain[i].loss_mask) for i in range(len(plain))) > sum(sum(r.loss_mask) for r in expected)

@@ -67,9 +67,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, str]:
     }
 
 
-def preparation_key(examples: Sequence[Example], tokenizer: dict[str, str], max_length: int) -> str:
+def preparation_key(examples: Sequence[Example], tokenizer: dict[str, str], max_length: int,
+                    tools: Sequence[str] = ()) -> str:
+    # Tools change the rendering (forced spans tokenised apart, mask 0); [] leaves the key as it was before tools.
+    tools_part = f"tools={','.join(tools)}/" if tools else ""
     digest = hashlib.sha256(f"{RENDER_VERSION}/{max_length}/{tokenizer['tokenizer_sha256']}/"
-                            f"{tokenizer['chat_template_sha256']}/".encode())
+                            f"{tokenizer['chat_template_sha256']}/{tools_part}".encode())
     for example in examples:  # mixture order matters: it is the order of the prepared conversations
         digest.update(example.source.encode() + b"\0" + example_bytes(example) + b"\n")
     return digest.hexdigest()[:32]
@@ -123,19 +126,20 @@ def _write_arrays(folder: Path, rendered: Iterator[Rendered]) -> int:
 # Below this many conversations a worker pool costs more (spawning, importing torch) than it saves.
 POOL_THRESHOLD = 4096
 _worker_tokenizer: Any = None
+_worker_tools: tuple[str, ...] = ()
 
 
-def _worker_init(tokenizer: Any) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
+def _worker_init(tokenizer: Any, tools: Sequence[str]) -> None:
+    global _worker_tokenizer, _worker_tools
+    _worker_tokenizer, _worker_tools = tokenizer, tuple(tools)
 
 
 def _worker_render(messages) -> Rendered:
-    return render_conversation(_worker_tokenizer, messages)
+    return render_conversation(_worker_tokenizer, messages, _worker_tools)
 
 
 @contextlib.contextmanager
-def _renderer(tokenizer: Any, count: int):
+def _renderer(tokenizer: Any, count: int, tools: Sequence[str]):
     """Yields map(messages iterable) → Rendered iterator, in order: a pool over the CPUs for large inputs.
 
     Rendering is per-conversation Python (template) plus single-threaded Rust (tokeniser) work, so processes are
@@ -143,12 +147,12 @@ def _renderer(tokenizer: Any, count: int):
     """
     workers = min(os.cpu_count() or 1, 32)
     if count < POOL_THRESHOLD or workers == 1:
-        yield lambda items: (render_conversation(tokenizer, m) for m in items)
+        yield lambda items: (render_conversation(tokenizer, m, tools) for m in items)
         return
     import multiprocessing
 
     logger.info("data: tokenising %d conversations with %d processes", count, workers)
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(tokenizer,)) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(tokenizer, tuple(tools))) as pool:
         yield lambda items: pool.imap(_worker_render, items, chunksize=64)
 
 
@@ -170,10 +174,11 @@ def _fsync_tree(folder: Path) -> None:
             os.fsync(handle.fileno())
 
 
-def _prepare_into(folder: Path, tokenizer: Any, examples: Sequence[Example], max_length: int, meta: dict) -> None:
+def _prepare_into(folder: Path, tokenizer: Any, examples: Sequence[Example], max_length: int, meta: dict,
+                  tools: Sequence[str]) -> None:
     stats: dict[str, list[int]] = {}
     started = time.perf_counter()
-    with _renderer(tokenizer, len(examples)) as render:
+    with _renderer(tokenizer, len(examples), tools) as render:
         kept = _write_arrays(folder, _render_kept(render, examples, max_length, stats))
     meta["sources"] = [[source, *values] for source, values in stats.items()]
     meta["kept"] = kept
@@ -213,11 +218,14 @@ def _load(folder: Path, key: str, prepared_here: bool) -> PreparedConversations:
     return PreparedConversations(ids=ids, mask=mask, offsets=offsets, report=report, key=key, prepared_here=prepared_here)
 
 
-def prepare(tokenizer: Any, examples: Sequence[Example], max_length: int, cache_dir: Path) -> PreparedConversations:
-    """Tokenise `examples` into `cache_dir/prepared/{key}` unless present; return the memory-mapped result."""
+def prepare(tokenizer: Any, examples: Sequence[Example], max_length: int, cache_dir: Path,
+            tools: Sequence[str] = ()) -> PreparedConversations:
+    """Tokenise `examples` into `cache_dir/prepared/{key}` unless present; return the memory-mapped result.
+
+    `tools` is `data.tools` (rendering with forced tool spans unsupervised; part of the key when non-empty)."""
     assert max_length > 0
     fingerprint = tokenizer_fingerprint(tokenizer)
-    key = preparation_key(examples, fingerprint, max_length)
+    key = preparation_key(examples, fingerprint, max_length, tools)
     root = Path(cache_dir) / "prepared"
     folder = root / key
     with _exclusive(root / f"{key}.lock"):
@@ -232,7 +240,7 @@ def prepare(tokenizer: Any, examples: Sequence[Example], max_length: int, cache_
         meta = {"key": key, "render_version": RENDER_VERSION, "max_length": max_length, "rows": len(examples),
                 **fingerprint}
         try:
-            _prepare_into(staging, tokenizer, examples, max_length, meta)
+            _prepare_into(staging, tokenizer, examples, max_length, meta, tools)
             os.replace(staging, folder)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
