@@ -74,6 +74,7 @@ config = Config(
         ],
         max_length=256,
         shuffle_seed=42,
+        tools=[],  # [] = no tool calls; ["calculator"] = <<EXPR=RESULT>> computed by the engine
     ),
     sft=SFTConfig(
         num_epochs=1,

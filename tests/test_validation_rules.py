@@ -66,6 +66,8 @@ CASES = [
     ("flash_attention_on_cpu", dict(model=dict(attn_implementation="flash_attention_2")), "model.attn_implementation"),
     ("model_name_empty", dict(model=dict(name="")), "model.name"),
     ("max_length", dict(data=dict(max_length=8)), ("data.max_length", "rl.max_new_tokens")),
+    ("unknown_tool", dict(data=dict(tools=["python"])), "data.tools"),
+    ("tool_twice", dict(data=dict(tools=["calculator", "calculator"])), "data.tools"),
     ("spec_name", dict(data=dict(rl_mixture=[spec(name="")])), "data.rl_mixture[0].name"),
     ("spec_split", dict(data=dict(rl_mixture=[spec(split="")])), "data.rl_mixture[0].split"),
     ("spec_max_samples", dict(data=dict(sft_val_mixture=[spec(max_samples=0)])), "data.sft_val_mixture[0].max_samples"),
