@@ -151,8 +151,15 @@ def mean_context(rows: list[list[template.Rendered]]) -> float:
     return total / sum(len(r) for row in rows for r in row)
 
 
-def sft_throughput(profile: Profile, device: torch.device, attn: str, length: int, compile_model: bool) -> dict:
+def sft_throughput(profile: Profile, device: torch.device, attn: str, length: int, compile_model: bool,
+                   lora_rank: int | None = None) -> dict:
     model = build_model(profile.shape, device, attn, seed=0)
+    if lora_rank is not None:  # the product's LoRA path: peft adapters on every linear layer but the LM head
+        from integration_training import lora
+        from integration_training.config import LoRAConfig
+
+        settings = LoRAConfig(r=lora_rank, alpha=2.0 * lora_rank, dropout=0.0, target_modules=["all-linear"])
+        lora.prepare(model, SimpleNamespace(lora=settings), None, 0)
     optimizer = optimizer_for(model, 1e-5)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     module = SupervisedTokenLoss(model, "bfloat16", lm_head_shortcut=True)
@@ -184,7 +191,11 @@ def sft_throughput(profile: Profile, device: torch.device, attn: str, length: in
     peak = peak_tflops(device)
     achieved = flops_per_token * tokens / seconds / 1e12
     out = {
-        "attn": attn, "compile": compile_model, "tokens_per_row": length, "rows_per_micro": per_micro, "micro_per_step": profile.sft_micro_per_step,
+        "attn": attn, "compile": compile_model, "lora_rank": lora_rank,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "optimizer_state_gib": round(sum(t.numel() * t.element_size() for st in optimizer.state.values()
+                                         for t in st.values() if torch.is_tensor(t)) / 2**30, 3),
+        "tokens_per_row": length, "rows_per_micro": per_micro, "micro_per_step": profile.sft_micro_per_step,
         "tokens_per_step": tokens, "seconds_per_step": round(seconds, 4), "tokens_per_s": round(tokens / seconds),
         "model_tflops": round(achieved, 1), "mfu": round(achieved / peak, 3) if peak else None,
         "mean_attended_context": round(ctx, 1), "peak_memory_gib": peak_gib(device),
@@ -344,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--sections", default="sft,curves,rl", help="comma-separated, in order: sft,curves,rl,sft_compile")
+    parser.add_argument("--sections", default="sft,curves,rl",
+                        help="comma-separated, in order: sft,curves,rl,sft_compile,lora")
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
     device = torch.device(args.device)
@@ -373,6 +385,9 @@ SECTIONS = {
     "curves": lambda profile, device, env: curves(profile, device),
     "rl": lambda profile, device, env: rl_section(profile, device),
     "sft_compile": lambda profile, device, env: sft_section(profile, device, env, compile_model=True)[:1],
+    # LoRA vs full fine-tune at the shorter row length, in the same call (same card, same warm state).
+    "lora": lambda profile, device, env: [sft_throughput(profile, device, "sdpa", profile.sft_lengths[0], False, rank)
+                                          for rank in (None, 16)],
 }
 
 
