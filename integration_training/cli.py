@@ -472,10 +472,15 @@ def _setup_logging(config: Config, run_dir: Path, is_main: bool) -> None:
         file_handler = logging.FileHandler(run_dir / "train.log")
         file_handler.setFormatter(formatter)
         root.addHandler(file_handler)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(formatter)
-    console.setLevel(config.output.log_level if is_main else "WARNING")
-    root.addHandler(console)
+    _setup_console(config, root, is_main)
+
+
+def _setup_console(config: Config, root: logging.Logger, is_main: bool) -> None:
+    """The terminal: log lines above the progress bars; the libraries' own bars and warnings off below DEBUG."""
+    from integration_training.console import console_handler, quiet_libraries
+
+    quiet_libraries(config.output.log_level)
+    root.addHandler(console_handler(config.output.log_level, is_main))
 
 
 def _run(config: Config, args: argparse.Namespace) -> int:
@@ -586,6 +591,7 @@ def held_out_eval(config: Config, run_dir: Path, model_name: str, stage: str, st
     """
     from integration_training.distributed import barrier, init_distributed
     from integration_training.evaluate import eval_records_path
+    from integration_training.console import format_values
     from integration_training.rl import drop_overlong, load_policy, rl_examples, run_eval
 
     if eval_records_path(run_dir, stage, step).is_file():
@@ -598,4 +604,4 @@ def held_out_eval(config: Config, run_dir: Path, model_name: str, stage: str, st
     values = run_eval(model, tokenizer, problems[: rl.eval_examples], rl, seed, dist, run_dir, step, stage,
                       config.model.dtype)
     barrier(dist)
-    log.info("%s evaluation: %s", stage, {k: round(v, 4) for k, v in values.items() if not k.endswith(("_low", "_high"))})
+    log.info("%s evaluation: %s", stage, format_values({k: v for k, v in values.items() if not k.endswith(("_low", "_high"))}))

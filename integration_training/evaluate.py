@@ -21,7 +21,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -172,8 +172,12 @@ def score_problems(
     batch_size: int,
     seed: int,
     greedy: bool = True,
+    progress: Callable[[float], None] | None = None,
 ) -> list[ProblemRecord]:
-    """Per-problem records; `indices` are the problems' global numbers (kept in the records for ordering)."""
+    """Per-problem records; `indices` are the problems' global numbers (kept in the records for ordering).
+
+    `progress`, when given, receives problems done (fractions while decoding; the calls sum to len(examples)).
+    """
     from integration_training.template import render_prompt, stop_token_ids
     from integration_training.rewards import resolve_reward
     from integration_training.rollout import sample
@@ -191,8 +195,10 @@ def score_problems(
     stops = stop_token_ids(tokenizer)
     pad = _pad_id(tokenizer)
     # One prefill per prompt: with `greedy` the first row of each prompt is argmax, the other k rows sample.
-    out = sample(model, prompts, k + int(greedy), max_new_tokens, temperature, top_k, stops, pad,
-                 torch.Generator(device=device).manual_seed(seed), batch_size, greedy_first=greedy)
+    rows_per_problem = k + int(greedy)
+    on_rows = None if progress is None else (lambda rows: progress(rows / rows_per_problem))
+    out = sample(model, prompts, rows_per_problem, max_new_tokens, temperature, top_k, stops, pad,
+                 torch.Generator(device=device).manual_seed(seed), batch_size, greedy_first=greedy, progress=on_rows)
     greedy_out = [row[:1] for row in out] if greedy else None
     sampled = [row[int(greedy):] for row in out]
     letters = _letter_choices(model, tokenizer, examples, prompts, batch_size)

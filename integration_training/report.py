@@ -271,7 +271,9 @@ def write_report(run_dir: Path) -> str:
 def finish_run(config, run_dir: Path) -> None:
     """Print the comparison table and write report.md + plots (rank 0 only; called by cli)."""
     table = write_report(Path(run_dir))
-    print("\n" + table + f"\n\nreport: {Path(run_dir) / 'report.md'}")
+    wall = "\n".join("  " + line.removeprefix("- ") for line in _timing_lines(Path(run_dir)))
+    print(f"\n== finished: {Path(run_dir)} ==\n{table}\n\nwall time per phase:\n{wall}\n\n"
+          f"report: {Path(run_dir) / 'report.md'}\nfull log: {Path(run_dir) / 'train.log'}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ recomputes with a plain forward pass over prompt + completion, so the two can be
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +54,7 @@ def sample(
     generator: torch.Generator,
     batch_size: int,
     greedy_first: bool,
+    progress: Callable[[float], None] | None = None,
 ) -> list[list[Completion]]:
     """Sample `num_samples` completions per prompt; result indexed `[prompt][sample]`.
 
@@ -61,7 +62,9 @@ def sample(
     sample 0 of every prompt greedy (argmax) while the others sample: evaluation gets its greedy answer and its
     k samples from one shared prefill instead of two. `generator` must live
     on the model's device (sampling happens there). The model is put in eval mode for the call and its
-    previous mode restored afterwards.
+    previous mode restored afterwards. `progress`, when given, is called with the number of rows newly done (a
+    fraction of a chunk per decode step, the rest when the chunk ends; the calls sum to len(prompts) * num_samples):
+    a progress bar's ETA then moves during a chunk, not once per chunk.
     """
     assert num_samples >= 1, num_samples
     assert max_new_tokens >= 0, max_new_tokens
@@ -91,6 +94,7 @@ def sample(
                 generator=generator,
                 device=device,
                 greedy_rows=torch.tensor([greedy_first and s == 0 for _, s in chunk], device=device),
+                progress=progress,
             )
             for (p, s), completion in zip(chunk, completions, strict=True):
                 results[p][s] = completion
@@ -110,9 +114,13 @@ def _sample_chunk(
     generator: torch.Generator,
     device: torch.device,
     greedy_rows: torch.Tensor,
+    progress: Callable[[float], None] | None,
 ) -> list[Completion]:
     num_rows = len(row_prompt)
+    reported = 0.0
     if max_new_tokens == 0:
+        if progress is not None:
+            progress(num_rows)
         return [Completion([], [], False) for _ in range(num_rows)]
 
     # 1. Prefill each distinct prompt once; only the last position's logits are needed.
@@ -169,7 +177,12 @@ def _sample_chunk(
         cache = out.past_key_values
         next_pos = next_pos + 1
         logits = out.logits[:, -1, :]
+        if progress is not None:  # the worst case (every row runs max_new_tokens) paces the bar
+            progress(num_rows / max_new_tokens)
+            reported += num_rows / max_new_tokens
 
+    if progress is not None:
+        progress(num_rows - reported)
     return _to_completions(tokens_out.tolist(), logprobs_out.tolist(), lengths.tolist(), finished.tolist())
 
 
