@@ -53,6 +53,8 @@ def main(argv: list[str]) -> int:
         config = load_config_file(Path(args.config))
         validate(config)
         _set_visible_gpus(config)
+        if args.dry_run and args.probe:
+            return _dry_run_probe(config, args.config)
         if args.dry_run:
             return _dry_run(config, args.config)
         check_output_location(config)
@@ -86,6 +88,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("config", help="a .py file that defines `config = Config(...)`")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in its run directory")
+    parser.add_argument("--probe", action="store_true",
+                        help="load the model and measure each stage's worst case (time, memory) before committing; "
+                             "with --dry-run stop after the estimate, otherwise print it and run")
     return parser.parse_args(argv)
 
 
@@ -241,6 +246,27 @@ def check_output_location(config: Config) -> None:
             f"output.save_dir: {existing} is not writable by this user, so {target} cannot be written; "
             "pick a folder you can write to"
         )
+
+
+def _dry_run_probe(config: Config, config_path: str) -> int:
+    """The plan, then the probe's measured worst case per stage and the predicted time; exit 2 on an OOM."""
+    from integration_training import plan, probe
+
+    print(plan.render_plan(config, config_path, device_note=None))
+    check_device(config)
+    print("\n".join(probe.run_probe(config).lines()))
+    return EXIT_OK
+
+
+def _probe_before_run(config: Config, run_dir: Path) -> None:
+    """`deploy.py CONFIG --probe`: the same estimate at the start of a real run, kept for report.md."""
+    from integration_training import probe
+
+    estimate = probe.run_probe(config)
+    for line in estimate.lines():
+        log.info("%s", line)
+    if int(os.environ.get("RANK", "0")) == 0:
+        probe.write_estimate(estimate, run_dir)
 
 
 # ---------------------------------------------------------------------------------------------------- torchrun
@@ -497,6 +523,8 @@ def _run(config: Config, args: argparse.Namespace) -> int:
         _setup_logging(config, run_dir, is_main)
         if is_main:
             print(plan.render_plan(config, args.config, device_note=None))
+        if args.probe:
+            _probe_before_run(config, run_dir)
         try:
             dispatch(config, run_dir, args.resume, stop)
         except (UserError, Interrupted, TrainingDiverged, KeyboardInterrupt):
