@@ -84,3 +84,17 @@ def test_probe_before_a_run_lands_in_the_report(tmp_path):
     report = (run_dir / "report.md").read_text()
     assert re.search(r"\| SFT \| \d+ s \| \d+ s \|", report), report
     assert "predicted time:" in result.stderr
+
+
+def test_plan_memory_line_is_within_30_percent_of_the_measured_peak_rss(tmp_path):
+    """The plan's predicted peak (static + the largest stage's activations/KV cache + the process baseline) against
+    the probe's measured peak RSS, which runs that very worst case."""
+    from integration_training.plan import predicted_peak_bytes
+
+    config = make_config(tmp_path, output={"mode": "sft+rl"}, sft={"batch_size": 4, "target_examples_per_step": 4},
+                         data={"max_length": 512})
+    result = _deploy(tmp_path, config, "--dry-run", "--probe")
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = predicted_peak_bytes(result.stdout)
+    measured = max(float(g) for g in re.findall(r"host peak RSS (\d+\.\d+) GiB", result.stdout)) * 1024**3
+    assert 0.7 * measured <= predicted <= 1.3 * measured, (predicted / 2**30, measured / 2**30)
