@@ -252,9 +252,13 @@ def _dry_run_probe(config: Config, config_path: str) -> int:
     """The plan, then the probe's measured worst case per stage and the predicted time; exit 2 on an OOM."""
     from integration_training import plan, probe
 
-    print(plan.render_plan(config, config_path, device_note=None))
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under a user's torchrun every rank probes its own shard
+    if is_main:
+        print(plan.render_plan(config, config_path, device_note=None))
     check_device(config)
-    print("\n".join(probe.run_probe(config).lines()))
+    estimate = probe.run_probe(config)  # the maximum over ranks (probe.run_probe reduces it)
+    if is_main:
+        print("\n".join(estimate.lines()))
     return EXIT_OK
 
 
