@@ -153,10 +153,11 @@ def evaluate(
     batch_size: int,
     seed: int,
     greedy: bool = True,
+    progress: Callable[[float], None] | None = None,
 ) -> EvalResult:
     """Score `examples` (greedy + k samples each) and aggregate; see the module docstring."""
     records = score_problems(model, tokenizer, examples, range(len(examples)), k, temperature, top_k,
-                             max_new_tokens, batch_size, seed, greedy)
+                             max_new_tokens, batch_size, seed, greedy, progress=progress)
     return aggregate(records, k, seed)
 
 
@@ -393,9 +394,15 @@ def run_cli(args: argparse.Namespace) -> dict:
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
     model = load_model(path, args.dtype, "sdpa", device, training=False)
+    from integration_training.console import phase_bar
+
     start = time.perf_counter()
-    result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.top_k, args.max_new_tokens,
-                      args.batch_size, args.seed, greedy=not args.no_greedy)
+    bar = phase_bar(len(examples), "evaluation", "problems", is_main=True)
+    try:
+        result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.top_k, args.max_new_tokens,
+                          args.batch_size, args.seed, greedy=not args.no_greedy, progress=bar.update)
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
     settings = {key: getattr(args, key) for key in vars(args)} | {"seconds": seconds, "device": str(device)}
     payload = result_to_json(result, settings)

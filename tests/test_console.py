@@ -110,3 +110,25 @@ def test_debug_level_lets_the_libraries_through(tmp_path):
 def test_format_values_is_name_equals_value(values, expected):
     assert format_values(values) == expected
     assert not RAW_DICT.search(format_values(values))
+
+
+@pytest.mark.parametrize("max_new_tokens,batch_size,greedy", [(0, 4, True), (1, 3, False), (6, 5, True), (6, 64, False)])
+def test_evaluation_progress_adds_up_to_the_problems(max_new_tokens, batch_size, greedy):
+    """The hook the evaluation bar rides on: fractions while decoding, summing to exactly the problems scored."""
+    import torch
+
+    from helpers import arithmetic, smollm2_tokenizer, tiny_model
+    from integration_training.data import build_mixture
+    from integration_training.evaluate import evaluate
+
+    tokenizer = smollm2_tokenizer()
+    examples = list(build_mixture([arithmetic("test", 7)], 0).examples)
+    calls: list[float] = []
+    torch.manual_seed(0)
+    result = evaluate(tiny_model(len(tokenizer), 0), tokenizer, examples, 2, 1.0, 0, max_new_tokens, batch_size, 0,
+                      greedy=greedy, progress=calls.append)
+    assert result.num_problems == 7
+    assert sum(calls) == pytest.approx(7.0)
+    assert all(c >= -1e-9 for c in calls)
+    if max_new_tokens > 1:
+        assert len(calls) > -(-7 * (2 + int(greedy)) // batch_size), "updates during a chunk, not only at its end"
