@@ -253,6 +253,8 @@ def _dry_run_probe(config: Config, config_path: str) -> int:
     from integration_training import plan, probe
 
     is_main = int(os.environ.get("RANK", "0")) == 0  # under a user's torchrun every rank probes its own shard
+    logging.getLogger().setLevel(config.output.log_level)
+    _setup_console(config, logging.getLogger(), is_main)  # no run directory, so no train.log
     if is_main:
         print(plan.render_plan(config, config_path, device_note=None))
     check_device(config)

@@ -50,6 +50,7 @@ def test_probe_prints_every_stage_and_a_prediction(tmp_path):
     assert match, result.stdout[-2000:]
     total, low, high = (int(match[i]) for i in (1, 2, 3))
     assert low <= total <= high
+    assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr, result.stderr[-2000:]
     assert not (Path(config.output.save_dir) / "test").exists(), "a dry run writes nothing"
 
 
