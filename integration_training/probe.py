@@ -170,7 +170,8 @@ def probe_sft(config: Config, dist, tokenizer) -> tuple[Stage, float]:
     with _Measure(dist.device, "sft step") as val:
         sft.validation_loss(module, micro[:1], dist)
     steps = _sft_steps(config, sequences)
-    validations = (steps // config.sft.eval_every + 1) * config.sft.eval_steps
+    # step 0, every eval_every steps, and the last step (see sft.run_sft); each over eval_steps batches
+    validations = (1 + steps // config.sft.eval_every + int(steps % config.sft.eval_every != 0)) * config.sft.eval_steps
     stage = Stage("sft step", timed.seconds, steps, False, timed.device_peak, timed.host_peak)
     del module, loss_module, model, optimizer
     return stage, val.seconds * validations
