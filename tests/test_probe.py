@@ -99,3 +99,18 @@ def test_plan_memory_line_is_within_30_percent_of_the_measured_peak_rss(tmp_path
     predicted = predicted_peak_bytes(result.stdout)
     measured = max(float(g) for g in re.findall(r"host peak RSS (\d+\.\d+) GiB", result.stdout)) * 1024**3
     assert 0.7 * measured <= predicted <= 1.3 * measured, (predicted / 2**30, measured / 2**30)
+
+
+@pytest.mark.parametrize("layers,hidden,intermediate,kv_dim,vocab", [(2, 64, 128, 32, 1000), (30, 576, 1536, 192, 49152),
+                                                                   (24, 896, 4864, 128, 151936)])
+def test_memory_terms_scale_as_they_should(layers, hidden, intermediate, kv_dim, vocab):
+    from integration_training.plan import Shape, activation_bytes, kv_cache_bytes
+
+    shape = Shape(layers, hidden, intermediate, kv_dim, vocab)
+    full, checkpointed = (activation_bytes(shape, 4096, 1024, 2, c) for c in (False, True))
+    assert checkpointed < full  # checkpointing keeps one layer's input per layer, recomputes the rest
+    assert activation_bytes(shape, 8192, 1024, 2, False) - activation_bytes(shape, 4096, 1024, 2, False) > 0
+    logits = activation_bytes(shape, 4096, 2048, 4, True) - activation_bytes(shape, 4096, 1024, 4, True)
+    assert logits == 2 * 1024 * vocab * 4  # float32 logits + their gradient per extra scored token
+    assert kv_cache_bytes(shape, 200, 256, 2) - kv_cache_bytes(shape, 100, 256, 2) == \
+        2 * layers * 100 * 256 * kv_dim * 2 + 100 * vocab * 4 * 2
