@@ -240,10 +240,14 @@ def _dynamic_memory_lines(config: Config, params: int, shape: Shape, static: int
     if runs_rl(config):
         r = config.rl
         rows = min(r.device_batch_size, r.examples_per_step // world_size(config.target) * r.num_samples)
-        tokens = rows * config.data.max_length
+        prompt = config.data.max_length - r.max_new_tokens  # the longest prompt RL keeps (drop_overlong)
+        if checkpointing:  # full-row layout: every row carries its prompt
+            tokens = rows * config.data.max_length
+        else:  # rl.completion_logits: each distinct prompt once, its KV gathered to the completion rows
+            tokens = -(-rows // r.num_samples) * prompt + rows * r.max_new_tokens
         act = {c: activation_bytes(shape, tokens, rows * r.max_new_tokens, compute_bytes, c) for c in (False, True)}
         stages["RL update"] = act[checkpointing]
-        lines.append(f"  RL activations ({rows} rows × ≤ {config.data.max_length} tokens): {act[False] / gib:.2f} GiB "
+        lines.append(f"  RL activations ({rows} rows, {tokens} tokens through the layers): {act[False] / gib:.2f} GiB "
                      f"without checkpointing, {act[True] / gib:.2f} GiB with")
     if runs_rl(config) or config.data.rl_eval_mixture:
         rows = config.rl.sample_batch_size
