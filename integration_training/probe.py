@@ -140,13 +140,17 @@ def _longest_sft_micro_batches(config: Config, tokenizer, dist):
 
     stage = config.sft
     rendered = sft._render(tokenizer, config.data.sft_mixture, config, "sft_mixture")
-    rows = sft.epoch_rows(rendered, config.data.shuffle_seed, 0, stage.packing, config.data.max_length)
+    from integration_training.data.stream import SFTStream
+
+    stream = SFTStream(rendered, config.data.shuffle_seed, stage.packing, config.data.max_length,
+                       stage.target_examples_per_step)
+    rows = stream.rows(0)
     longest = sorted(rows, key=lambda row: sum(len(r) for r in row), reverse=True)[: stage.batch_size]
     while len(longest) < stage.batch_size:  # fewer sequences than a micro-batch: repeat (the run would refuse)
         longest.append(longest[0])
     batch = sft.collate(longest, stage.packing, tokenizer.pad_token_id, config.model.attn_implementation)
     accumulation = sft.gradient_accumulation(stage, world_size(config.target))
-    return [batch] * accumulation, sum(len(r) for row in longest for r in row) * accumulation, len(rows)
+    return [batch] * accumulation, sum(len(r) for row in longest for r in row) * accumulation, sft.total_steps(stage, stream)
 
 
 def probe_sft(config: Config, dist, tokenizer) -> tuple[Stage, float]:
@@ -155,7 +159,7 @@ def probe_sft(config: Config, dist, tokenizer) -> tuple[Stage, float]:
 
     model = sft._prepare_model(config, _base_path(config), dist)
     _check_positions(config, model)
-    micro, tokens, sequences = _longest_sft_micro_batches(config, tokenizer, dist)
+    micro, tokens, steps = _longest_sft_micro_batches(config, tokenizer, dist)
     micro = [sft.batch_to(b, dist.device) for b in micro]
     shortcut = sft.lm_head_shortcut_exact(model, micro[0], config.model.dtype)  # as the run decides it
     loss_module = sft.SupervisedTokenLoss(model, config.model.dtype, shortcut)
@@ -169,19 +173,11 @@ def probe_sft(config: Config, dist, tokenizer) -> tuple[Stage, float]:
         sft.train_step(module, optimizer, params, micro, tokens, 1.0, config.sft.grad_clip, dist, scaler)
     with _Measure(dist.device, "sft step") as val:
         sft.validation_loss(module, micro[:1], dist)
-    steps = _sft_steps(config, sequences)
     # step 0, every eval_every steps, and the last step (see sft.run_sft); each over eval_steps batches
     validations = (1 + steps // config.sft.eval_every + int(steps % config.sft.eval_every != 0)) * config.sft.eval_steps
     stage = Stage("sft step", timed.seconds, steps, False, timed.device_peak, timed.host_peak)
     del module, loss_module, model, optimizer
     return stage, val.seconds * validations
-
-
-def _sft_steps(config: Config, sequences: int) -> int:
-    s = config.sft
-    if s.num_iterations != -1:
-        return s.num_iterations
-    return s.num_epochs * (sequences // s.target_examples_per_step)
 
 
 def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, Stage]:
