@@ -53,6 +53,8 @@ def main(argv: list[str]) -> int:
         config = load_config_file(Path(args.config))
         validate(config)
         _set_visible_gpus(config)
+        if args.dry_run and args.probe:
+            return _dry_run_probe(config, args.config)
         if args.dry_run:
             return _dry_run(config, args.config)
         check_output_location(config)
@@ -86,6 +88,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("config", help="a .py file that defines `config = Config(...)`")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in its run directory")
+    parser.add_argument("--probe", action="store_true",
+                        help="load the model and measure each stage's worst case (time, memory) before committing; "
+                             "with --dry-run stop after the estimate, otherwise print it and run")
     return parser.parse_args(argv)
 
 
@@ -241,6 +246,33 @@ def check_output_location(config: Config) -> None:
             f"output.save_dir: {existing} is not writable by this user, so {target} cannot be written; "
             "pick a folder you can write to"
         )
+
+
+def _dry_run_probe(config: Config, config_path: str) -> int:
+    """The plan, then the probe's measured worst case per stage and the predicted time; exit 2 on an OOM."""
+    from integration_training import plan, probe
+
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under a user's torchrun every rank probes its own shard
+    logging.getLogger().setLevel(config.output.log_level)
+    _setup_console(config, logging.getLogger(), is_main)  # no run directory, so no train.log
+    if is_main:
+        print(plan.render_plan(config, config_path, device_note=None))
+    check_device(config)
+    estimate = probe.run_probe(config)  # the maximum over ranks (probe.run_probe reduces it)
+    if is_main:
+        print("\n".join(estimate.lines()))
+    return EXIT_OK
+
+
+def _probe_before_run(config: Config, run_dir: Path) -> None:
+    """`deploy.py CONFIG --probe`: the same estimate at the start of a real run, kept for report.md."""
+    from integration_training import probe
+
+    estimate = probe.run_probe(config)
+    for line in estimate.lines():
+        log.info("%s", line)
+    if int(os.environ.get("RANK", "0")) == 0:
+        probe.write_estimate(estimate, run_dir)
 
 
 # ---------------------------------------------------------------------------------------------------- torchrun
@@ -472,10 +504,15 @@ def _setup_logging(config: Config, run_dir: Path, is_main: bool) -> None:
         file_handler = logging.FileHandler(run_dir / "train.log")
         file_handler.setFormatter(formatter)
         root.addHandler(file_handler)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(formatter)
-    console.setLevel(config.output.log_level if is_main else "WARNING")
-    root.addHandler(console)
+    _setup_console(config, root, is_main)
+
+
+def _setup_console(config: Config, root: logging.Logger, is_main: bool) -> None:
+    """The terminal: log lines above the progress bars; the libraries' own bars and warnings off below DEBUG."""
+    from integration_training.console import console_handler, quiet_libraries
+
+    quiet_libraries(config.output.log_level)
+    root.addHandler(console_handler(config.output.log_level, is_main))
 
 
 def _run(config: Config, args: argparse.Namespace) -> int:
@@ -492,6 +529,8 @@ def _run(config: Config, args: argparse.Namespace) -> int:
         _setup_logging(config, run_dir, is_main)
         if is_main:
             print(plan.render_plan(config, args.config, device_note=None))
+        if args.probe:
+            _probe_before_run(config, run_dir)
         try:
             dispatch(config, run_dir, args.resume, stop)
         except (UserError, Interrupted, TrainingDiverged, KeyboardInterrupt):
@@ -586,6 +625,7 @@ def held_out_eval(config: Config, run_dir: Path, model_name: str, stage: str, st
     """
     from integration_training.distributed import barrier, init_distributed
     from integration_training.evaluate import eval_records_path
+    from integration_training.console import format_values
     from integration_training.rl import drop_overlong, load_policy, rl_examples, run_eval
 
     if eval_records_path(run_dir, stage, step).is_file():
@@ -598,4 +638,4 @@ def held_out_eval(config: Config, run_dir: Path, model_name: str, stage: str, st
     values = run_eval(model, tokenizer, problems[: rl.eval_examples], rl, seed, dist, run_dir, step, stage,
                       config.model.dtype, config.data.tools)
     barrier(dist)
-    log.info("%s evaluation: %s", stage, {k: round(v, 4) for k, v in values.items() if not k.endswith(("_low", "_high"))})
+    log.info("%s evaluation: %s", stage, format_values({k: v for k, v in values.items() if not k.endswith(("_low", "_high"))}))

@@ -21,7 +21,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -157,10 +157,11 @@ def evaluate(
     seed: int,
     greedy: bool = True,
     tools: Sequence[str] = (),
+    progress: Callable[[float], None] | None = None,
 ) -> EvalResult:
     """Score `examples` (greedy + k samples each) and aggregate; see the module docstring."""
     records = score_problems(model, tokenizer, examples, range(len(examples)), k, temperature, top_k,
-                             max_new_tokens, batch_size, seed, greedy, tools=tools)
+                             max_new_tokens, batch_size, seed, greedy, tools=tools, progress=progress)
     return aggregate(records, k, seed)
 
 
@@ -177,10 +178,13 @@ def score_problems(
     seed: int,
     greedy: bool = True,
     tools: Sequence[str] = (),
+    progress: Callable[[float], None] | None = None,
 ) -> list[ProblemRecord]:
     """Per-problem records; `indices` are the problems' global numbers (kept in the records for ordering).
 
-    `tools` is `data.tools` / `--tools`: the sampler runs them, and the records list each completion's calls."""
+    `tools` is `data.tools` / `--tools`: the sampler runs them, and the records list each completion's calls.
+    `progress`, when given, receives problems done (fractions while decoding; the calls sum to len(examples)).
+    """
     from integration_training.tools import tool_calls, tool_runner
     from integration_training.template import render_prompt, stop_token_ids
     from integration_training.rewards import resolve_reward
@@ -199,9 +203,11 @@ def score_problems(
     stops = stop_token_ids(tokenizer)
     pad = _pad_id(tokenizer)
     # One prefill per prompt: with `greedy` the first row of each prompt is argmax, the other k rows sample.
-    out = sample(model, prompts, k + int(greedy), max_new_tokens, temperature, top_k, stops, pad,
+    rows_per_problem = k + int(greedy)
+    on_rows = None if progress is None else (lambda rows: progress(rows / rows_per_problem))
+    out = sample(model, prompts, rows_per_problem, max_new_tokens, temperature, top_k, stops, pad,
                  torch.Generator(device=device).manual_seed(seed), batch_size, greedy_first=greedy,
-                 tools=tool_runner(tokenizer, tools))
+                 tools=tool_runner(tokenizer, tools), progress=on_rows)
     greedy_out = [row[:1] for row in out] if greedy else None
     sampled = [row[int(greedy):] for row in out]
     letters = _letter_choices(model, tokenizer, examples, prompts, batch_size)
@@ -410,9 +416,16 @@ def run_cli(args: argparse.Namespace) -> dict:
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
     model = load_model(path, args.dtype, "sdpa", device, training=False)
+    from integration_training.console import phase_bar
+
     start = time.perf_counter()
-    result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.top_k, args.max_new_tokens,
-                      args.batch_size, args.seed, greedy=not args.no_greedy, tools=args.tools)
+    bar = phase_bar(len(examples), "evaluation", "problems", is_main=True)
+    try:
+        result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.top_k, args.max_new_tokens,
+                          args.batch_size, args.seed, greedy=not args.no_greedy, tools=args.tools,
+                          progress=bar.update)
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
     settings = {key: getattr(args, key) for key in vars(args)} | {"seconds": seconds, "device": str(device)}
     payload = result_to_json(result, settings)

@@ -172,11 +172,9 @@ class Progress:
     """A tqdm bar over optimizer steps (ETA from tqdm's rate), shown on the main rank only."""
 
     def __init__(self, total: int, initial: int, is_main: bool, description: str) -> None:
-        self._bar = None
-        if is_main:
-            from tqdm.auto import tqdm
+        from integration_training.console import phase_bar
 
-            self._bar = tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True)
+        self._bar = phase_bar(total, description, "steps", is_main, initial=initial)
 
     def update(self, postfix: dict[str, str]) -> None:
         if self._bar is not None:

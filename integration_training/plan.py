@@ -7,6 +7,8 @@ SFT data is rendered so that over-long conversations and token counts are real n
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from dataclasses import dataclass
@@ -61,17 +63,17 @@ def _format_counts(name: str, counts: list[SourceCount]) -> list[str]:
     return lines
 
 
-def _model_lines(config: Config) -> tuple[list[str], object | None, int | None]:
-    """Model description lines, the tokenizer if it is available offline, and the parameter count."""
+def _model_lines(config: Config) -> tuple[list[str], object | None, int | None, Shape | None]:
+    """Model description lines, the tokenizer if it is available offline, the parameter count and the shape."""
     from integration_training import models
 
     m = config.model
     lines = [f"model: {models.describe_source(m.name)}"]
     local = _local_model_dir(m.name)
-    tokenizer, params, architecture, adapter = None, None, None, None
+    tokenizer, params, architecture, adapter, shape = None, None, None, None, None
     if local is not None:
         tokenizer = models.load_tokenizer(str(local))
-        params, architecture, adapter = _count_params(local, m.lora)
+        params, architecture, adapter, shape = _count_params(local, m.lora)
     params_text = f"{params / 1e6:.1f}M parameters ({architecture})" if params else "parameters: known after download"
     lines.append(
         f"  {params_text}; dtype={m.dtype}; attn={m.attn_implementation}; compile={m.compile}; "
@@ -88,7 +90,7 @@ def _model_lines(config: Config) -> tuple[list[str], object | None, int | None]:
             f"{l.target_modules}; base frozen; {share}; adapters train at each stage's matrix_lr "
             "(embedding_lr/unembedding_lr: no trainable tensor); RL after SFT: fresh adapters on the merged SFT model"
         )
-    return lines, tokenizer, params, adapter
+    return lines, tokenizer, params, adapter, shape
 
 
 def _local_model_dir(name: str) -> Path | None:
@@ -101,8 +103,8 @@ def _local_model_dir(name: str) -> Path | None:
     return directory if (directory / "config.json").is_file() else None
 
 
-def _count_params(model_dir: Path, lora) -> tuple[int, str, int | None]:
-    """(parameters, architecture, LoRA adapter parameters or None) from the config alone: the model is built on the
+def _count_params(model_dir: Path, lora) -> tuple[int, str, int | None, Shape]:
+    """(parameters, architecture, LoRA adapter parameters or None, shape) from the config alone: the model is built on the
     meta device, no weights are read. With LoRA this also checks the targets against the model (UserError)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -113,7 +115,7 @@ def _count_params(model_dir: Path, lora) -> tuple[int, str, int | None]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
     adapter = adapter_parameter_count(model, lora) if lora is not None else None
-    return sum(p.numel() for p in model.parameters()), type(model).__name__, adapter
+    return sum(p.numel() for p in model.parameters()), type(model).__name__, adapter, model_shape(model_config)
 
 
 def _sft_lines(config: Config, sequences: int, supervised_tokens: int | None, total_tokens: int | None) -> list[str]:
@@ -173,7 +175,108 @@ def _rl_lines(config: Config, prompts: int | None) -> list[str]:
     ]
 
 
-def _memory_lines(config: Config, params: int | None, adapter: int | None) -> list[str]:
+@dataclass(frozen=True)
+class Shape:
+    """The architecture numbers activation and KV-cache memory depend on (from the model's config.json)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int  # key/value heads × head dim
+    vocab: int
+
+
+def model_shape(model_config) -> Shape:
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    return Shape(model_config.num_hidden_layers, model_config.hidden_size, model_config.intermediate_size,
+                 kv_heads * head_dim, model_config.vocab_size)
+
+
+# Values a decoder layer keeps for backward per token: norms' inputs and outputs, q/k/v, attention output,
+# o-proj input, residuals (≈ 10 × hidden) and the MLP's gate, up, activation and product (4 × intermediate).
+HIDDEN_VALUES_PER_LAYER, INTERMEDIATE_VALUES_PER_LAYER = 10, 4
+
+
+def activation_bytes(shape: Shape, tokens: int, scored_tokens: int, compute_bytes: int, checkpointing: bool) -> int:
+    """Activations of one training micro-batch: `tokens` through the layers, `scored_tokens` through the LM head.
+
+    With gradient checkpointing each layer keeps only its input and one layer at a time is recomputed; the
+    float32 logits and their gradient (log-softmax) exist for the scored tokens either way.
+    """
+    per_layer = tokens * (HIDDEN_VALUES_PER_LAYER * shape.hidden + INTERMEDIATE_VALUES_PER_LAYER * shape.intermediate)
+    layers = (shape.layers * tokens * shape.hidden + per_layer) if checkpointing else shape.layers * per_layer
+    return layers * compute_bytes + 2 * scored_tokens * shape.vocab * 4
+
+
+def kv_cache_bytes(shape: Shape, rows: int, length: int, compute_bytes: int) -> int:
+    """Sampling: the pre-allocated KV cache of one chunk plus one step's float32 logits per row."""
+    return 2 * shape.layers * rows * length * shape.kv_dim * compute_bytes + rows * shape.vocab * 4 * 2
+
+
+def process_baseline_bytes() -> int:
+    """This process's resident memory now (Python, torch, transformers loaded): the floor under every estimate."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _dynamic_memory_lines(config: Config, params: int, shape: Shape, static: int, supervised_fraction: float) -> list[str]:
+    """Activations (with and without checkpointing) and the sampling KV cache; the peak is the larger stage."""
+    compute_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
+    gib = 1024**3
+    checkpointing = config.model.gradient_checkpointing
+    stages: dict[str, int] = {}
+    lines = []
+    if runs_sft(config):
+        tokens = config.sft.batch_size * config.data.max_length
+        # The LM head runs only at supervised positions (the SFT loss's shortcut): their share of the data's tokens.
+        scored = int(tokens * supervised_fraction)
+        act = {c: activation_bytes(shape, tokens, scored, compute_bytes, c) for c in (False, True)}
+        stages["SFT step"] = act[checkpointing]
+        lines.append(f"  SFT activations (micro-batch {config.sft.batch_size} × {config.data.max_length} tokens): "
+                     f"{act[False] / gib:.2f} GiB without checkpointing, {act[True] / gib:.2f} GiB with "
+                     f"(gradient_checkpointing={checkpointing})")
+    if runs_rl(config):
+        r = config.rl
+        rows = min(r.device_batch_size, r.examples_per_step // world_size(config.target) * r.num_samples)
+        prompt = config.data.max_length - r.max_new_tokens  # the longest prompt RL keeps (drop_overlong)
+        if checkpointing:  # full-row layout: every row carries its prompt
+            tokens = rows * config.data.max_length
+        else:  # rl.completion_logits: each distinct prompt once, its KV gathered to the completion rows
+            tokens = -(-rows // r.num_samples) * prompt + rows * r.max_new_tokens
+        act = {c: activation_bytes(shape, tokens, rows * r.max_new_tokens, compute_bytes, c) for c in (False, True)}
+        stages["RL update"] = act[checkpointing]
+        lines.append(f"  RL activations ({rows} rows, {tokens} tokens through the layers): {act[False] / gib:.2f} GiB "
+                     f"without checkpointing, {act[True] / gib:.2f} GiB with")
+    if runs_rl(config) or config.data.rl_eval_mixture:
+        rows = config.rl.sample_batch_size
+        kv = kv_cache_bytes(shape, rows, config.data.max_length, compute_bytes)
+        # Sampling holds the weights but no gradients or optimizer moments of its own beyond the trainer's.
+        stages["sampling"] = kv
+        lines.append(f"  sampling KV cache ({rows} rows × {config.data.max_length} positions, "
+                     f"rl.sample_batch_size): {kv / gib:.2f} GiB")
+    baseline = process_baseline_bytes() if config.target.device_type == "cpu" else 0
+    worst = max(stages, key=stages.get) if stages else None
+    peak = static + (stages[worst] if worst else 0) + baseline
+    where = "host RSS" if config.target.device_type == "cpu" else "device"
+    runtime = f" + runtime {baseline / gib:.2f} (Python, torch, libraries)" if baseline else ""
+    lines.append(f"  predicted peak per process ({where}): static {static / gib:.2f} GiB + {worst or 'nothing'} "
+                 f"{(stages[worst] if worst else 0) / gib:.2f}{runtime} = {peak / gib:.2f} GiB")
+    return lines
+
+
+def predicted_peak_bytes(text: str) -> int:
+    """The predicted peak from a rendered plan (tests and benchmarks compare it with a measurement)."""
+    import re
+
+    match = re.search(r"predicted peak per process \([^)]*\):.* = (\d+\.\d+) GiB", text)
+    assert match, "the plan has a predicted-peak line"
+    return int(float(match[1]) * 1024**3)
+
+
+def _memory_lines(config: Config, params: int | None, adapter: int | None, shape: Shape | None = None,
+                  supervised_fraction: float = 1.0) -> list[str]:
     """Static memory per process (before activations) under mixed precision with float32 masters.
 
     Training keeps float32 parameters, float32 gradients and AdamW's two float32 moments (16 bytes/parameter)
@@ -210,6 +313,11 @@ def _memory_lines(config: Config, params: int | None, adapter: int | None) -> li
             + (" (KL reference: the base with adapters off, no copy)" if kl else ""),
             line("  a full fine-tune would need", params, 0, full_reference, 2),
         ]
+    trainable = params if config.model.lora is None else (adapter or 0)
+    static = params * 4 + trainable * 12 + casts + (full_reference if config.model.lora is None else 0) + (
+        0 if config.model.lora is None else trainable * 4)
+    if shape is not None and (config.model.lora is None or adapter is not None):
+        lines += _dynamic_memory_lines(config, params, shape, static, supervised_fraction)
     if config.model.dtype == "bfloat16" and config.target.device_type == "cpu":
         lines.append("  note: bfloat16 compute on CPU is slow (measured ~20x float32 on 2 cores); float32 is the CPU choice")
     return lines
@@ -228,7 +336,7 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
     )
     if device_note:
         lines.append(f"  NOTE: {device_note} — a real run here would stop before loading anything")
-    model_lines, tokenizer, params, adapter = _model_lines(config)
+    model_lines, tokenizer, params, adapter, shape = _model_lines(config)
     lines += model_lines
     data = config.data
     lines.append(f"data (shuffle_seed={data.shuffle_seed}, max_length={data.max_length}, tools={data.tools}):")
@@ -238,8 +346,10 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
             lines += _format_counts(field, count_sources(specs, data.shuffle_seed))
     sft_offline = all(not _is_hub_source(s) for s in data.sft_mixture)
     example_text = None
+    supervised_fraction = 1.0  # unknown (hub data): the LM head at every position, an upper bound
     if runs_sft(config):
         sequences, supervised, total = _sft_data_estimate(config, tokenizer, sft_offline, lines)
+        supervised_fraction = supervised / total if supervised and total else 1.0
         lines += _sft_lines(config, sequences, supervised, total)
         if tokenizer is not None and sft_offline:
             mixture = build_mixture(data.sft_mixture, data.shuffle_seed, data.tools)
@@ -249,7 +359,7 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
         rl_offline = all(not _is_hub_source(s) for s in data.rl_mixture)
         prompts = _rl_prompts(config, tokenizer) if rl_offline else None
         lines += _rl_lines(config, prompts)
-    lines += _memory_lines(config, params, adapter)
+    lines += _memory_lines(config, params, adapter, shape, supervised_fraction)
     if example_text is not None:
         lines += ["one rendered training example (supervised tokens between « and »):", example_text]
     else:

@@ -266,7 +266,26 @@ def _timing_lines(run_dir: Path) -> list[str]:
         return ["(not recorded)"]
     phases = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     lines = [f"- {p['phase']}: {p['seconds']:.0f} s" for p in phases]
-    return lines + [f"- total: {sum(p['seconds'] for p in phases):.0f} s"]
+    return lines + [f"- total: {sum(p['seconds'] for p in phases):.0f} s"] + _predicted_lines(run_dir, phases)
+
+
+def _predicted_lines(run_dir: Path, phases: list[dict]) -> list[str]:
+    """Predicted (the probe's estimate.json, written by `deploy.py CONFIG --probe`) next to measured, per phase."""
+    path = run_dir / "estimate.json"
+    if not path.is_file():
+        return []
+    predicted = json.loads(path.read_text())["phases"]
+    lines = ["", "| phase | predicted (probe) | measured | measured / predicted |", "|---|---|---|---|"]
+    for p in phases:
+        guess = predicted.get(p["phase"])
+        if guess is None:
+            continue
+        ratio = f"{p['seconds'] / guess:.2f}" if guess > 0 else "—"
+        lines.append(f"| {p['phase']} | {guess:.0f} s | {p['seconds']:.0f} s | {ratio} |")
+    measured = sum(p["seconds"] for p in phases if p["phase"] in predicted)
+    guessed = sum(predicted[p["phase"]] for p in phases if p["phase"] in predicted)
+    lines.append(f"| total | {guessed:.0f} s | {measured:.0f} s | {measured / guessed if guessed else 0:.2f} |")
+    return lines
 
 
 def write_report(run_dir: Path) -> str:
@@ -281,7 +300,9 @@ def write_report(run_dir: Path) -> str:
 def finish_run(config, run_dir: Path) -> None:
     """Print the comparison table and write report.md + plots (rank 0 only; called by cli)."""
     table = write_report(Path(run_dir))
-    print("\n" + table + f"\n\nreport: {Path(run_dir) / 'report.md'}")
+    wall = "\n".join("  " + line.removeprefix("- ") for line in _timing_lines(Path(run_dir)))
+    print(f"\n== finished: {Path(run_dir)} ==\n{table}\n\nwall time per phase:\n{wall}\n\n"
+          f"report: {Path(run_dir) / 'report.md'}\nfull log: {Path(run_dir) / 'train.log'}")
 
 
 if __name__ == "__main__":

@@ -595,10 +595,19 @@ def run_eval(model, tokenizer, examples: Sequence[Example], rl: RLConfig, seed: 
     from integration_training.evaluate import aggregate, eval_records_path, score_problems, write_records
     from integration_training.precision import autocast
 
+    from integration_training.console import phase_bar
+
     indices = list(range(len(examples)))[dist.rank :: dist.world_size]
-    with autocast(dist.device, dtype):
-        records = score_problems(model, tokenizer, [examples[i] for i in indices], indices, rl.eval_k, rl.temperature,
-                                 rl.top_k, rl.max_new_tokens, rl.sample_batch_size, seed, tools=tools)
+    # Rank 0's shard paces the bar (shards differ by at most one problem).
+    bar = phase_bar(len(indices), f"{stage} eval @ step {step}", "problems", dist.is_main)
+    try:
+        with autocast(dist.device, dtype):
+            records = score_problems(model, tokenizer, [examples[i] for i in indices], indices, rl.eval_k,
+                                     rl.temperature, rl.top_k, rl.max_new_tokens, rl.sample_batch_size, seed,
+                                     tools=tools, progress=None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
     # Problem order, not rank order: aggregates (bootstrap intervals) then match a single-process evaluation.
     records = sorted(all_gather_objects(records, dist), key=lambda r: r.index)
     assert [r.index for r in records] == list(range(len(examples))), "each eval problem scored exactly once"
@@ -635,7 +644,7 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
         lockstep,
         wrap_model,
     )
-    from integration_training.metrics import MetricsLogger
+    from integration_training.metrics import MetricsLogger, Progress
     from integration_training.optim import apply_lr, build_optimizer, lr_multiplier
     from integration_training.precision import grad_scaler
     from integration_training.signals import StopRequest
@@ -727,6 +736,7 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
 
     final: Path | None = None
     stop = stop if stop is not None else StopRequest()
+    progress = None
     try:
         with stop.handle_signals():
             if start == 0:
@@ -735,6 +745,7 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
                                       config.model.dtype, config.data.tools)
                 metrics.log(0, values)
                 logger.info("RL step 0 (baseline): %s", _brief(values))
+            progress = Progress(total=steps, initial=start, is_main=dist.is_main, description="rl")
             for step in range(start, steps):
                 values = _one_step(model, policy, ref_model, optimizer, tokenizer, train_examples, rl, seed, step,
                                    steps, stop_ids, pad_id, dist, apply_lr, lr_multiplier, config.target, config.model,
@@ -742,6 +753,7 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
                 if values.pop("diverged"):
                     raise TrainingDiverged(STAGE, step + 1, values["loss"], values["grad_norm"], final or latest)
                 done = step + 1
+                progress.update({"reward": f"{values['reward']:.3f}", "loss": f"{values['loss']:.4f}"})
                 if done % rl.eval_every == 0 or done == steps:
                     with lockstep(policy, config.target, dist) as sampler:
                         values |= run_eval(sampler, tokenizer, eval_examples, rl, seed, dist, run_dir, done, STAGE,
@@ -760,6 +772,8 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
             if final is None:  # resumed at the very end: the final checkpoint already exists
                 final = latest_checkpoint(stage_dir)
     finally:
+        if progress is not None:
+            progress.close()
         metrics.close()
     assert final is not None
     return final

@@ -23,7 +23,7 @@ recomputes with a plain forward pass over prompt + completion, so the two can be
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,7 @@ def sample(
     batch_size: int,
     greedy_first: bool,
     tools: "ToolRunner | None" = None,
+    progress: Callable[[float], None] | None = None,
 ) -> list[list[Completion]]:
     """Sample `num_samples` completions per prompt; result indexed `[prompt][sample]`.
 
@@ -72,6 +73,9 @@ def sample(
     `tools` (a `tools.ToolRunner`, or None = tools off, exactly the plain sampler): when a row's text ends with an
     open call `<<EXPR=`, the row's next tokens are the forced `RESULT>>` tokens, taken one per step from a per-row
     queue instead of drawing (the draw still runs for the whole batch, so the random stream stays aligned).
+    `progress`, when given, is called with the number of rows newly done (a
+    fraction of a chunk per decode step, the rest when the chunk ends; the calls sum to len(prompts) * num_samples):
+    a progress bar's ETA then moves during a chunk, not once per chunk.
     """
     assert num_samples >= 1, num_samples
     assert max_new_tokens >= 0, max_new_tokens
@@ -102,6 +106,7 @@ def sample(
                 device=device,
                 greedy_rows=torch.tensor([greedy_first and s == 0 for _, s in chunk], device=device),
                 tools=tools,
+                progress=progress,
             )
             for (p, s), completion in zip(chunk, completions, strict=True):
                 results[p][s] = completion
@@ -122,9 +127,13 @@ def _sample_chunk(
     device: torch.device,
     greedy_rows: torch.Tensor,
     tools: "ToolRunner | None",
+    progress: Callable[[float], None] | None,
 ) -> list[Completion]:
     num_rows = len(row_prompt)
+    reported = 0.0
     if max_new_tokens == 0:
+        if progress is not None:
+            progress(num_rows)
         return [Completion([], [], False, []) for _ in range(num_rows)]
 
     # 1. Prefill each distinct prompt once; only the last position's logits are needed.
@@ -186,7 +195,11 @@ def _sample_chunk(
         cache = out.past_key_values
         next_pos = next_pos + 1
         logits = out.logits[:, -1, :]
-
+        if progress is not None:  # the worst case (every row runs max_new_tokens) paces the bar
+            progress(num_rows / max_new_tokens)
+            reported += num_rows / max_new_tokens
+    if progress is not None:
+        progress(num_rows - reported)
     forced = forcing.forced_out.tolist() if forcing is not None else [[False] * max_new_tokens] * num_rows
     return _to_completions(tokens_out.tolist(), logprobs_out.tolist(), lengths.tolist(), finished.tolist(), forced)
 
@@ -233,6 +246,9 @@ class _Forcing:
             # ends the row like a drawn one: the stop check runs on whatever token the row took.
             self.next_token[row] = ids[0]
             self.queues[row] = ids[1:]  # kept while the row is forcing, even empty: `advance` resets next_token
+
+
+
 
 
 def prefill(

@@ -1,0 +1,416 @@
+"""`deploy.py CONFIG --dry-run --probe`: measure the worst case of every stage before the run commits.
+
+Loads the model on the configured device and runs, at the configuration's real shapes:
+1. one SFT optimizer step on the longest micro-batch the SFT data produces (packed rows or the longest
+   conversations), with the configured gradient accumulation;
+2. one RL rollout of this rank's prompts × num_samples at worst-case length (no stop token: every row decodes
+   rl.max_new_tokens) and one RL training update on those rows (every row trained: advantages ±1);
+3. the first decode steps of one evaluation chunk of rl.sample_batch_size rows (greedy + eval_k samples per problem)
+   with its KV cache allocated for the full length, extrapolated to max_new_tokens (a full 500-row chunk is a
+   minute on 2 CPU cores; the per-step cost is flat because the cache is pre-allocated).
+Worst case first: the stage that needs the most memory (SFT's longest batch, then RL) runs before anything else, so
+an out-of-memory or an over-long sequence stops here with exit 2 and the field to change, not a hundred steps in.
+
+Memory: device peak = torch.cuda.max_memory_allocated (reset per stage); host peak = the process's peak RSS so far
+(`ru_maxrss`, monotonic). `INTEGRATION_TRAINING_PROBE_MEMORY_CAP_MB` simulates a smaller machine: a stage whose
+peak (device on CUDA, host otherwise) exceeds it is treated exactly like an out-of-memory error (tests use it).
+
+Multi-process: each rank probes its own shard's shapes (prompts per rank, its eval shard); the numbers printed
+are the maximum over ranks (all_reduce_max), which is what the slowest / fullest rank sees. Under a single process
+(what `--dry-run` runs today: the probe is not relaunched under torchrun) world size is 1, so a multi-process
+config is probed at the per-rank shapes of rank 0 of its configured world size.
+
+Prediction: stage time = measured seconds per unit × units in the run (steps, evaluations, model loads). The
+interval's low end lets decode stages finish at 60 % of max_new_tokens (rows stop early) and the rest run 10 %
+faster; its high end is the worst case + 10 % (timing noise, checkpoints, data rendering).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from integration_training.config import Config, runs_rl, runs_sft, world_size
+from integration_training.errors import UserError
+
+CAP_ENV = "INTEGRATION_TRAINING_PROBE_MEMORY_CAP_MB"
+PROBE_DECODE_STEPS = 4  # decode steps of the eval chunk actually run (after prefill); the rest is extrapolated
+EARLY_STOP_FRACTION = 0.6  # interval low end: decode stops at 60 % of max_new_tokens on average
+NOISE = 0.1
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    seconds_per_unit: float
+    units: float  # how many times the run does it
+    decode: bool  # decode-bound: rows stopping early make it faster (interval low end)
+    device_peak: int | None  # bytes
+    host_peak: int  # bytes
+
+    @property
+    def total(self) -> float:
+        return self.seconds_per_unit * self.units
+
+
+class _Enough(Exception):
+    """Raised from the rollout's progress hook once the eval chunk has run enough decode steps."""
+
+
+def host_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _memory_cap() -> int | None:
+    value = os.environ.get(CAP_ENV)
+    return None if not value else int(float(value) * 1024 * 1024)
+
+
+def _fix_for(stage: str) -> str:
+    return {
+        "sft step": "lower sft.batch_size (raise the gradient accumulation instead), lower data.max_length, or set "
+                    "model.gradient_checkpointing=True",
+        "rl rollout": "lower rl.sample_batch_size (rows per sampling forward) or rl.max_new_tokens",
+        "rl train": "lower rl.device_batch_size or set model.gradient_checkpointing=True",
+        "eval chunk": "lower rl.sample_batch_size (rows per sampling forward) or rl.max_new_tokens",
+    }[stage]
+
+
+def _out_of_memory(stage: str, detail: str) -> UserError:
+    return UserError(f"probe: {stage} runs out of memory ({detail}); {_fix_for(stage)}")
+
+
+class _Measure:
+    """Time one stage, reset and read its memory peaks, turn an OOM (real or simulated) into a UserError."""
+
+    def __init__(self, device: torch.device, stage: str) -> None:
+        self.device, self.stage = device, stage
+        self.seconds, self.device_peak, self.host_peak = 0.0, None, 0
+
+    def __enter__(self) -> _Measure:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, kind, error, _traceback) -> bool:
+        if error is not None and _is_oom(error):
+            raise _out_of_memory(self.stage, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
+        if error is not None:
+            return False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.device_peak = int(torch.cuda.max_memory_allocated(self.device))
+        self.seconds = time.perf_counter() - self._start
+        self.host_peak = host_peak_bytes()
+        cap = _memory_cap()
+        peak = self.device_peak if self.device_peak is not None else self.host_peak
+        if cap is not None and peak > cap:
+            raise _out_of_memory(self.stage, f"peak {peak / 2**20:.0f} MiB > the {cap / 2**20:.0f} MiB cap of {CAP_ENV}")
+        return False
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+
+def _check_positions(config: Config, model) -> None:
+    """A sequence longer than the model's position table fails (or silently degrades) late: refuse it now."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = config.data.max_length
+    if limit is not None and longest > limit:
+        raise UserError(f"data.max_length={longest} exceeds the model's max_position_embeddings={limit}; "
+                        f"lower data.max_length to ≤ {limit}")
+
+
+def _longest_sft_micro_batches(config: Config, tokenizer, dist):
+    """The configured accumulation × this rank's micro-batch, each built from the longest SFT sequences."""
+    from integration_training import sft
+
+    stage = config.sft
+    rendered = sft._render(tokenizer, config.data.sft_mixture, config, "sft_mixture")
+    from integration_training.data.stream import SFTStream
+
+    stream = SFTStream(rendered, config.data.shuffle_seed, stage.packing, config.data.max_length,
+                       stage.target_examples_per_step)
+    rows = stream.rows(0)
+    longest = sorted(rows, key=lambda row: sum(len(r) for r in row), reverse=True)[: stage.batch_size]
+    while len(longest) < stage.batch_size:  # fewer sequences than a micro-batch: repeat (the run would refuse)
+        longest.append(longest[0])
+    batch = sft.collate(longest, stage.packing, tokenizer.pad_token_id, config.model.attn_implementation)
+    accumulation = sft.gradient_accumulation(stage, world_size(config.target))
+    return [batch] * accumulation, sum(len(r) for row in longest for r in row) * accumulation, sft.total_steps(stage, stream)
+
+
+def probe_sft(config: Config, dist, tokenizer) -> tuple[Stage, float]:
+    """One SFT optimizer step on the longest micro-batches; (stage, seconds per validation batch)."""
+    from integration_training import distributed, optim, precision, sft
+
+    model = sft._prepare_model(config, _base_path(config), dist)
+    _check_positions(config, model)
+    micro, tokens, steps = _longest_sft_micro_batches(config, tokenizer, dist)
+    micro = [sft.batch_to(b, dist.device) for b in micro]
+    shortcut = sft.lm_head_shortcut_exact(model, micro[0], config.model.dtype)  # as the run decides it
+    loss_module = sft.SupervisedTokenLoss(model, config.model.dtype, shortcut)
+    module = distributed.wrap_model(loss_module, config.target, dist, config.model.dtype)
+    optimizer = optim.build_optimizer(model, config.sft)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler = precision.grad_scaler(dist.device, config.model.dtype)
+    with _Measure(dist.device, "sft step"):  # warm-up and the worst-case memory check
+        sft.train_step(module, optimizer, params, micro, tokens, 1.0, config.sft.grad_clip, dist, scaler)
+    with _Measure(dist.device, "sft step") as timed:
+        sft.train_step(module, optimizer, params, micro, tokens, 1.0, config.sft.grad_clip, dist, scaler)
+    with _Measure(dist.device, "sft step") as val:
+        sft.validation_loss(module, micro[:1], dist)
+    # step 0, every eval_every steps, and the last step (see sft.run_sft); each over eval_steps batches
+    validations = (1 + steps // config.sft.eval_every + int(steps % config.sft.eval_every != 0)) * config.sft.eval_steps
+    stage = Stage("sft step", timed.seconds, steps, False, timed.device_peak, timed.host_peak)
+    del module, loss_module, model, optimizer
+    return stage, val.seconds * validations
+
+
+def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, Stage]:
+    """One worst-case rollout (no stop ids) and one training update on its rows (every row trained)."""
+    from integration_training import distributed, optim, precision, rl as rl_module
+    from integration_training.rollout import sample
+    from integration_training.template import render_prompt
+
+    rl = config.rl
+    policy, _ = rl_module.load_policy(init_model, config.model, dist.device, training=True)
+    _check_positions(config, policy)
+    ref = rl_module.load_reference(init_model, config.model, dist.device) if rl.kl_coef > 0 else None
+    model = distributed.wrap_model(policy, config.target, dist, config.model.dtype)
+    optimizer = optim.build_optimizer(policy, rl)
+    scaler = precision.grad_scaler(dist.device, config.model.dtype)
+    examples = _longest_prompts(config, tokenizer, "rl_mixture", rl.examples_per_step // world_size(config.target))
+    prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
+    generator = torch.Generator(device=dist.device).manual_seed(0)
+    with _Measure(dist.device, "rl rollout") as rollout, precision.autocast(dist.device, config.model.dtype):
+        completions = sample(policy, prompts, rl.num_samples, rl.max_new_tokens, rl.temperature, rl.top_k,
+                             frozenset(), tokenizer.pad_token_id, generator, rl.sample_batch_size, greedy_first=False)
+    count = len(prompts) * rl.num_samples
+    signs = torch.tensor([[1.0 if (p * rl.num_samples + s) % 2 else -1.0 for s in range(rl.num_samples)]
+                          for p in range(len(prompts))])
+    rows = rl_module.make_rows(prompts, completions, signs.clamp(min=0), signs)
+    assert len(rows) == count
+    with _Measure(dist.device, "rl train") as train:
+        rl_module.train_on_rows(model, ref, optimizer, rows, rl, tokenizer.pad_token_id, dist, config.model, scaler)
+    steps = rl_module.total_steps(rl, len(rl_module.rl_examples(config.data.rl_mixture, config.data.shuffle_seed,
+                                                                 "rl_mixture")))
+    del model, policy, optimizer, ref
+    return (Stage("rl rollout", rollout.seconds, steps, True, rollout.device_peak, rollout.host_peak),
+            Stage("rl train", train.seconds, steps, False, train.device_peak, train.host_peak))
+
+
+def _longest_prompts(config: Config, tokenizer, field: str, count: int):
+    from integration_training import rl as rl_module
+    from integration_training.template import render_prompt
+
+    examples = rl_module.rl_examples(getattr(config.data, field), config.data.shuffle_seed, field)
+    examples = rl_module.drop_overlong(examples, tokenizer, config.data.max_length, config.rl.max_new_tokens, field)
+    examples = sorted(examples, key=lambda e: len(render_prompt(tokenizer, list(e.messages[:-1]))), reverse=True)
+    chosen = examples[:count]
+    while len(chosen) < count:
+        chosen.append(chosen[0])
+    return chosen
+
+
+def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float, Stage | None]:
+    """(model load seconds, eval chunk stage with units = chunks per evaluation × evaluations)."""
+    from integration_training import precision, rl as rl_module
+    from integration_training.rollout import sample
+    from integration_training.template import render_prompt
+
+    rl = config.rl
+    started = time.perf_counter()
+    model, _ = rl_module.load_policy(model_name, config.model, dist.device, training=False)
+    load_seconds = time.perf_counter() - started
+    evaluations = _evaluations(config)
+    if not config.data.rl_eval_mixture or evaluations == 0:
+        return load_seconds, None
+    rows_per_problem = rl.eval_k + 1
+    per_rank = math.ceil(rl.eval_examples / world_size(config.target))
+    problems = _longest_prompts(config, tokenizer, "rl_eval_mixture", per_rank)
+    problems = problems[: max(1, rl.sample_batch_size // rows_per_problem)]
+    prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in problems]
+    stamps: list[float] = []
+
+    def on_rows(_rows: float) -> None:
+        stamps.append(time.perf_counter())
+        if len(stamps) > PROBE_DECODE_STEPS:
+            raise _Enough
+
+    generator = torch.Generator(device=dist.device).manual_seed(0)
+    start = time.perf_counter()
+    with _Measure(dist.device, "eval chunk") as chunk, precision.autocast(dist.device, config.model.dtype):
+        try:
+            sample(model, prompts, rows_per_problem, rl.max_new_tokens, rl.temperature, rl.top_k, frozenset(),
+                   tokenizer.pad_token_id, generator, rl.sample_batch_size, greedy_first=True, progress=on_rows)
+        except _Enough:
+            pass
+    forwards = max(rl.max_new_tokens - 1, 0)  # decode forwards in a full chunk (the last token needs none)
+    if len(stamps) >= 2:
+        per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        chunk_seconds = (stamps[0] - start) + per_step * max(forwards - 1, 0)
+    else:  # max_new_tokens ≤ 2: the chunk ran to the end
+        chunk_seconds = time.perf_counter() - start
+    rows_per_eval = per_rank * rows_per_problem
+    chunk_rows = len(prompts) * rows_per_problem
+    units = evaluations * rows_per_eval / chunk_rows  # time scales with rows (decode is matmul-bound at this size)
+    del model
+    return load_seconds, Stage("eval chunk", chunk_seconds, units, True, chunk.device_peak, chunk.host_peak)
+
+
+def _evaluations(config: Config) -> int:
+    """How many held-out evaluations the run does (see cli.dispatch and rl.run_rl)."""
+    if not config.data.rl_eval_mixture:
+        return 0
+    count = 0
+    if runs_sft(config):
+        count += 1  # baseline
+        if not runs_rl(config):
+            count += 1  # after SFT
+    if runs_rl(config):
+        rl = config.rl
+        steps = _rl_steps(config)
+        count += 1 + sum(1 for done in range(1, steps + 1) if done % rl.eval_every == 0 or done == steps)
+    return count
+
+
+def _rl_steps(config: Config) -> int:
+    from integration_training import rl as rl_module
+
+    if config.rl.num_iterations != -1:
+        return config.rl.num_iterations
+    return rl_module.total_steps(config.rl, len(rl_module.rl_examples(config.data.rl_mixture,
+                                                                      config.data.shuffle_seed, "rl_mixture")))
+
+
+def _base_path(config: Config) -> str:
+    from integration_training import models
+
+    return models.resolve_model_path(config.model.name)
+
+
+def _model_loads(config: Config) -> int:
+    loads = 0
+    if runs_sft(config):
+        loads += 1 + int(bool(config.data.rl_eval_mixture))  # SFT, baseline evaluation
+        loads += int(bool(config.data.rl_eval_mixture) and not runs_rl(config))
+    if runs_rl(config):
+        loads += 1 + int(config.rl.kl_coef > 0)
+    return loads
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class Estimate:
+    stages: list[Stage]
+    fixed_seconds: float  # model loads, SFT validation
+    wall_seconds: float  # how long the probe itself took
+    phases: dict[str, float]  # predicted seconds per phase, named as cli's timings.jsonl names them
+
+    @property
+    def total(self) -> float:
+        return self.fixed_seconds + sum(s.total for s in self.stages)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        low = sum(s.total * (EARLY_STOP_FRACTION if s.decode else 1 - NOISE) for s in self.stages)
+        return low + self.fixed_seconds * (1 - NOISE), self.total * (1 + NOISE)
+
+    def lines(self) -> list[str]:
+        out = ["probe (measured at the config's worst-case shapes):"]
+        for s in self.stages:
+            device = f"device peak {s.device_peak / 2**30:.2f} GiB, " if s.device_peak is not None else ""
+            out.append(f"  {s.name:<11} {s.seconds_per_unit:8.2f} s/unit × {s.units:8.1f} = {s.total:7.0f} s   "
+                       f"{device}host peak RSS {s.host_peak / 2**30:.2f} GiB")
+        low, high = self.interval
+        out.append(f"  fixed (model loads, SFT validation): {self.fixed_seconds:.0f} s")
+        out.append(f"predicted time: {self.total:.0f} s (interval {low:.0f}–{high:.0f} s); probe took "
+                   f"{self.wall_seconds:.0f} s")
+        return out
+
+    def to_json(self) -> dict:
+        return {"predicted_seconds": self.total, "phases": self.phases, "interval": list(self.interval), "fixed_seconds": self.fixed_seconds,
+                "stages": {s.name: {"seconds_per_unit": s.seconds_per_unit, "units": s.units, "seconds": s.total,
+                                    "device_peak": s.device_peak, "host_peak": s.host_peak} for s in self.stages}}
+
+
+def run_probe(config: Config) -> Estimate:
+    """Probe every stage the config runs, worst case first; UserError (→ exit 2) naming the field on OOM."""
+    from integration_training import models
+    from integration_training.distributed import all_reduce_max, init_distributed
+
+    started = time.perf_counter()
+    dist = init_distributed(config.target)
+    tokenizer = models.load_tokenizer(_base_path(config))
+    stages: list[Stage] = []
+    fixed = 0.0
+    if runs_sft(config):
+        sft_stage, validation = probe_sft(config, dist, tokenizer)
+        stages.append(sft_stage)
+        fixed += validation
+    if runs_rl(config):
+        init = config.model.name if runs_sft(config) else str(config.output.source_checkpoint)
+        stages += list(probe_rl(config, dist, tokenizer, init))
+    load_seconds, eval_stage = probe_eval(config, dist, tokenizer, config.model.name if runs_sft(config)
+                                          else str(config.output.source_checkpoint))
+    if eval_stage is not None:
+        stages.append(eval_stage)
+    fixed += load_seconds * _model_loads(config)
+    if dist.world_size > 1:  # the slowest / fullest rank is what the run waits for
+        stages = [_max_over_ranks(s, dist, all_reduce_max) for s in stages]
+    validation = fixed - load_seconds * _model_loads(config)
+    return Estimate(stages, fixed, time.perf_counter() - started, _phases(config, stages, load_seconds, validation))
+
+
+def _phases(config: Config, stages: list[Stage], load: float, validation: float) -> dict[str, float]:
+    """Predicted seconds per phase of cli.dispatch (the names of timings.jsonl), for report.md."""
+    by_name = {s.name: s for s in stages}
+    evaluations = _evaluations(config)
+    per_eval = by_name["eval chunk"].total / evaluations if "eval chunk" in by_name and evaluations else 0.0
+    phases: dict[str, float] = {}
+    if runs_sft(config):
+        if config.data.rl_eval_mixture:
+            phases["baseline evaluation"] = load + per_eval
+        phases["SFT"] = load + validation + by_name["sft step"].total
+        if config.data.rl_eval_mixture and not runs_rl(config):
+            phases["after-SFT evaluation"] = load + per_eval
+    if runs_rl(config):
+        rl_evaluations = evaluations - (1 if runs_sft(config) else 0)
+        phases["RL (with its evaluations)"] = (load * (1 + int(config.rl.kl_coef > 0)) + by_name["rl rollout"].total
+                                               + by_name["rl train"].total + per_eval * rl_evaluations)
+    return phases
+
+
+def _max_over_ranks(stage: Stage, dist, all_reduce_max) -> Stage:
+    values = torch.tensor([stage.seconds_per_unit, float(stage.device_peak or 0), float(stage.host_peak)],
+                          dtype=torch.float64, device=dist.device)
+    seconds, device_peak, host_peak = all_reduce_max(values, dist).tolist()
+    return Stage(stage.name, seconds, stage.units, stage.decode,
+                 int(device_peak) if stage.device_peak is not None else None, int(host_peak))
+
+
+def write_estimate(estimate: Estimate, run_dir: Path) -> None:
+    """run_dir/estimate.json: what report.md compares the measured phase times with."""
+    import json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "estimate.json"
+    staging = target.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(estimate.to_json(), indent=1) + "\n")
+    os.replace(staging, target)

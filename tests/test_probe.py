@@ -1,0 +1,116 @@
+"""`deploy.py CONFIG --dry-run --probe`: worst case measured per stage, OOM and over-long sequences → exit 2 + field."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import make_config
+from integration_training.config import to_json
+from integration_training.probe import CAP_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _deploy(tmp_path: Path, config, *args: str, cap_mb: float | None = None) -> subprocess.CompletedProcess:
+    path = tmp_path / "cfg.py"
+    path.write_text(f"from integration_training.config import from_json\nconfig = from_json(r'''{to_json(config)}''')\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    env.pop(CAP_ENV, None)
+    if cap_mb is not None:
+        env[CAP_ENV] = str(cap_mb)
+    return subprocess.run([sys.executable, str(REPO / "deploy.py"), str(path), *args], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+
+
+def _assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: probe:") or last.startswith("error: data."), last
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+def test_probe_prints_every_stage_and_a_prediction(tmp_path):
+    config = make_config(tmp_path, output={"mode": "sft+rl"})
+    result = _deploy(tmp_path, config, "--dry-run", "--probe")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("sft step", "rl rollout", "rl train", "eval chunk"):
+        assert re.search(rf"^  {stage} +\d+\.\d\d s/unit × +\d+\.\d = +\d+ s .*host peak RSS \d+\.\d\d GiB",
+                         result.stdout, re.M), (stage, result.stdout[-2000:])
+    low, total, high = None, None, None
+    match = re.search(r"predicted time: (\d+) s \(interval (\d+)–(\d+) s\)", result.stdout)
+    assert match, result.stdout[-2000:]
+    total, low, high = (int(match[i]) for i in (1, 2, 3))
+    assert low <= total <= high
+    assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr, result.stderr[-2000:]
+    assert not (Path(config.output.save_dir) / "test").exists(), "a dry run writes nothing"
+
+
+@pytest.mark.parametrize("mode,field", [("sft+rl", "sft.batch_size"), ("rl", "rl.sample_batch_size")])
+def test_a_worst_case_over_the_memory_cap_fails_in_the_probe_naming_the_field(tmp_path, mode, field):
+    """A 1 MiB cap: the first stage probed (worst case first: SFT's longest batch, else the RL rollout) fails."""
+    source = str(tmp_path / "tiny_model") if mode == "rl" else None
+    config = make_config(tmp_path, output={"mode": mode, "source_checkpoint": source})
+    result = _deploy(tmp_path, config, "--dry-run", "--probe", cap_mb=1)
+    _assert_user_error(result, "runs out of memory", field, CAP_ENV)
+
+
+def test_a_cap_above_the_measured_peak_passes(tmp_path):
+    config = make_config(tmp_path, output={"mode": "sft"})
+    result = _deploy(tmp_path, config, "--dry-run", "--probe", cap_mb=1e6)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sft step" in result.stdout and "eval chunk" in result.stdout
+
+
+def test_a_sequence_longer_than_the_model_fails_in_the_probe(tmp_path):
+    config = make_config(tmp_path, output={"mode": "sft"}, data={"max_length": 2048})  # tiny model: 1024 positions
+    _assert_user_error(_deploy(tmp_path, config, "--dry-run", "--probe"), "data.max_length=2048", "1024")
+
+
+def test_probe_before_a_run_lands_in_the_report(tmp_path):
+    config = make_config(tmp_path, output={"mode": "sft"})
+    result = _deploy(tmp_path, config, "--probe")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = Path(config.output.save_dir) / config.output.experiment_name
+    estimate = json.loads((run_dir / "estimate.json").read_text())
+    assert estimate["stages"]["sft step"]["units"] == config.sft.num_iterations
+    report = (run_dir / "report.md").read_text()
+    assert re.search(r"\| SFT \| \d+ s \| \d+ s \|", report), report
+    assert "predicted time:" in result.stderr
+
+
+def test_plan_memory_line_is_within_30_percent_of_the_measured_peak_rss(tmp_path):
+    """The plan's predicted peak (static + the largest stage's activations/KV cache + the process baseline) against
+    the probe's measured peak RSS, which runs that very worst case."""
+    from integration_training.plan import predicted_peak_bytes
+
+    config = make_config(tmp_path, output={"mode": "sft+rl"}, sft={"batch_size": 4, "target_examples_per_step": 4},
+                         data={"max_length": 512})
+    result = _deploy(tmp_path, config, "--dry-run", "--probe")
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = predicted_peak_bytes(result.stdout)
+    measured = max(float(g) for g in re.findall(r"host peak RSS (\d+\.\d+) GiB", result.stdout)) * 1024**3
+    assert 0.7 * measured <= predicted <= 1.3 * measured, (predicted / 2**30, measured / 2**30)
+
+
+@pytest.mark.parametrize("layers,hidden,intermediate,kv_dim,vocab", [(2, 64, 128, 32, 1000), (30, 576, 1536, 192, 49152),
+                                                                   (24, 896, 4864, 128, 151936)])
+def test_memory_terms_scale_as_they_should(layers, hidden, intermediate, kv_dim, vocab):
+    from integration_training.plan import Shape, activation_bytes, kv_cache_bytes
+
+    shape = Shape(layers, hidden, intermediate, kv_dim, vocab)
+    full, checkpointed = (activation_bytes(shape, 4096, 1024, 2, c) for c in (False, True))
+    assert checkpointed < full  # checkpointing keeps one layer's input per layer, recomputes the rest
+    assert activation_bytes(shape, 8192, 1024, 2, False) - activation_bytes(shape, 4096, 1024, 2, False) > 0
+    logits = activation_bytes(shape, 4096, 2048, 4, True) - activation_bytes(shape, 4096, 1024, 4, True)
+    assert logits == 2 * 1024 * vocab * 4  # float32 logits + their gradient per extra scored token
+    assert kv_cache_bytes(shape, 200, 256, 2) - kv_cache_bytes(shape, 100, 256, 2) == \
+        2 * layers * 100 * 256 * kv_dim * 2 + 100 * vocab * 4 * 2
