@@ -23,7 +23,8 @@ from integration_training.config import ModelConfig, to_json
 from integration_training.distributed import Dist
 
 CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
-F32 = ModelConfig(name="unused", dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False)
+F32 = ModelConfig(name="unused", dtype="float32", compile=False, attn_implementation="sdpa", gradient_checkpointing=False,
+                  lora=None)
 VOCAB = 96
 
 
