@@ -197,7 +197,7 @@ FAULTS: tuple[Fault, ...] = (
           "return 1.0 - math.prod(1.0 - 1 / i for i in range(n - c + 1, n + 1))",
           ("tests/test_evaluate.py::test_pass_at_k_by_hand",), "pass@k computed as pass@1"),
     Fault("eval-k-samples", "integration_training/evaluate.py",
-          "out = sample(model, prompts, k + int(greedy),", "out = sample(model, prompts, 1 + int(greedy),",
+          "rows_per_problem = k + int(greedy)", "rows_per_problem = 1 + int(greedy)",
           (RL_RUN,), "evaluation draws one sample per problem whatever eval_k"),
     Fault("paired-test-no-flips", "integration_training/report.py",
           "flipped = sum(d if rng.random() < 0.5 else -d for d in differences)",
