@@ -24,6 +24,7 @@ import ipaddress
 import json
 import select
 import socket
+import signal
 import sys
 import threading
 import time
@@ -242,6 +243,8 @@ def terminal_loop(engine: ChatEngine) -> None:
         import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
     except ImportError:
         pass
+    # Ctrl-C must stop a reply even when the launching process left SIGINT ignored (which a child inherits).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print("/clear starts a new conversation, /exit (or Ctrl-D) quits; Ctrl-C stops a reply.", file=sys.stderr)
     turns: list[dict[str, str]] = []
     while True:
