@@ -114,3 +114,15 @@ def test_memory_terms_scale_as_they_should(layers, hidden, intermediate, kv_dim,
     assert logits == 2 * 1024 * vocab * 4  # float32 logits + their gradient per extra scored token
     assert kv_cache_bytes(shape, 200, 256, 2) - kv_cache_bytes(shape, 100, 256, 2) == \
         2 * layers * 100 * 256 * kv_dim * 2 + 100 * vocab * 4 * 2
+
+
+def test_host_peak_is_the_process_own_not_its_launchers():
+    """Linux's ru_maxrss survives exec: a child of a big process would report the parent's size as its peak."""
+    ballast = bytearray(600 * 1024 * 1024)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1  # resident, not just reserved
+    code = "from integration_training.probe import host_peak_bytes; print(host_peak_bytes())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) < 500 * 1024 * 1024, int(result.stdout) / 2**20
+    del ballast
