@@ -4,10 +4,13 @@ from integration_training.config import (  # noqa: F401  (re-exports for config 
     Config,
     DataConfig,
     DatasetSpec,
+    EvalConfig,
     LoRAConfig,
     ModelConfig,
+    OptimizerConfig,
     OutputConfig,
     RLConfig,
+    SamplingConfig,
     SFTConfig,
     TargetConfig,
 )

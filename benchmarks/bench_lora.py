@@ -54,7 +54,7 @@ def optimizer_state_bytes(with_lora: bool) -> int:
     from integration_training.optim import build_optimizer
 
     model, _ = load(LORA if with_lora else None)
-    optimizer = build_optimizer(model, rl_stage())
+    optimizer = build_optimizer(model, rl_stage().optimizer)
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
@@ -91,7 +91,7 @@ def rl_peak_rss(with_lora: bool) -> dict:
         reference = load_reference("offline:SmolLM2-135M-Instruct", model_config(None), torch.device("cpu"))
     else:
         reference = adapters.reference()
-    optimizer = build_optimizer(model, stage)
+    optimizer = build_optimizer(model, stage.optimizer)
     dist = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
     start = time.perf_counter()
     train_on_rows(model, reference, optimizer, rows(16), stage, 0, dist, model_config(None), None)

@@ -20,7 +20,7 @@ Model load, dataset preparation and the first (warm-up) step are excluded on bot
 Settings:
 - ours: `rl.rollout_step` (`rollout.sample`: each distinct prompt prefilled once, KV cache gathered to its samples,
   finished rows compacted) + `rl.train_on_rows` (each group's prompt scored once, LM head only at completion
-  positions), `device_batch_size` = `sample_batch_size` = prompts × samples (one sampling batch, one training
+  positions), `batch_size` = `sampling.batch_size` = prompts × samples (one sampling batch, one training
   micro-batch), kl_coef=0
   (no reference model), advantage="mean_std", updates_per_batch=1, AdamW;
 - TRL: GRPOTrainer, use_vllm=False (transformers `generate`), use_cpu=True, bf16=False, beta=0 (no reference
@@ -80,7 +80,7 @@ def run_ours(args) -> dict:
 
     from integration_training import distributed, optim, rl
     from integration_training import template
-    from integration_training.config import ModelConfig, RLConfig, TargetConfig
+    from integration_training.config import ModelConfig, OptimizerConfig, RLConfig, SamplingConfig, TargetConfig
 
     import dataclasses
 
@@ -91,14 +91,14 @@ def run_ours(args) -> dict:
     dist = distributed.init_distributed(target)
     config = RLConfig(
         num_epochs=1, num_iterations=args.warmup + args.steps, examples_per_step=args.prompts,
-        num_samples=args.samples, device_batch_size=args.batch_size,
-        sample_batch_size=args.batch_size, max_new_tokens=args.new_tokens,
-        temperature=1.0, top_k=0, optimizer="adamw", embedding_lr=args.lr, unembedding_lr=args.lr,
-        matrix_lr=args.lr, weight_decay=0.0, init_lr_frac=1.0, warmup_ratio=0.0, lr_schedule="constant",
-        grad_clip=1.0, advantage="mean_std", kl_coef=0.0, clip_eps=0.2, updates_per_batch=1, eval_every=10**9,
-        eval_examples=1, eval_k=1, save_every=10**9, log_every=1,
+        num_samples=args.samples, batch_size=args.batch_size,
+        sampling=SamplingConfig(batch_size=args.batch_size, max_new_tokens=args.new_tokens, temperature=1.0, top_k=0),
+        optimizer=OptimizerConfig(name="adamw", embedding_lr=args.lr, unembedding_lr=args.lr, matrix_lr=args.lr,
+                                  weight_decay=0.0, init_lr_frac=1.0, warmup_ratio=0.0, lr_schedule="constant",
+                                  grad_clip=1.0),
+        advantage="mean_std", kl_coef=0.0, clip_eps=0.2, updates_per_batch=1, checkpoint_every=10**9, log_every=1,
     )
-    optimizer = optim.build_optimizer(model, config)
+    optimizer = optim.build_optimizer(model, config.optimizer)
     optim.apply_lr(optimizer, 1.0)
     stop_ids = template.stop_token_ids(tokenizer)
     model.train()

@@ -84,7 +84,7 @@ def run_ours(args) -> dict:
     import torch
 
     from integration_training import distributed, optim, sft, template
-    from integration_training.config import SFTConfig, TargetConfig
+    from integration_training.config import OptimizerConfig, SFTConfig, TargetConfig
 
     examples = load_examples(args.data, args.rows)
     model, tokenizer = load_model_and_tokenizer()
@@ -94,16 +94,18 @@ def run_ours(args) -> dict:
                           node_rank=0, master_addr="127.0.0.1", master_port=29500)
     dist = distributed.init_distributed(target)
     stage = SFTConfig(num_epochs=1, num_iterations=-1, batch_size=args.batch_size,
-                      target_examples_per_step=args.batch_size * args.accum, optimizer="adamw", embedding_lr=args.lr,
-                      unembedding_lr=args.lr, matrix_lr=args.lr, weight_decay=0.0, init_lr_frac=1.0, warmup_ratio=0.0,
-                      lr_schedule="constant", grad_clip=1.0, packing=True, eval_every=10**9, eval_steps=1,
+                      examples_per_step=args.batch_size * args.accum,
+                      optimizer=OptimizerConfig(name="adamw", embedding_lr=args.lr, unembedding_lr=args.lr,
+                                                matrix_lr=args.lr, weight_decay=0.0, init_lr_frac=1.0, warmup_ratio=0.0,
+                                                lr_schedule="constant", grad_clip=1.0),
+                      packing=True, eval_every=10**9, eval_steps=1,
                       checkpoint_every=10**9, log_every=1)
     module = sft.SupervisedTokenLoss(model, "float32", True)
-    optimizer = optim.build_optimizer(model, stage)
+    optimizer = optim.build_optimizer(model, stage.optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     rendered, _ = template.render_examples(tokenizer, examples, args.max_length)
     stream = sft.SFTStream(rendered=rendered, seed=0, packing=True, max_length=args.max_length,
-                           sequences_per_step=stage.target_examples_per_step)
+                           sequences_per_step=stage.examples_per_step)
     total = args.warmup + args.steps
     have = stream.steps_in_epoch(0)
     assert have >= total, f"need {total} steps of data, have {have}; raise --rows"
@@ -115,7 +117,7 @@ def run_ours(args) -> dict:
         sequences = stream.step_sequences(step)
         micro = sft.rank_micro_batches(sequences, stage.batch_size, dist, True, tokenizer.pad_token_id, "sdpa")
         step_tokens = sum(len(r) for row in sequences for r in row)
-        result = sft.train_step(module, optimizer, params, micro, step_tokens, 1.0, stage.grad_clip, dist, None)
+        result = sft.train_step(module, optimizer, params, micro, step_tokens, 1.0, stage.optimizer.grad_clip, dist, None)
         losses.append(result.loss)
         if step == args.warmup - 1:
             start = time.perf_counter()

@@ -113,8 +113,8 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def optimizer_for(model, lr: float):
-    stage = SimpleNamespace(optimizer="adamw", embedding_lr=lr, unembedding_lr=lr, matrix_lr=lr, weight_decay=0.0)
-    return optim.build_optimizer(model, stage)
+    settings = SimpleNamespace(name="adamw", embedding_lr=lr, unembedding_lr=lr, matrix_lr=lr, weight_decay=0.0)
+    return optim.build_optimizer(model, settings)
 
 
 def matmul_params(model) -> int:
@@ -292,8 +292,8 @@ def rl_train_step(model, device: torch.device, prompts, completions, checkpointi
     rng = random.Random(3)
     rows = [Sequence_(list(prompts[p]), list(c.token_ids), list(c.logprobs), rng.choice([-1.0, 1.0]), 0.0)
             for p, group in enumerate(completions) for c in group]
-    rl_cfg = SimpleNamespace(device_batch_size=SAMPLES * 4, kl_coef=0.0, clip_eps=0.2, updates_per_batch=1,
-                             grad_clip=1.0)
+    rl_cfg = SimpleNamespace(batch_size=SAMPLES * 4, kl_coef=0.0, clip_eps=0.2, updates_per_batch=1,
+                             optimizer=SimpleNamespace(grad_clip=1.0))
     model_cfg = SimpleNamespace(dtype="bfloat16", gradient_checkpointing=checkpointing)
     if checkpointing:
         enable_activation_checkpointing(model)

@@ -13,10 +13,13 @@ from base_config import (
     Config,
     DataConfig,
     DatasetSpec,
+    EvalConfig,
     LoRAConfig,
     ModelConfig,
+    OptimizerConfig,
     OutputConfig,
     RLConfig,
+    SamplingConfig,
     SFTConfig,
     TargetConfig,
 )
@@ -69,9 +72,6 @@ config = Config(
         rl_mixture=[
             DatasetSpec(name="arithmetic", split="train", subset=None, max_samples=512, repeat=1, path=None, reward=None),
         ],
-        rl_eval_mixture=[
-            DatasetSpec(name="arithmetic", split="test", subset=None, max_samples=200, repeat=1, path=None, reward=None),
-        ],
         max_length=256,
         shuffle_seed=42,
         tools=[],  # [] = no tool calls; ["calculator"] = <<EXPR=RESULT>> computed by the engine
@@ -80,19 +80,21 @@ config = Config(
         num_epochs=1,
         num_iterations=-1,
         batch_size=4,
-        target_examples_per_step=4,
-        optimizer="adamw",
-        # LoRA trains only adapters, all at matrix_lr; embedding/unembedding have no trainable tensor here (the
-        # plan says so) and keep the full fine-tune's values. Adapters start at B = 0 and need ~10x the full
-        # fine-tune's LR (00_offline_cpu.py: 1e-4) to move as far in the same 7 steps.
-        embedding_lr=1e-4,
-        unembedding_lr=1e-4,
-        matrix_lr=1e-3,
-        weight_decay=0.0,
-        init_lr_frac=1.0,
-        warmup_ratio=0.05,
-        lr_schedule="linear",
-        grad_clip=1.0,
+        examples_per_step=4,
+        optimizer=OptimizerConfig(
+            name="adamw",
+            # LoRA trains only adapters, all at matrix_lr; embedding/unembedding have no trainable tensor here (the
+            # plan says so) and keep the full fine-tune's values. Adapters start at B = 0 and need ~10x the full
+            # fine-tune's LR (00_offline_cpu.py: 1e-4) to move as far in the same 7 steps.
+            embedding_lr=1e-4,
+            unembedding_lr=1e-4,
+            matrix_lr=1e-3,
+            weight_decay=0.0,
+            init_lr_frac=1.0,
+            warmup_ratio=0.05,
+            lr_schedule="linear",
+            grad_clip=1.0,
+        ),
         packing=True,
         eval_every=10,
         eval_steps=4,
@@ -104,32 +106,53 @@ config = Config(
         num_iterations=10,
         examples_per_step=8,
         num_samples=8,
-        device_batch_size=64,
-        # Rows per sampling forward. CPU decode is memory-bound at 64 rows (139 tok/s here) and matmul-bound from
-        # ~256 (260 tok/s); a 200-problem evaluation took ~113 s in 500-row chunks, ~124 s in 250 and ~157 s in 1000.
-        sample_batch_size=500,
-        max_new_tokens=24,  # the longest worked answer is 22 tokens + end-of-turn
-        temperature=1.0,
-        top_k=0,
-        optimizer="adamw",
-        # RL at a tenth of SFT's LR as in 00_offline_cpu.py, scaled like SFT's for adapters (full: 1e-5).
-        embedding_lr=1e-5,
-        unembedding_lr=1e-5,
-        matrix_lr=1e-4,
-        weight_decay=0.0,
-        init_lr_frac=1.0,
-        warmup_ratio=0.0,
-        lr_schedule="constant",
-        grad_clip=1.0,
+        batch_size=64,
+        sampling=SamplingConfig(
+            # Rows per sampling forward: one step's 8 × 8 = 64 rollouts fit in one forward.
+            batch_size=500,
+            max_new_tokens=24,  # the longest worked answer is 22 tokens + end-of-turn
+            temperature=1.0,
+            top_k=0,
+        ),
+        optimizer=OptimizerConfig(
+            name="adamw",
+            # RL at a tenth of SFT's LR as in 00_offline_cpu.py, scaled like SFT's for adapters (full: 1e-5).
+            embedding_lr=1e-5,
+            unembedding_lr=1e-5,
+            matrix_lr=1e-4,
+            weight_decay=0.0,
+            init_lr_frac=1.0,
+            warmup_ratio=0.0,
+            lr_schedule="constant",
+            grad_clip=1.0,
+        ),
         advantage="mean",
         kl_coef=0.0,
         clip_eps=0.2,
         updates_per_batch=1,
-        eval_every=1000,
-        eval_examples=200,
-        eval_k=3,  # 3 samples + greedy per problem: with 4 the three evaluations alone took ~340 s of the 600
-        save_every=1000,
+        checkpoint_every=1000,
         log_every=1,
+    ),
+    evaluation=EvalConfig(
+        mixture=[
+            DatasetSpec(name="arithmetic", split="test", subset=None, max_samples=200, repeat=1, path=None, reward=None),
+        ],
+        num_problems=200,
+        # 3 samples + greedy per problem: with 4 the three evaluations alone took ~340 s of the 600.
+        num_samples=3,
+        sampling=SamplingConfig(
+            # Rows per sampling forward. CPU decode is memory-bound at 64 rows (139 tok/s here) and matmul-bound
+            # from ~256 (260 tok/s); a 200-problem evaluation took ~113 s in 500-row chunks, ~124 s in 250 and
+            # ~157 s in 1000.
+            batch_size=500,
+            max_new_tokens=24,  # the longest worked answer is 22 tokens + end-of-turn
+            temperature=1.0,
+            top_k=0,
+        ),
+        at_start=True,
+        after_sft=True,
+        after_rl=True,
+        every_rl_steps=0,
     ),
     output=OutputConfig(
         save_dir=Path("./results"),

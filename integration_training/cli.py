@@ -457,14 +457,23 @@ def _check_snapshot(config: Config, snapshot: Path) -> None:
     saved["target"].pop("node_rank", None)
     current["target"].pop("node_rank", None)
     if saved != current:
-        differing = sorted(
-            f"{section}.{field}" for section in current if isinstance(current[section], dict)
-            for field in current[section] if current[section][field] != (saved.get(section) or {}).get(field)
-        )
+        differing = _differing_fields(current, saved, "")
         raise UserError(
             f"--resume: the config differs from the one this run started with ({snapshot}: "
             f"{', '.join(differing[:5]) or 'structure'}); resume with the same config, or start a new experiment_name"
         )
+
+
+def _differing_fields(current: dict, saved, prefix: str) -> list[str]:
+    """Dotted paths of the leaves (or whole lists) where `current` differs from `saved`, sorted."""
+    found = []
+    for name, value in current.items():
+        other = saved.get(name) if isinstance(saved, dict) else None
+        if isinstance(value, dict) and isinstance(other, dict):
+            found += _differing_fields(value, other, f"{prefix}{name}.")
+        elif value != other:
+            found.append(f"{prefix}{name}")
+    return sorted(found)
 
 
 def _set_aside_stale_attempt(run_dir: Path) -> None:
@@ -561,7 +570,7 @@ def dispatch(config: Config, run_dir: Path, resume: bool, stop=None) -> None:
         from integration_training.checkpoint import checkpoint_step
         from integration_training.sft import run_sft
 
-        if config.data.rl_eval_mixture:
+        if config.evaluation.at_start:
             with _timed(run_dir, "baseline evaluation"):
                 held_out_eval(config, run_dir, config.model.name, "baseline", 0)
         if _agreed_stop(config, stop) and not resume:
@@ -573,7 +582,7 @@ def dispatch(config: Config, run_dir: Path, resume: bool, stop=None) -> None:
             where = stop.stopped_at or "the end of SFT (RL not started)"
             raise Interrupted(f"by {stop.reason} at {where}; checkpoint {init_model} kept; continue with: "
                               "python deploy.py CONFIG --resume")
-        if config.data.rl_eval_mixture and not runs_rl(config):
+        if config.evaluation.after_sft and not runs_rl(config):  # with RL, RL scores its starting model
             with _timed(run_dir, "after-SFT evaluation"):
                 held_out_eval(config, run_dir, init_model, "sft", checkpoint_step(Path(init_model)))
     if runs_rl(config):
@@ -618,7 +627,7 @@ def _has_checkpoints(stage_dir: Path) -> bool:
 
 
 def held_out_eval(config: Config, run_dir: Path, model_name: str, stage: str, step: int) -> None:
-    """Evaluate a model on `rl_eval_mixture` with RL's eval settings; records go to eval/{stage}_step_N.jsonl.
+    """Evaluate a model on `evaluation.mixture` with the evaluation's settings; records go to eval/{stage}_step_N.jsonl.
 
     The baseline before SFT and the after-SFT score of an SFT-only run use the very harness and problems that RL
     evaluates with, so the final table compares like with like. Skipped when the file exists (a resumed run).
@@ -630,12 +639,12 @@ def held_out_eval(config: Config, run_dir: Path, model_name: str, stage: str, st
 
     if eval_records_path(run_dir, stage, step).is_file():
         return
-    rl, seed = config.rl, config.data.shuffle_seed
+    evaluation, seed = config.evaluation, config.data.shuffle_seed
     dist = init_distributed(config.target)
     model, tokenizer = load_policy(model_name, config.model, dist.device, training=False)
-    problems = rl_examples(config.data.rl_eval_mixture, seed, "rl_eval_mixture", config.data.tools)
-    problems = drop_overlong(problems, tokenizer, config.data.max_length, rl.max_new_tokens, "rl_eval_mixture")
-    values = run_eval(model, tokenizer, problems[: rl.eval_examples], rl, seed, dist, run_dir, step, stage,
+    problems = rl_examples(evaluation.mixture, seed, "evaluation.mixture", config.data.tools)
+    problems = drop_overlong(problems, tokenizer, config.data.max_length, evaluation.sampling, "evaluation")
+    values = run_eval(model, tokenizer, problems[: evaluation.num_problems], evaluation, seed, dist, run_dir, step, stage,
                       config.model.dtype, config.data.tools)
     barrier(dist)
     log.info("%s evaluation: %s", stage, format_values({k: v for k, v in values.items() if not k.endswith(("_low", "_high"))}))

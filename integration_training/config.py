@@ -153,8 +153,7 @@ class DataConfig:
     sft_mixture: list[DatasetSpec]
     sft_val_mixture: list[DatasetSpec]
     rl_mixture: list[DatasetSpec]
-    rl_eval_mixture: list[DatasetSpec]
-    max_length: int  # tokens per training sequence (SFT) and per prompt+completion budget (RL)
+    max_length: int  # tokens per training sequence (SFT) and per prompt+completion budget (RL, evaluation)
     shuffle_seed: int
     # Tools the model may call while it writes ([] = none; known: "calculator", the `<<EXPR=RESULT>>` protocol).
     # Read by data (GSM8K keeps its calculator annotations), SFT rendering (forced spans unsupervised), rollouts,
@@ -163,12 +162,10 @@ class DataConfig:
 
 
 @_schema
-class SFTConfig:
-    num_epochs: int
-    num_iterations: int  # -1 = derived from num_epochs
-    batch_size: int  # sequences per device micro-batch
-    target_examples_per_step: int  # sequences per optimizer step over all ranks → gradient accumulation
-    optimizer: str  # "adamw" | "muon"
+class OptimizerConfig:
+    """One optimizer step's settings; SFT and RL each hold one (`sft.optimizer`, `rl.optimizer`)."""
+
+    name: str  # "adamw" | "muon"
     embedding_lr: float
     unembedding_lr: float
     matrix_lr: float
@@ -177,9 +174,30 @@ class SFTConfig:
     warmup_ratio: float
     lr_schedule: str  # "linear" | "cosine" | "constant"
     grad_clip: float  # max global grad norm; 0 = no clipping
+
+
+@_schema
+class SamplingConfig:
+    """How completions are drawn; RL's rollouts and the evaluation each hold one (`rl.sampling`, `evaluation.sampling`)."""
+
+    max_new_tokens: int
+    temperature: float  # > 0 (the evaluation adds one greedy completion per problem beside its samples)
+    top_k: int  # 0 = no top-k filter
+    # Sequences per sampling forward on one device. Sampling keeps no activations, so it can be far larger than a
+    # training batch; on CPU decode only reaches matmul speed from a few hundred rows.
+    batch_size: int
+
+
+@_schema
+class SFTConfig:
+    num_epochs: int
+    num_iterations: int  # -1 = derived from num_epochs
+    batch_size: int  # sequences per device micro-batch
+    examples_per_step: int  # sequences per optimizer step over all ranks → gradient accumulation
+    optimizer: OptimizerConfig
     packing: bool
-    eval_every: int
-    eval_steps: int
+    eval_every: int  # validation loss (sft_val_mixture) every N steps
+    eval_steps: int  # micro-batches per validation pass
     checkpoint_every: int
     log_every: int
 
@@ -190,31 +208,29 @@ class RLConfig:
     num_iterations: int  # -1 = derived from num_epochs
     examples_per_step: int  # prompts per optimizer step over all ranks
     num_samples: int  # completions per prompt (the group)
-    device_batch_size: int  # sequences per training forward/backward on one device
-    # Sequences per sampling forward (rollouts and evaluation) on one device. Sampling keeps no activations, so it
-    # can be far larger than device_batch_size; on CPU decode only reaches matmul speed from a few hundred rows.
-    sample_batch_size: int
-    max_new_tokens: int
-    temperature: float
-    top_k: int  # 0 = no top-k filter
-    optimizer: str
-    embedding_lr: float
-    unembedding_lr: float
-    matrix_lr: float
-    weight_decay: float
-    init_lr_frac: float
-    warmup_ratio: float
-    lr_schedule: str
-    grad_clip: float
+    batch_size: int  # sequences per training forward/backward on one device
+    sampling: SamplingConfig  # rollouts
+    optimizer: OptimizerConfig
     advantage: str  # "mean" (nanochat) | "mean_std" (GRPO)
     kl_coef: float  # 0 = no reference model
     clip_eps: float  # PPO ratio clip, used when updates_per_batch > 1
     updates_per_batch: int  # 1 = pure on-policy
-    eval_every: int
-    eval_examples: int
-    eval_k: int  # samples per eval problem: pass@1 and pass@k are estimated from them
-    save_every: int
+    checkpoint_every: int
     log_every: int
+
+
+@_schema
+class EvalConfig:
+    """Held-out evaluation: what is scored, how it is sampled, and when it runs."""
+
+    mixture: list[DatasetSpec]
+    num_problems: int  # the first N problems of the mixture (after dropping prompts that do not fit)
+    num_samples: int  # samples per problem: pass@1 and pass@k are estimated from them (plus one greedy completion)
+    sampling: SamplingConfig
+    at_start: bool  # the starting model: model.name (sft, sft+rl) or output.source_checkpoint (rl)
+    after_sft: bool  # SFT's final checkpoint (modes with SFT)
+    after_rl: bool  # RL's final checkpoint (modes with RL)
+    every_rl_steps: int  # also every N RL steps; 0 = never during RL
 
 
 @_schema
@@ -235,6 +251,7 @@ class Config:
     data: DataConfig
     sft: SFTConfig
     rl: RLConfig
+    evaluation: EvalConfig
     output: OutputConfig
 
 
@@ -256,6 +273,17 @@ def runs_sft(config: Config) -> bool:
 
 def runs_rl(config: Config) -> bool:
     return config.output.mode in ("rl", "sft+rl")
+
+
+def rl_evaluates_its_start(config: Config) -> bool:
+    """RL scores its starting model: the baseline in mode 'rl' (at_start), SFT's result in 'sft+rl' (after_sft)."""
+    return config.evaluation.at_start if config.output.mode == "rl" else config.evaluation.after_sft
+
+
+def rl_evaluates_after_step(evaluation: EvalConfig, done: int, steps: int) -> bool:
+    """Whether RL evaluates once `done` of `steps` steps are complete (every_rl_steps; after_rl at the last)."""
+    every = evaluation.every_rl_steps
+    return (every > 0 and done % every == 0) or (done == steps and evaluation.after_rl)
 
 
 def world_size(target: TargetConfig) -> int:
@@ -339,7 +367,7 @@ PROCEDURAL_NAMES = ("arithmetic", "spelling", "word_problems")
 PROCEDURAL_SPLITS = ("train", "test")
 CUSTOM_JSON = "custom_json"
 MIN_MAX_LENGTH = 16
-MIN_PROMPT_ROOM = 16  # tokens max_length must keep for the prompt beside rl.max_new_tokens (a chat prompt's overhead)
+MIN_PROMPT_ROOM = 16  # tokens max_length must keep for the prompt beside max_new_tokens (a chat prompt's overhead)
 MAX_SEED = 2**63 - 1
 
 
@@ -432,8 +460,8 @@ def _lora_rules(config: Config):
     yield lambda: [] if len(set(names())) == len(names()) else [
         f"model.lora.target_modules: {names()} lists a name twice"]
     for stage, runs in (("sft", runs_sft), ("rl", runs_rl)):
-        yield lambda stage=stage, runs=runs: [] if not runs(config) or getattr(config, stage).optimizer != "muon" else [
-            f"{stage}.optimizer: 'muon' does not apply to LoRA adapters (model.lora is set); use optimizer='adamw', "
+        yield lambda stage=stage, runs=runs: [] if not runs(config) or getattr(config, stage).optimizer.name != "muon" else [
+            f"{stage}.optimizer.name: 'muon' does not apply to LoRA adapters (model.lora is set); use name='adamw', "
             "or model.lora=None for a full fine-tune with Muon"]
 
 
@@ -475,72 +503,87 @@ def _tools_problems(tools: list[str]) -> list[str]:
     return [f"data.tools: {problem}; use [] for none or ['calculator']" for problem in validate_tools(tools)]
 
 
+def _mixture_rules(specs, where: str):
+    for index, spec in enumerate(specs if isinstance(specs, list) else []):
+        if isinstance(spec, DatasetSpec):  # anything else is a type problem, already named
+            yield from _dataset_rules(spec, f"{where}[{index}]")
+
+
 def _data_rules(d: DataConfig, mode: str):
     yield lambda: _at_least(d.max_length, MIN_MAX_LENGTH, "data.max_length")
     yield lambda: _in_range(d.shuffle_seed, 0, MAX_SEED, "data.shuffle_seed")
     yield lambda: _tools_problems(d.tools)
-    for field in ("sft_mixture", "sft_val_mixture", "rl_mixture", "rl_eval_mixture"):
-        specs = getattr(d, field)
-        for index, spec in enumerate(specs if isinstance(specs, list) else []):
-            if isinstance(spec, DatasetSpec):  # anything else is a type problem, already named
-                yield from _dataset_rules(spec, f"data.{field}[{index}]")
-    needed = {"sft": ("sft_mixture", "sft_val_mixture"), "rl": ("rl_mixture", "rl_eval_mixture")}
+    for field in ("sft_mixture", "sft_val_mixture", "rl_mixture"):
+        yield from _mixture_rules(getattr(d, field), f"data.{field}")
+    needed = {"sft": ("sft_mixture", "sft_val_mixture"), "rl": ("rl_mixture",)}
     for stage, fields in needed.items():
         for field in fields:
             yield lambda stage=stage, field=field: [] if stage not in mode.split("+") or getattr(d, field) else [
                 f"data.{field}: must list at least one DatasetSpec when output.mode={mode!r}"]
 
 
-def _optimizer_rules(s, where: str):
-    yield lambda: _one_of(s.optimizer, OPTIMIZERS, f"{where}.optimizer")
-    yield lambda: _one_of(s.lr_schedule, LR_SCHEDULES, f"{where}.lr_schedule")
+def _optimizer_rules(o: OptimizerConfig, where: str):
+    yield lambda: _one_of(o.name, OPTIMIZERS, f"{where}.name")
+    yield lambda: _one_of(o.lr_schedule, LR_SCHEDULES, f"{where}.lr_schedule")
     for field in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip"):
-        yield lambda field=field: _at_least(getattr(s, field), 0.0, f"{where}.{field}")
-    yield lambda: [] if max(s.embedding_lr, s.unembedding_lr, s.matrix_lr) > 0 else [
+        yield lambda field=field: _at_least(getattr(o, field), 0.0, f"{where}.{field}")
+    yield lambda: [] if max(o.embedding_lr, o.unembedding_lr, o.matrix_lr) > 0 else [
         f"{where}.matrix_lr: every learning rate is 0, so training would change nothing; set one > 0"]
-    yield lambda: [] if 0.0 < s.init_lr_frac <= 1.0 else [f"{where}.init_lr_frac: must be in (0, 1], got {s.init_lr_frac!r}"]
-    yield lambda: [] if 0.0 <= s.warmup_ratio < 1.0 else [f"{where}.warmup_ratio: must be in [0, 1), got {s.warmup_ratio!r}"]
+    yield lambda: [] if 0.0 < o.init_lr_frac <= 1.0 else [f"{where}.init_lr_frac: must be in (0, 1], got {o.init_lr_frac!r}"]
+    yield lambda: [] if 0.0 <= o.warmup_ratio < 1.0 else [f"{where}.warmup_ratio: must be in [0, 1), got {o.warmup_ratio!r}"]
+
+
+def _sampling_rules(s: SamplingConfig, where: str, max_length, why_positive: str):
+    for field in ("max_new_tokens", "batch_size"):
+        yield lambda field=field: _at_least(getattr(s, field), 1, f"{where}.{field}")
+    yield lambda: _at_least(s.top_k, 0, f"{where}.top_k")
+    yield lambda: [] if s.temperature > 0 else [f"{where}.temperature: must be > 0 ({why_positive}), got {s.temperature!r}"]
+
+    def room():
+        if max_length() - s.max_new_tokens >= MIN_PROMPT_ROOM or s.max_new_tokens < 1:
+            return []
+        return [f"{where}.max_new_tokens: {s.max_new_tokens} leaves {max_length() - s.max_new_tokens} of "
+                f"data.max_length={max_length()} tokens for the prompt (needs >= {MIN_PROMPT_ROOM}); lower it or raise "
+                "data.max_length"]
+
+    yield room
+
+
+def _stage_rules(s, where: str):
+    """The loop fields SFT and RL share: length, logging and checkpoint cadence."""
     yield lambda: _at_least(s.num_epochs, 1, f"{where}.num_epochs")
     yield lambda: [] if s.num_iterations == -1 or s.num_iterations >= 1 else [
         f"{where}.num_iterations: must be -1 (derive from num_epochs) or >= 1, got {s.num_iterations}"]
-    yield lambda: _at_least(s.log_every, 1, f"{where}.log_every")
-    yield lambda: _at_least(s.eval_every, 1, f"{where}.eval_every")
+    for field in ("log_every", "checkpoint_every", "batch_size", "examples_per_step"):
+        yield lambda field=field: _at_least(getattr(s, field), 1, f"{where}.{field}")
+    yield from _optimizer_rules(s.optimizer, f"{where}.optimizer")
 
 
 def _sft_rules(s: SFTConfig, world):
-    yield from _optimizer_rules(s, "sft")
-    for field in ("batch_size", "target_examples_per_step", "eval_steps", "checkpoint_every"):
+    yield from _stage_rules(s, "sft")
+    for field in ("eval_every", "eval_steps"):
         yield lambda field=field: _at_least(getattr(s, field), 1, f"sft.{field}")
 
     def divisible():
         per_pass = s.batch_size * world()
-        if s.batch_size < 1 or world() < 1 or s.target_examples_per_step % per_pass == 0:
+        if s.batch_size < 1 or world() < 1 or s.examples_per_step % per_pass == 0:
             return []
-        return [f"sft.target_examples_per_step: {s.target_examples_per_step} is not divisible by batch_size × "
+        return [f"sft.examples_per_step: {s.examples_per_step} is not divisible by batch_size × "
                 f"world_size = {s.batch_size} × {world()} = {per_pass}; pick a multiple of {per_pass}"]
 
     yield divisible
 
 
 def _rl_rules(r: RLConfig, world, max_length):
-    yield from _optimizer_rules(r, "rl")
+    yield from _stage_rules(r, "rl")
+    yield from _sampling_rules(r.sampling, "rl.sampling", max_length,
+                               "0 makes every sample of a group identical: no learning signal")
     yield lambda: _one_of(r.advantage, ADVANTAGES, "rl.advantage")
-    for field in ("examples_per_step", "device_batch_size", "sample_batch_size", "max_new_tokens", "updates_per_batch",
-                  "eval_examples", "eval_k", "save_every"):
-        yield lambda field=field: _at_least(getattr(r, field), 1, f"rl.{field}")
-    yield lambda: _at_least(r.top_k, 0, "rl.top_k")
+    yield lambda: _at_least(r.updates_per_batch, 1, "rl.updates_per_batch")
     yield lambda: _at_least(r.kl_coef, 0.0, "rl.kl_coef")
     yield lambda: [] if 0 < r.clip_eps < 1 else [f"rl.clip_eps: must be in (0, 1), got {r.clip_eps!r}"]
     yield lambda: [] if r.num_samples >= 2 else [
         f"rl.num_samples: the group-mean baseline needs at least 2 samples per prompt, got {r.num_samples}"]
-    yield lambda: [] if r.temperature > 0 else [
-        f"rl.temperature: must be > 0 (0 makes every sample of a group identical: no learning signal), got {r.temperature!r}"]
-
-    def room():
-        if max_length() - r.max_new_tokens >= MIN_PROMPT_ROOM or r.max_new_tokens < 1:
-            return []
-        return [f"rl.max_new_tokens: {r.max_new_tokens} leaves {max_length() - r.max_new_tokens} of data.max_length="
-                f"{max_length()} tokens for the prompt (needs >= {MIN_PROMPT_ROOM}); lower it or raise data.max_length"]
 
     def split_evenly():
         if r.examples_per_step < 1 or world() < 1:
@@ -549,13 +592,36 @@ def _rl_rules(r: RLConfig, world, max_length):
             return [f"rl.examples_per_step: {r.examples_per_step} prompts cannot be split evenly over {world()} "
                     f"processes; pick a multiple of {world()}"]
         rows = (r.examples_per_step // world()) * r.num_samples
-        if r.device_batch_size >= 1 and r.num_samples >= 1 and rows % r.device_batch_size != 0:
-            return [f"rl.device_batch_size: {r.device_batch_size} does not divide the {rows} sequences per process per "
+        if r.batch_size >= 1 and r.num_samples >= 1 and rows % r.batch_size != 0:
+            return [f"rl.batch_size: {r.batch_size} does not divide the {rows} sequences per process per "
                     f"step (examples_per_step / world_size × num_samples); pick a divisor of {rows}"]
         return []
 
-    yield room
     yield split_evenly
+
+
+def evaluations_on(e: EvalConfig) -> bool:
+    """Whether any held-out evaluation runs."""
+    return bool(e.at_start or e.after_sft or e.after_rl or e.every_rl_steps > 0)
+
+
+def _eval_rules(e: EvalConfig, mode: str, max_length):
+    yield from _mixture_rules(e.mixture, "evaluation.mixture")
+    yield from _sampling_rules(e.sampling, "evaluation.sampling", max_length,
+                               "the greedy completion is scored beside the samples; samples need temperature")
+    for field in ("num_problems", "num_samples"):
+        yield lambda field=field: _at_least(getattr(e, field), 1, f"evaluation.{field}")
+    yield lambda: _at_least(e.every_rl_steps, 0, "evaluation.every_rl_steps")
+    stages = mode.split("+") if mode in MODES else ["sft", "rl"]  # an unknown mode is output.mode's problem
+    yield lambda: [] if not evaluations_on(e) or e.mixture else [
+        "evaluation.mixture: must list at least one DatasetSpec while an evaluation is on (at_start, after_sft, "
+        "after_rl or every_rl_steps); or turn them all off"]
+    yield lambda: [] if not e.after_sft or "sft" in stages else [
+        f"evaluation.after_sft: output.mode={mode!r} runs no SFT; set after_sft=False"]
+    yield lambda: [] if not e.after_rl or "rl" in stages else [
+        f"evaluation.after_rl: output.mode={mode!r} runs no RL; set after_rl=False"]
+    yield lambda: [] if e.every_rl_steps == 0 or "rl" in stages else [
+        f"evaluation.every_rl_steps: output.mode={mode!r} runs no RL; set every_rl_steps=0"]
 
 
 def _output_rules(o: OutputConfig):
@@ -590,13 +656,15 @@ def problems(config: Config) -> list[str]:
     type_problems = [p for p in type_problems if not p.endswith(_MISSING_MARK)]
     t, d = config.target, config.data
     world = lambda: t.processes_per_node * t.num_nodes  # noqa: E731
+    mode = config.output.mode if isinstance(config.output.mode, str) else ""
     rules = [
         *_target_rules(t),
         *_model_rules(config.model, t),
         *_lora_rules(config),
-        *_data_rules(d, config.output.mode if isinstance(config.output.mode, str) else ""),
+        *_data_rules(d, mode),
         *_sft_rules(config.sft, world),
         *_rl_rules(config.rl, world, lambda: d.max_length),
+        *_eval_rules(config.evaluation, mode, lambda: d.max_length),
         *_output_rules(config.output),
     ]
     range_problems = [p for p in _run_rules(rules) if p.split(":", 1)[0] not in wrong]

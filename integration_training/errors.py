@@ -19,5 +19,5 @@ class TrainingDiverged(Exception):
         where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         super().__init__(
             f"{stage} training diverged at step {step}: loss={loss}, grad_norm={grad_norm} (non-finite); the update "
-            f"was not applied; {where}. Lower the learning rates, enable grad_clip, or use float32"
+            f"was not applied; {where}. Lower the learning rates, enable {stage}.optimizer.grad_clip, or use float32"
         )

@@ -14,7 +14,7 @@ import numpy as np
 from dataclasses import dataclass
 from pathlib import Path
 
-from integration_training.config import Config, DatasetSpec, run_dir, runs_rl, runs_sft, world_size
+from integration_training.config import Config, DatasetSpec, evaluations_on, run_dir, runs_rl, runs_sft, world_size
 from integration_training.errors import UserError
 
 HUB_NOTE = "downloaded at run time"
@@ -120,34 +120,57 @@ def _count_params(model_dir: Path, lora) -> tuple[int, str, int | None, Shape]:
 
 def _sft_lines(config: Config, sequences: int, supervised_tokens: int | None, total_tokens: int | None) -> list[str]:
     s, world = config.sft, world_size(config.target)
-    accumulation = s.target_examples_per_step // (s.batch_size * world)
+    accumulation = s.examples_per_step // (s.batch_size * world)
     unit = "packed rows" if s.packing else "conversations"
     if s.num_iterations != -1:
         steps, how = s.num_iterations, "num_iterations"
     else:
         # Epochs are read back to back (an epoch's tail joins the next step): floor(epochs × rows / rows per step).
-        steps = s.num_epochs * sequences // s.target_examples_per_step
-        partial = s.num_epochs * sequences % s.target_examples_per_step
+        steps = s.num_epochs * sequences // s.examples_per_step
+        partial = s.num_epochs * sequences % s.examples_per_step
         how = (f"{s.num_epochs} epoch(s) of {sequences} {unit}, epoch tails carried into the next step; the last "
-               f"partial step ({partial}/{s.target_examples_per_step} {unit}) is not trained")
+               f"partial step ({partial}/{s.examples_per_step} {unit}) is not trained")
         if supervised_tokens is None:
             steps, how = f"≤ {steps}", f"upper bound: {sequences} conversations before download and packing"
     lines = [
         "SFT:",
-        f"  {s.target_examples_per_step} {unit}/step = micro-batch {s.batch_size} × grad-accum {accumulation} × "
+        f"  {s.examples_per_step} {unit}/step = micro-batch {s.batch_size} × grad-accum {accumulation} × "
         f"world {world}; {steps} steps ({how})",
-        f"  optimizer={s.optimizer} lr(embedding/unembedding/matrix)={s.embedding_lr}/{s.unembedding_lr}/"
-        f"{s.matrix_lr} wd={s.weight_decay}; schedule: warmup {s.warmup_ratio:.0%} → {s.lr_schedule} decay "
-        f"from init_lr_frac={s.init_lr_frac}; grad_clip={s.grad_clip}; packing={s.packing}",
+        f"  {_optimizer_text(s.optimizer)}; packing={s.packing}",
         f"  val loss every {s.eval_every} steps over {s.eval_steps} batches; checkpoint every "
         f"{s.checkpoint_every} steps and at the end; log every {s.log_every}",
     ]
     if total_tokens:
-        per_step = total_tokens / max(sequences, 1) * s.target_examples_per_step
+        per_step = total_tokens / max(sequences, 1) * s.examples_per_step
         lines.append(
             f"  data: {total_tokens} tokens, {supervised_tokens} supervised; ≈ {per_step:.0f} tokens/step"
         )
     return lines
+
+
+def _optimizer_text(o) -> str:
+    return (f"optimizer={o.name} lr(embedding/unembedding/matrix)={o.embedding_lr}/{o.unembedding_lr}/{o.matrix_lr} "
+            f"wd={o.weight_decay}; schedule: warmup {o.warmup_ratio:.0%} → {o.lr_schedule} from "
+            f"init_lr_frac={o.init_lr_frac}; grad_clip={o.grad_clip}")
+
+
+def _sampling_text(s) -> str:
+    return (f"max_new_tokens={s.max_new_tokens} temperature={s.temperature} top_k={s.top_k}, {s.batch_size} rows per "
+            "sampling forward")
+
+
+def _eval_lines(config: Config) -> list[str]:
+    e = config.evaluation
+    if not evaluations_on(e):
+        return ["evaluation: off (at_start, after_sft, after_rl all False and every_rl_steps=0)"]
+    when = [name for name, on in (("at start", e.at_start), ("after SFT", e.after_sft), ("after RL", e.after_rl)) if on]
+    if e.every_rl_steps > 0:
+        when.append(f"every {e.every_rl_steps} RL steps")
+    return [
+        "evaluation:",
+        f"  {e.num_problems} problems × {e.num_samples} samples + greedy; {', '.join(when)}",
+        f"  {_sampling_text(e.sampling)}",
+    ]
 
 
 def _rl_lines(config: Config, prompts: int | None) -> list[str]:
@@ -164,14 +187,11 @@ def _rl_lines(config: Config, prompts: int | None) -> list[str]:
         f"  starts from {source}",
         f"  {r.examples_per_step} prompts × {r.num_samples} samples = {r.examples_per_step * r.num_samples} "
         f"completions/step ({r.examples_per_step // world} prompts per process); {steps} steps ({how})",
-        f"  max_new_tokens={r.max_new_tokens} temperature={r.temperature} top_k={r.top_k}; "
-        f"device_batch_size={r.device_batch_size} (training), sample_batch_size={r.sample_batch_size} (sampling)",
+        f"  rollouts: {_sampling_text(r.sampling)}; batch_size={r.batch_size} (training)",
         f"  objective: REINFORCE, advantage={r.advantage}, token-level normalisation, kl_coef={r.kl_coef}, "
         f"updates_per_batch={r.updates_per_batch} (clip_eps={r.clip_eps})",
-        f"  optimizer={r.optimizer} lr(embedding/unembedding/matrix)={r.embedding_lr}/{r.unembedding_lr}/"
-        f"{r.matrix_lr}; schedule {r.lr_schedule}, warmup {r.warmup_ratio:.0%}",
-        f"  eval: {r.eval_examples} problems × {r.eval_k} samples + greedy at step 0, every {r.eval_every} steps "
-        f"and at the end; save every {r.save_every}",
+        f"  {_optimizer_text(r.optimizer)}",
+        f"  checkpoint every {r.checkpoint_every} steps and at the end; log every {r.log_every}",
     ]
 
 
@@ -239,23 +259,27 @@ def _dynamic_memory_lines(config: Config, params: int, shape: Shape, static: int
                      f"(gradient_checkpointing={checkpointing})")
     if runs_rl(config):
         r = config.rl
-        rows = min(r.device_batch_size, r.examples_per_step // world_size(config.target) * r.num_samples)
-        prompt = config.data.max_length - r.max_new_tokens  # the longest prompt RL keeps (drop_overlong)
+        rows = min(r.batch_size, r.examples_per_step // world_size(config.target) * r.num_samples)
+        prompt = config.data.max_length - r.sampling.max_new_tokens  # the longest prompt RL keeps (drop_overlong)
         if checkpointing:  # full-row layout: every row carries its prompt
             tokens = rows * config.data.max_length
         else:  # rl.completion_logits: each distinct prompt once, its KV gathered to the completion rows
-            tokens = -(-rows // r.num_samples) * prompt + rows * r.max_new_tokens
-        act = {c: activation_bytes(shape, tokens, rows * r.max_new_tokens, compute_bytes, c) for c in (False, True)}
+            tokens = -(-rows // r.num_samples) * prompt + rows * r.sampling.max_new_tokens
+        act = {c: activation_bytes(shape, tokens, rows * r.sampling.max_new_tokens, compute_bytes, c)
+               for c in (False, True)}
         stages["RL update"] = act[checkpointing]
         lines.append(f"  RL activations ({rows} rows, {tokens} tokens through the layers): {act[False] / gib:.2f} GiB "
                      f"without checkpointing, {act[True] / gib:.2f} GiB with")
-    if runs_rl(config) or config.data.rl_eval_mixture:
-        rows = config.rl.sample_batch_size
+    samplers = [("rl.sampling.batch_size", config.rl.sampling.batch_size)] if runs_rl(config) else []
+    if evaluations_on(config.evaluation):
+        samplers.append(("evaluation.sampling.batch_size", config.evaluation.sampling.batch_size))
+    if samplers:
+        field, rows = max(samplers, key=lambda item: item[1])
         kv = kv_cache_bytes(shape, rows, config.data.max_length, compute_bytes)
         # Sampling holds the weights but no gradients or optimizer moments of its own beyond the trainer's.
         stages["sampling"] = kv
         lines.append(f"  sampling KV cache ({rows} rows × {config.data.max_length} positions, "
-                     f"rl.sample_batch_size): {kv / gib:.2f} GiB")
+                     f"{field}): {kv / gib:.2f} GiB")
     baseline = process_baseline_bytes() if config.target.device_type == "cpu" else 0
     worst = max(stages, key=stages.get) if stages else None
     peak = static + (stages[worst] if worst else 0) + baseline
@@ -340,10 +364,12 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
     lines += model_lines
     data = config.data
     lines.append(f"data (shuffle_seed={data.shuffle_seed}, max_length={data.max_length}, tools={data.tools}):")
-    for field in ("sft_mixture", "sft_val_mixture", "rl_mixture", "rl_eval_mixture"):
+    for field in ("sft_mixture", "sft_val_mixture", "rl_mixture"):
         specs = getattr(data, field)
         if specs:
             lines += _format_counts(field, count_sources(specs, data.shuffle_seed))
+    if config.evaluation.mixture:
+        lines += _format_counts("evaluation.mixture", count_sources(config.evaluation.mixture, data.shuffle_seed))
     sft_offline = all(not _is_hub_source(s) for s in data.sft_mixture)
     example_text = None
     supervised_fraction = 1.0  # unknown (hub data): the LM head at every position, an upper bound
@@ -359,6 +385,7 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
         rl_offline = all(not _is_hub_source(s) for s in data.rl_mixture)
         prompts = _rl_prompts(config, tokenizer) if rl_offline else None
         lines += _rl_lines(config, prompts)
+    lines += _eval_lines(config)
     lines += _memory_lines(config, params, adapter, shape, supervised_fraction)
     if example_text is not None:
         lines += ["one rendered training example (supervised tokens between « and »):", example_text]
@@ -371,18 +398,18 @@ def _rl_prompts(config: Config, tokenizer) -> int:
     """RL's usable prompt count, through the checks RL makes before its first step (verifiers, fit, one step)."""
     from integration_training.rl import drop_overlong, rl_examples, total_steps
 
-    data, rl = config.data, config.rl
-    mixtures = [("rl_mixture", data.rl_mixture)]
-    if all(not _is_hub_source(s) for s in data.rl_eval_mixture):
-        mixtures.append(("rl_eval_mixture", data.rl_eval_mixture))
+    data, rl, evaluation = config.data, config.rl, config.evaluation
+    mixtures = [("rl", "data.rl_mixture", data.rl_mixture, rl.sampling)]
+    if evaluations_on(evaluation) and all(not _is_hub_source(s) for s in evaluation.mixture):
+        mixtures.append(("evaluation", "evaluation.mixture", evaluation.mixture, evaluation.sampling))
     counts = {}
-    for what, specs in mixtures:
+    for section, what, specs, sampling in mixtures:
         examples = rl_examples(specs, data.shuffle_seed, what)
         if tokenizer is not None:
-            examples = drop_overlong(examples, tokenizer, data.max_length, rl.max_new_tokens, what)
-        counts[what] = len(examples)
-    total_steps(rl, counts["rl_mixture"])
-    return counts["rl_mixture"]
+            examples = drop_overlong(examples, tokenizer, data.max_length, sampling, section)
+        counts[section] = len(examples)
+    total_steps(rl, counts["rl"])
+    return counts["rl"]
 
 
 def _sft_data_estimate(config: Config, tokenizer, offline: bool, lines: list[str]) -> tuple[int, int | None, int | None]:
@@ -415,9 +442,9 @@ def _sft_data_estimate(config: Config, tokenizer, offline: bool, lines: list[str
         sequences = int(row_of_rank.max()) + 1
     else:
         sequences = len(rendered)
-    if sequences < config.sft.target_examples_per_step:
+    if sequences < config.sft.examples_per_step:
         raise UserError(
-            f"sft.target_examples_per_step: {config.sft.target_examples_per_step} sequences per step, but the SFT "
+            f"sft.examples_per_step: {config.sft.examples_per_step} sequences per step, but the SFT "
             f"data gives only {sequences} sequences per epoch (packing={config.sft.packing}); add data or lower it"
         )
     lines.append(f"  chat templates that print a date get the fixed date {template.FIXED_DATE_STRING!r} (exact resume)")

@@ -4,8 +4,8 @@ Loads the model on the configured device and runs, at the configuration's real s
 1. one SFT optimizer step on the longest micro-batch the SFT data produces (packed rows or the longest
    conversations), with the configured gradient accumulation;
 2. one RL rollout of this rank's prompts × num_samples at worst-case length (no stop token: every row decodes
-   rl.max_new_tokens) and one RL training update on those rows (every row trained: advantages ±1);
-3. the first decode steps of one evaluation chunk of rl.sample_batch_size rows (greedy + eval_k samples per problem)
+   rl.sampling.max_new_tokens) and one RL training update on those rows (every row trained: advantages ±1);
+3. the first decode steps of one evaluation chunk of evaluation.sampling.batch_size rows (greedy + num_samples per problem)
    with its KV cache allocated for the full length, extrapolated to max_new_tokens (a full 500-row chunk is a
    minute on 2 CPU cores; the per-step cost is flat because the cache is pre-allocated).
 Worst case first: the stage that needs the most memory (SFT's longest batch, then RL) runs before anything else, so
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from integration_training.config import Config, runs_rl, runs_sft, world_size
+from integration_training.config import Config, rl_evaluates_after_step, rl_evaluates_its_start, runs_rl, runs_sft, world_size
 from integration_training.errors import UserError
 
 CAP_ENV = "INTEGRATION_TRAINING_PROBE_MEMORY_CAP_MB"
@@ -88,9 +88,9 @@ def _fix_for(stage: str) -> str:
     return {
         "sft step": "lower sft.batch_size (raise the gradient accumulation instead), lower data.max_length, or set "
                     "model.gradient_checkpointing=True",
-        "rl rollout": "lower rl.sample_batch_size (rows per sampling forward) or rl.max_new_tokens",
-        "rl train": "lower rl.device_batch_size or set model.gradient_checkpointing=True",
-        "eval chunk": "lower rl.sample_batch_size (rows per sampling forward) or rl.max_new_tokens",
+        "rl rollout": "lower rl.sampling.batch_size (rows per sampling forward) or rl.sampling.max_new_tokens",
+        "rl train": "lower rl.batch_size or set model.gradient_checkpointing=True",
+        "eval chunk": "lower evaluation.sampling.batch_size (rows per sampling forward) or evaluation.sampling.max_new_tokens",
     }[stage]
 
 
@@ -155,7 +155,7 @@ def _longest_sft_micro_batches(config: Config, tokenizer, dist):
     from integration_training.data.stream import SFTStream
 
     stream = SFTStream(rendered, config.data.shuffle_seed, stage.packing, config.data.max_length,
-                       stage.target_examples_per_step)
+                       stage.examples_per_step)
     rows = stream.rows(0)
     longest = sorted(rows, key=lambda row: sum(len(r) for r in row), reverse=True)[: stage.batch_size]
     while len(longest) < stage.batch_size:  # fewer sequences than a micro-batch: repeat (the run would refuse)
@@ -176,13 +176,13 @@ def probe_sft(config: Config, dist, tokenizer) -> tuple[Stage, float]:
     shortcut = sft.lm_head_shortcut_exact(model, micro[0], config.model.dtype)  # as the run decides it
     loss_module = sft.SupervisedTokenLoss(model, config.model.dtype, shortcut)
     module = distributed.wrap_model(loss_module, config.target, dist, config.model.dtype)
-    optimizer = optim.build_optimizer(model, config.sft)
+    optimizer = optim.build_optimizer(model, config.sft.optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = precision.grad_scaler(dist.device, config.model.dtype)
     with _Measure(dist.device, "sft step"):  # warm-up and the worst-case memory check
-        sft.train_step(module, optimizer, params, micro, tokens, 1.0, config.sft.grad_clip, dist, scaler)
+        sft.train_step(module, optimizer, params, micro, tokens, 1.0, config.sft.optimizer.grad_clip, dist, scaler)
     with _Measure(dist.device, "sft step") as timed:
-        sft.train_step(module, optimizer, params, micro, tokens, 1.0, config.sft.grad_clip, dist, scaler)
+        sft.train_step(module, optimizer, params, micro, tokens, 1.0, config.sft.optimizer.grad_clip, dist, scaler)
     with _Measure(dist.device, "sft step") as val:
         sft.validation_loss(module, micro[:1], dist)
     # step 0, every eval_every steps, and the last step (see sft.run_sft); each over eval_steps batches
@@ -203,14 +203,16 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     _check_positions(config, policy)
     ref = rl_module.load_reference(init_model, config.model, dist.device) if rl.kl_coef > 0 else None
     model = distributed.wrap_model(policy, config.target, dist, config.model.dtype)
-    optimizer = optim.build_optimizer(policy, rl)
+    optimizer = optim.build_optimizer(policy, rl.optimizer)
     scaler = precision.grad_scaler(dist.device, config.model.dtype)
-    examples = _longest_prompts(config, tokenizer, "rl_mixture", rl.examples_per_step // world_size(config.target))
+    examples = _longest_prompts(config, tokenizer, "rl", rl.examples_per_step // world_size(config.target))
     prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
     generator = torch.Generator(device=dist.device).manual_seed(0)
     with _Measure(dist.device, "rl rollout") as rollout, precision.autocast(dist.device, config.model.dtype):
-        completions = sample(policy, prompts, rl.num_samples, rl.max_new_tokens, rl.temperature, rl.top_k,
-                             frozenset(), tokenizer.pad_token_id, generator, rl.sample_batch_size, greedy_first=False)
+        sampling = rl.sampling
+        completions = sample(policy, prompts, rl.num_samples, sampling.max_new_tokens, sampling.temperature,
+                             sampling.top_k, frozenset(), tokenizer.pad_token_id, generator, sampling.batch_size,
+                             greedy_first=False)
     count = len(prompts) * rl.num_samples
     signs = torch.tensor([[1.0 if (p * rl.num_samples + s) % 2 else -1.0 for s in range(rl.num_samples)]
                           for p in range(len(prompts))])
@@ -219,18 +221,22 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     with _Measure(dist.device, "rl train") as train:
         rl_module.train_on_rows(model, ref, optimizer, rows, rl, tokenizer.pad_token_id, dist, config.model, scaler)
     steps = rl_module.total_steps(rl, len(rl_module.rl_examples(config.data.rl_mixture, config.data.shuffle_seed,
-                                                                 "rl_mixture")))
+                                                                 "data.rl_mixture")))
     del model, policy, optimizer, ref
     return (Stage("rl rollout", rollout.seconds, steps, True, rollout.device_peak, rollout.host_peak),
             Stage("rl train", train.seconds, steps, False, train.device_peak, train.host_peak))
 
 
-def _longest_prompts(config: Config, tokenizer, field: str, count: int):
+def _longest_prompts(config: Config, tokenizer, section: str, count: int):
+    """The `count` longest prompts of RL's mixture (section 'rl') or the evaluation's ('evaluation')."""
     from integration_training import rl as rl_module
     from integration_training.template import render_prompt
 
-    examples = rl_module.rl_examples(getattr(config.data, field), config.data.shuffle_seed, field)
-    examples = rl_module.drop_overlong(examples, tokenizer, config.data.max_length, config.rl.max_new_tokens, field)
+    owner = getattr(config, section)
+    specs, what = ((config.data.rl_mixture, "data.rl_mixture") if section == "rl"
+                   else (config.evaluation.mixture, "evaluation.mixture"))
+    examples = rl_module.rl_examples(specs, config.data.shuffle_seed, what)
+    examples = rl_module.drop_overlong(examples, tokenizer, config.data.max_length, owner.sampling, section)
     examples = sorted(examples, key=lambda e: len(render_prompt(tokenizer, list(e.messages[:-1]))), reverse=True)
     chosen = examples[:count]
     while len(chosen) < count:
@@ -244,17 +250,17 @@ def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float,
     from integration_training.rollout import sample
     from integration_training.template import render_prompt
 
-    rl = config.rl
+    evaluation, sampling = config.evaluation, config.evaluation.sampling
     started = time.perf_counter()
     model, _ = rl_module.load_policy(model_name, config.model, dist.device, training=False)
     load_seconds = time.perf_counter() - started
     evaluations = _evaluations(config)
-    if not config.data.rl_eval_mixture or evaluations == 0:
+    if evaluations == 0:
         return load_seconds, None
-    rows_per_problem = rl.eval_k + 1
-    per_rank = math.ceil(rl.eval_examples / world_size(config.target))
-    problems = _longest_prompts(config, tokenizer, "rl_eval_mixture", per_rank)
-    problems = problems[: max(1, rl.sample_batch_size // rows_per_problem)]
+    rows_per_problem = evaluation.num_samples + 1
+    per_rank = math.ceil(evaluation.num_problems / world_size(config.target))
+    problems = _longest_prompts(config, tokenizer, "evaluation", per_rank)
+    problems = problems[: max(1, sampling.batch_size // rows_per_problem)]
     prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in problems]
     stamps: list[float] = []
 
@@ -267,11 +273,12 @@ def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float,
     start = time.perf_counter()
     with _Measure(dist.device, "eval chunk") as chunk, precision.autocast(dist.device, config.model.dtype):
         try:
-            sample(model, prompts, rows_per_problem, rl.max_new_tokens, rl.temperature, rl.top_k, frozenset(),
-                   tokenizer.pad_token_id, generator, rl.sample_batch_size, greedy_first=True, progress=on_rows)
+            sample(model, prompts, rows_per_problem, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
+                   frozenset(), tokenizer.pad_token_id, generator, sampling.batch_size, greedy_first=True,
+                   progress=on_rows)
         except _Enough:
             pass
-    forwards = max(rl.max_new_tokens - 1, 0)  # decode forwards in a full chunk (the last token needs none)
+    forwards = max(sampling.max_new_tokens - 1, 0)  # decode forwards in a full chunk (the last token needs none)
     if len(stamps) >= 2:
         per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
         chunk_seconds = (stamps[0] - start) + per_step * max(forwards - 1, 0)
@@ -284,20 +291,25 @@ def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float,
     return load_seconds, Stage("eval chunk", chunk_seconds, units, True, chunk.device_peak, chunk.host_peak)
 
 
+def _cli_evaluations(config: Config) -> int:
+    """Evaluations cli.dispatch runs itself: the baseline before SFT, and after SFT when no RL follows."""
+    if not runs_sft(config):
+        return 0
+    return int(config.evaluation.at_start) + int(config.evaluation.after_sft and not runs_rl(config))
+
+
+def _rl_evaluations(config: Config) -> int:
+    """Evaluations rl.run_rl runs: its starting model, and after the steps the evaluation section names."""
+    if not runs_rl(config):
+        return 0
+    steps = _rl_steps(config)
+    return int(rl_evaluates_its_start(config)) + sum(
+        1 for done in range(1, steps + 1) if rl_evaluates_after_step(config.evaluation, done, steps))
+
+
 def _evaluations(config: Config) -> int:
     """How many held-out evaluations the run does (see cli.dispatch and rl.run_rl)."""
-    if not config.data.rl_eval_mixture:
-        return 0
-    count = 0
-    if runs_sft(config):
-        count += 1  # baseline
-        if not runs_rl(config):
-            count += 1  # after SFT
-    if runs_rl(config):
-        rl = config.rl
-        steps = _rl_steps(config)
-        count += 1 + sum(1 for done in range(1, steps + 1) if done % rl.eval_every == 0 or done == steps)
-    return count
+    return _cli_evaluations(config) + _rl_evaluations(config)
 
 
 def _rl_steps(config: Config) -> int:
@@ -306,7 +318,7 @@ def _rl_steps(config: Config) -> int:
     if config.rl.num_iterations != -1:
         return config.rl.num_iterations
     return rl_module.total_steps(config.rl, len(rl_module.rl_examples(config.data.rl_mixture,
-                                                                      config.data.shuffle_seed, "rl_mixture")))
+                                                                      config.data.shuffle_seed, "data.rl_mixture")))
 
 
 def _base_path(config: Config) -> str:
@@ -318,8 +330,7 @@ def _base_path(config: Config) -> str:
 def _model_loads(config: Config) -> int:
     loads = 0
     if runs_sft(config):
-        loads += 1 + int(bool(config.data.rl_eval_mixture))  # SFT, baseline evaluation
-        loads += int(bool(config.data.rl_eval_mixture) and not runs_rl(config))
+        loads += 1 + _cli_evaluations(config)  # SFT, and each evaluation cli runs loads its model
     if runs_rl(config):
         loads += 1 + int(config.rl.kl_coef > 0)
     return loads
@@ -397,15 +408,14 @@ def _phases(config: Config, stages: list[Stage], load: float, validation: float)
     per_eval = by_name["eval chunk"].total / evaluations if "eval chunk" in by_name and evaluations else 0.0
     phases: dict[str, float] = {}
     if runs_sft(config):
-        if config.data.rl_eval_mixture:
+        if config.evaluation.at_start:
             phases["baseline evaluation"] = load + per_eval
         phases["SFT"] = load + validation + by_name["sft step"].total
-        if config.data.rl_eval_mixture and not runs_rl(config):
+        if config.evaluation.after_sft and not runs_rl(config):
             phases["after-SFT evaluation"] = load + per_eval
     if runs_rl(config):
-        rl_evaluations = evaluations - (1 if runs_sft(config) else 0)
         phases["RL (with its evaluations)"] = (load * (1 + int(config.rl.kl_coef > 0)) + by_name["rl rollout"].total
-                                               + by_name["rl train"].total + per_eval * rl_evaluations)
+                                               + by_name["rl train"].total + per_eval * _rl_evaluations(config))
     return phases
 
 

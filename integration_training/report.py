@@ -212,7 +212,7 @@ def _eval_k(run_dir: Path) -> int | None:
     snapshot = run_dir / "config.json"
     if not snapshot.is_file():
         return None
-    return json.loads(snapshot.read_text())["rl"]["eval_k"]
+    return json.loads(snapshot.read_text()).get("evaluation", {}).get("num_samples")
 
 
 def _tools_line(run_dir: Path) -> str:
@@ -237,7 +237,7 @@ def build_report(run_dir: Path) -> tuple[str, str]:
         "",
         "## Held-out evaluation",
         "",
-        "Sampled pass@1 is estimated from several samples per problem at the RL temperature (what RL optimises);"
+        "Sampled pass@1 is estimated from evaluation.num_samples samples per problem at evaluation.sampling's temperature;"
         " greedy is one argmax completion. Strict parses `#### N`, lenient takes the last number. Brackets: 95%"
         " Wilson intervals over problems; p: one-sided paired permutation test against the previous row.",
         "",

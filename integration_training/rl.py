@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from integration_training.config import Config, RLConfig, to_dict
+from integration_training.config import Config, RLConfig, rl_evaluates_after_step, rl_evaluates_its_start, to_dict
 from integration_training.data.types import Example
 from integration_training.errors import TrainingDiverged, UserError
 
@@ -404,7 +404,7 @@ def train_on_rows(
     model_config,
     scaler,
 ) -> dict[str, float]:
-    """Forward/backward over micro-batches of `device_batch_size` rows, `updates_per_batch` optimizer steps.
+    """Forward/backward over micro-batches of `rl.batch_size` rows, `updates_per_batch` optimizer steps.
 
     Without a reference model, rows whose advantage is 0 (every row of a group with uniform rewards) add exactly
     nothing to the loss: they are left out of the forward/backward and only their tokens count in the
@@ -421,8 +421,8 @@ def train_on_rows(
     device = dist.device
     acc = accum_dtype(device)
     trained = [r for r in rows if r.advantage != 0.0] if ref_model is None else list(rows)
-    batches = [build_batch(trained[i : i + rl.device_batch_size], pad_id, device)
-               for i in range(0, len(trained), rl.device_batch_size)]
+    batches = [build_batch(trained[i : i + rl.batch_size], pad_id, device)
+               for i in range(0, len(trained), rl.batch_size)]
     real_batches = len(batches)
     # Every rank runs the same number of forward/backward passes, at least one: FSDP2 all-gathers parameters in
     # every forward and DDP reduces gradients in the last backward, collectives all ranks must join. Ranks with
@@ -478,7 +478,7 @@ def train_on_rows(
             if real:
                 sums[3] += parts["clip_count"].to(acc) / rl.updates_per_batch
         unscale(optimizer, scaler)
-        grad_norm = _clip_gradients(model, rl.grad_clip)
+        grad_norm = _clip_gradients(model, rl.optimizer.grad_clip)
         sums[4] += grad_norm / rl.updates_per_batch
         overflow = scaler is not None and math.isfinite(update_loss) and not math.isfinite(grad_norm)
         # Every rank must agree: a rank that stepped while another did not would leave the replicas apart.
@@ -525,8 +525,10 @@ def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, st
 
     prompt_ids = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
     with autocast(_model_device(model), dtype):
-        completions = sample(model, prompt_ids, rl.num_samples, rl.max_new_tokens, rl.temperature, rl.top_k,
-                             stop_ids, pad_id, generator, rl.sample_batch_size, greedy_first=False, tools=tools)
+        sampling = rl.sampling
+        completions = sample(model, prompt_ids, rl.num_samples, sampling.max_new_tokens, sampling.temperature,
+                             sampling.top_k, stop_ids, pad_id, generator, sampling.batch_size, greedy_first=False,
+                             tools=tools)
     rewards = torch.tensor([
         [float(resolve_reward(e.reward).strict(decode(tokenizer, c.token_ids), e.reference)) for c in group]
         for e, group in zip(examples, completions, strict=True)
@@ -555,36 +557,42 @@ def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, st
 
 
 def rl_examples(specs, seed: int, what: str, tools: Sequence[str] = ()) -> list[Example]:
+    """`what`: the mixture's field path (e.g. 'data.rl_mixture'), for messages."""
     from integration_training.data import build_mixture
 
     examples = build_mixture(specs, seed, tools).examples
     missing = sorted({e.source for e in examples if e.reward is None})
     if missing:
         raise UserError(
-            f"data.{what}: {', '.join(missing)} has no verifier (reward=None); RL needs a task with answers "
+            f"{what}: {', '.join(missing)} has no verifier (reward=None); RL needs a task with answers "
             "or DatasetSpec.reward='module:function'"
         )
     if not examples:
-        raise UserError(f"data.{what}: no examples")
+        raise UserError(f"{what}: no examples")
     return examples
 
 
-def drop_overlong(examples: list[Example], tokenizer, max_length: int, max_new_tokens: int, what: str) -> list[Example]:
-    """Prompts that cannot fit prompt + max_new_tokens in max_length are reported (count) and left out."""
+def drop_overlong(examples: list[Example], tokenizer, max_length: int, sampling, what: str) -> list[Example]:
+    """Prompts that cannot fit prompt + max_new_tokens in max_length are reported (count) and left out.
+
+    `sampling`: the SamplingConfig the prompts are sampled with; `what`: the section holding both the mixture and
+    `sampling` ('rl' for data.rl_mixture, 'evaluation' for evaluation.mixture), for messages.
+    """
     from integration_training.template import render_prompt
 
-    budget = max_length - max_new_tokens
+    mixture = {"rl": "data.rl_mixture", "evaluation": "evaluation.mixture"}[what]
+    budget = max_length - sampling.max_new_tokens
     kept = [e for e in examples if len(render_prompt(tokenizer, list(e.messages[:-1]))) <= budget]
     if len(kept) < len(examples):
-        logger.warning("data.%s: %d of %d prompts exceed data.max_length - rl.max_new_tokens = %d tokens; left out",
-                       what, len(examples) - len(kept), len(examples), budget)
+        logger.warning("%s: %d of %d prompts exceed data.max_length - %s.sampling.max_new_tokens = %d tokens; left out",
+                       mixture, len(examples) - len(kept), len(examples), what, budget)
     if not kept:
-        raise UserError(f"data.{what}: every prompt is longer than data.max_length - rl.max_new_tokens = {budget} "
-                        "tokens; raise data.max_length or lower rl.max_new_tokens")
+        raise UserError(f"{mixture}: every prompt is longer than data.max_length - {what}.sampling.max_new_tokens = "
+                        f"{budget} tokens; raise data.max_length or lower {what}.sampling.max_new_tokens")
     return kept
 
 
-def run_eval(model, tokenizer, examples: Sequence[Example], rl: RLConfig, seed: int, dist, run_dir: Path, step: int,
+def run_eval(model, tokenizer, examples: Sequence[Example], evaluation, seed: int, dist, run_dir: Path, step: int,
              stage: str, dtype: str, tools: Sequence[str] = ()) -> dict[str, float]:
     """The shared harness on this rank's shard of the eval problems; rank 0 aggregates and writes the JSONL.
 
@@ -602,8 +610,9 @@ def run_eval(model, tokenizer, examples: Sequence[Example], rl: RLConfig, seed: 
     bar = phase_bar(len(indices), f"{stage} eval @ step {step}", "problems", dist.is_main)
     try:
         with autocast(dist.device, dtype):
-            records = score_problems(model, tokenizer, [examples[i] for i in indices], indices, rl.eval_k,
-                                     rl.temperature, rl.top_k, rl.max_new_tokens, rl.sample_batch_size, seed,
+            sampling = evaluation.sampling
+            records = score_problems(model, tokenizer, [examples[i] for i in indices], indices, evaluation.num_samples,
+                                     sampling.temperature, sampling.top_k, sampling.max_new_tokens, sampling.batch_size, seed,
                                      tools=tools, progress=None if bar is None else bar.update)
     finally:
         if bar is not None:
@@ -611,7 +620,7 @@ def run_eval(model, tokenizer, examples: Sequence[Example], rl: RLConfig, seed: 
     # Problem order, not rank order: aggregates (bootstrap intervals) then match a single-process evaluation.
     records = sorted(all_gather_objects(records, dist), key=lambda r: r.index)
     assert [r.index for r in records] == list(range(len(examples))), "each eval problem scored exactly once"
-    result = aggregate(records, rl.eval_k, seed)
+    result = aggregate(records, evaluation.num_samples, seed)
     if dist.is_main:
         write_records(result, eval_records_path(run_dir, stage, step))
     return result.summary(prefix="eval/")
@@ -658,9 +667,9 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
         raise UserError(f"{stage_dir} already has RL checkpoints; pass --resume to continue, or use a new "
                         "output.experiment_name")
     sharded = is_sharded(config.target, dist)
-    if sharded and rl.optimizer == "muon":
+    if sharded and rl.optimizer.name == "muon":
         raise UserError(
-            "rl.optimizer: 'muon' orthogonalises whole matrices but target.parallelism='fsdp2' shards them; "
+            "rl.optimizer.name: 'muon' orthogonalises whole matrices but target.parallelism='fsdp2' shards them; "
             "use parallelism='ddp' or optimizer='adamw'"
         )
     from integration_training import lora
@@ -677,19 +686,24 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
     pad_id = tokenizer.pad_token_id
     assert pad_id is not None  # load_tokenizer guarantees one
 
-    train_examples = drop_overlong(rl_examples(config.data.rl_mixture, seed, "rl_mixture", config.data.tools), tokenizer,
-                                   config.data.max_length, rl.max_new_tokens, "rl_mixture")
-    eval_examples = drop_overlong(rl_examples(config.data.rl_eval_mixture, seed, "rl_eval_mixture", config.data.tools), tokenizer,
-                                  config.data.max_length, rl.max_new_tokens, "rl_eval_mixture")[: rl.eval_examples]
+    train_examples = drop_overlong(rl_examples(config.data.rl_mixture, seed, "data.rl_mixture", config.data.tools),
+                                   tokenizer, config.data.max_length, rl.sampling, "rl")
+    evaluation = config.evaluation
+    eval_at_start = rl_evaluates_its_start(config)
+    eval_examples = []
+    if eval_at_start or evaluation.after_rl or evaluation.every_rl_steps > 0:  # else RL scores nothing
+        eval_examples = drop_overlong(rl_examples(evaluation.mixture, seed, "evaluation.mixture", config.data.tools),
+                                      tokenizer, config.data.max_length, evaluation.sampling,
+                                      "evaluation")[: evaluation.num_problems]
     from integration_training import provenance  # environment.json; a resume refuses changed data (exit 2)
 
     provenance.record_stage(
         run_dir, STAGE, seed, provenance.data_fingerprints(tokenizer, train_examples, eval_examples, config.data.max_length),
-        latest is not None, provenance.local_paths([*config.data.rl_mixture, *config.data.rl_eval_mixture]), dist.is_main,
+        latest is not None, provenance.local_paths([*config.data.rl_mixture, *evaluation.mixture]), dist.is_main,
     )
     steps = total_steps(rl, len(train_examples))
     model = wrap_model(policy, config.target, dist, config.model.dtype)
-    optimizer = build_optimizer(policy, rl)
+    optimizer = build_optimizer(policy, rl.optimizer)
     scaler = grad_scaler(dist.device, config.model.dtype)
     start = 0
     if latest is not None:
@@ -739,9 +753,9 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
     progress = None
     try:
         with stop.handle_signals():
-            if start == 0:
+            if start == 0 and eval_at_start:  # RL's starting model: the baseline (mode rl) or SFT's result
                 with lockstep(policy, config.target, dist) as sampler:
-                    values = run_eval(sampler, tokenizer, eval_examples, rl, seed, dist, run_dir, 0, STAGE,
+                    values = run_eval(sampler, tokenizer, eval_examples, evaluation, seed, dist, run_dir, 0, STAGE,
                                       config.model.dtype, config.data.tools)
                 metrics.log(0, values)
                 logger.info("RL step 0 (baseline): %s", _brief(values))
@@ -754,15 +768,15 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
                     raise TrainingDiverged(STAGE, step + 1, values["loss"], values["grad_norm"], final or latest)
                 done = step + 1
                 progress.update({"reward": f"{values['reward']:.3f}", "loss": f"{values['loss']:.4f}"})
-                if done % rl.eval_every == 0 or done == steps:
+                if rl_evaluates_after_step(evaluation, done, steps):
                     with lockstep(policy, config.target, dist) as sampler:
-                        values |= run_eval(sampler, tokenizer, eval_examples, rl, seed, dist, run_dir, done, STAGE,
+                        values |= run_eval(sampler, tokenizer, eval_examples, evaluation, seed, dist, run_dir, done, STAGE,
                                            config.model.dtype, config.data.tools)
                 if done % rl.log_every == 0 or done == steps or "eval/pass@1_strict" in values:
                     metrics.log(done, values)
                     logger.info("RL step %d/%d: %s", done, steps, _brief(values))
                 stopping = any_rank(stop.requested, dist)
-                if done % rl.save_every == 0 or done == steps or stopping:
+                if done % rl.checkpoint_every == 0 or done == steps or stopping:
                     final = save(done)
                 if stopping and done < steps:
                     stop.mark_stopped(f"RL step {done}/{steps}")
@@ -793,7 +807,7 @@ def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed
         rows, stats = rollout_step(sampler, tokenizer, mine, rl, stop_ids, pad_id, generator, model_config.dtype,
                                    tools=runner)
     t1 = time.perf_counter()
-    multiplier = lr_multiplier(step, steps, rl)
+    multiplier = lr_multiplier(step, steps, rl.optimizer)
     apply_lr(optimizer, multiplier)
     train = train_on_rows(model, ref_model, optimizer, rows, rl, pad_id, dist, model_config, scaler)
     t2 = time.perf_counter()

@@ -1,11 +1,11 @@
 """Supervised fine-tuning: the loop, its data stream, loss, evaluation, checkpoints and exact resume.
 
 Vocabulary used below:
-- a *sequence* (what `batch_size` and `target_examples_per_step` count) is one row of a micro-batch: with
+- a *sequence* (what `batch_size` and `examples_per_step` count) is one row of a micro-batch: with
   `packing=True` a packed row of up to `max_length` tokens holding several conversations (each attending only to
   itself), with `packing=False` one right-padded conversation;
-- a *step* is one optimizer update over `target_examples_per_step` sequences from all ranks, split into
-  `accumulation = target_examples_per_step / (batch_size × world_size)` micro-batches per rank.
+- a *step* is one optimizer update over `examples_per_step` sequences from all ranks, split into
+  `accumulation = examples_per_step / (batch_size × world_size)` micro-batches per rank.
 
 Loss: cross-entropy summed over supervised tokens of every micro-batch of the step, divided by the supervised-token
 count of the whole step over all ranks (counted before any backward), so long and short examples weigh per token
@@ -136,8 +136,8 @@ def batch_loss_sum(module: nn.Module, batch: Batch, device: torch.device) -> tor
 
 def gradient_accumulation(stage: SFTConfig, world_size: int) -> int:
     per_pass = stage.batch_size * world_size
-    assert stage.target_examples_per_step % per_pass == 0, "config validation guarantees divisibility"
-    return stage.target_examples_per_step // per_pass
+    assert stage.examples_per_step % per_pass == 0, "config validation guarantees divisibility"
+    return stage.examples_per_step // per_pass
 
 
 def total_steps(stage: SFTConfig, stream: SFTStream) -> int:
@@ -380,11 +380,11 @@ def run_sft(
         seed=config.data.shuffle_seed,
         packing=stage.packing,
         max_length=config.data.max_length,
-        sequences_per_step=stage.target_examples_per_step,
+        sequences_per_step=stage.examples_per_step,
     )
     if stream.rows_per_epoch < stream.sequences_per_step:
         raise UserError(
-            f"sft.target_examples_per_step: {stage.target_examples_per_step} sequences per step, but the SFT data "
+            f"sft.examples_per_step: {stage.examples_per_step} sequences per step, but the SFT data "
             f"gives only {stream.rows_per_epoch} sequences per epoch (packing={stage.packing}); add data or lower it"
         )
     total = total_steps(stage, stream)
@@ -395,10 +395,10 @@ def run_sft(
     model = _prepare_model(config, weights_from, dist)
     adapters = lora.prepare(model, config.model, resume_from, config.data.shuffle_seed)
     sharded = distributed.is_sharded(config.target, dist)
-    if sharded and stage.optimizer == "muon":
+    if sharded and stage.optimizer.name == "muon":
         raise UserError(
-            "sft.optimizer: 'muon' orthogonalises whole matrices but target.parallelism='fsdp2' shards them; "
-            "use parallelism='ddp' or optimizer='adamw'"
+            "sft.optimizer.name: 'muon' orthogonalises whole matrices but target.parallelism='fsdp2' shards them; "
+            "use parallelism='ddp' or optimizer.name='adamw'"
         )
     shortcut = lm_head_shortcut_exact(model, batch_to(val[0], dist.device), config.model.dtype)
     logger.info("SFT loss: LM head %s", "only at supervised positions (checked equal to the model's own logits)"
@@ -407,7 +407,7 @@ def run_sft(
     loss_module = SupervisedTokenLoss(model, config.model.dtype, shortcut)
     train_module = distributed.wrap_model(loss_module, config.target, dist, config.model.dtype)
     # After wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold.
-    optimizer = optim.build_optimizer(model, stage)
+    optimizer = optim.build_optimizer(model, stage.optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = precision.grad_scaler(dist.device, config.model.dtype)
     if config.model.compile:
@@ -421,7 +421,7 @@ def run_sft(
         if saved != now:
             raise UserError(
                 f"{resume_from}: saved with (world_size, parallelism, sequences/step) = {saved}, this run has {now}; "
-                "resume with the same target and sft.target_examples_per_step"
+                "resume with the same target and sft.examples_per_step"
             )
         if sharded:
             distributed.load_full_optimizer_state(train_module, optimizer, state["optimizer"] if dist.is_main else {})
@@ -435,7 +435,7 @@ def run_sft(
 
     logger.info(
         "SFT: %d steps, %d sequences/step (batch_size %d × accumulation %d × world %d), packing=%s, %d conversations",
-        total, stage.target_examples_per_step, stage.batch_size, accumulation, dist.world_size, stage.packing, len(stream.rendered),
+        total, stage.examples_per_step, stage.batch_size, accumulation, dist.world_size, stage.packing, len(stream.rendered),
     )
     if stage.num_iterations == -1:
         logger.info(
@@ -481,12 +481,12 @@ def run_sft(
                 logger.info("step 0: val_loss %.4f", val_loss)
             while step < total:
                 started = time.perf_counter()
-                multiplier = optim.lr_multiplier(step, total, stage)
+                multiplier = optim.lr_multiplier(step, total, stage.optimizer)
                 sequences = stream.step_sequences(step)
                 micro = rank_micro_batches(sequences, stage.batch_size, dist, stage.packing, tokenizer.pad_token_id, attn)
                 assert len(micro) == accumulation
                 tokens = sum(len(r) for row in sequences for r in row)
-                result = train_step(train_module, optimizer, params, micro, tokens, multiplier, stage.grad_clip, dist,
+                result = train_step(train_module, optimizer, params, micro, tokens, multiplier, stage.optimizer.grad_clip, dist,
                                     scaler)
                 if result.diverged:
                     raise TrainingDiverged(STAGE, step + 1, result.loss, result.grad_norm, last_saved)

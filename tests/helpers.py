@@ -1,7 +1,8 @@
 """Shared test helpers: a tiny random Llama, the real SmolLM2 tokenizer, and a complete small `Config`.
 
 Stable API (other test files import it): `tiny_model(vocab_size, seed)`, `smollm2_tokenizer()`,
-`save_tiny_model_dir(path, seed)`, `make_config(tmp_path, **overrides)`.
+`save_tiny_model_dir(path, seed)`, `make_config(tmp_path, **overrides)`,
+`optimizer_config(lr, **fields)`, `replace_nested(instance, fields)`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from integration_training.config import (  # noqa: E402
     Config,
     DataConfig,
     DatasetSpec,
+    EvalConfig,
     ModelConfig,
+    OptimizerConfig,
     OutputConfig,
     RLConfig,
+    SamplingConfig,
     SFTConfig,
     TargetConfig,
 )
@@ -85,8 +89,10 @@ def arithmetic(split: str, max_samples: int) -> DatasetSpec:
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
     """A complete valid Config for a fast CPU test run.
 
-    `overrides` maps a section name (`target`, `model`, `data`, `sft`, `rl`, `output`) to a dict of field values
-    for that section, e.g. `make_config(tmp_path, sft={"batch_size": 2}, data={"max_length": 128})`.
+    `overrides` maps a section name (`target`, `model`, `data`, `sft`, `rl`, `evaluation`, `output`) to a dict of
+    field values for that section; a nested section takes a dict of its own fields, e.g.
+    `make_config(tmp_path, sft={"batch_size": 2, "optimizer": {"matrix_lr": 1e-2}}, data={"max_length": 128})`.
+    Unless `evaluation` sets them, `evaluation.after_sft` / `after_rl` follow `output.mode` (what a user writes).
     """
     model_dir = save_tiny_model_dir(Path(tmp_path) / "tiny_model")
     sections: dict[str, Any] = {
@@ -102,24 +108,25 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
             sft_mixture=[arithmetic("train", 16)],
             sft_val_mixture=[arithmetic("test", 4)],
             rl_mixture=[arithmetic("train", 16)],
-            rl_eval_mixture=[arithmetic("test", 8)],
             max_length=256,
             shuffle_seed=0,
             tools=[],
         ),
         "sft": SFTConfig(
-            num_epochs=1, num_iterations=4, batch_size=2, target_examples_per_step=4, optimizer="adamw",
-            embedding_lr=1e-3, unembedding_lr=1e-3, matrix_lr=1e-3, weight_decay=0.0, init_lr_frac=1.0,
-            warmup_ratio=0.0, lr_schedule="constant", grad_clip=1.0, packing=False, eval_every=100, eval_steps=1,
-            checkpoint_every=100, log_every=1,
+            num_epochs=1, num_iterations=4, batch_size=2, examples_per_step=4,
+            optimizer=optimizer_config(lr=1e-3), packing=False, eval_every=100, eval_steps=1, checkpoint_every=100,
+            log_every=1,
         ),
         "rl": RLConfig(
-            num_epochs=1, num_iterations=2, examples_per_step=2, num_samples=2, device_batch_size=2, sample_batch_size=4,
-            max_new_tokens=8,
-            temperature=1.0, top_k=0, optimizer="adamw", embedding_lr=1e-5, unembedding_lr=1e-5, matrix_lr=1e-5,
-            weight_decay=0.0, init_lr_frac=1.0, warmup_ratio=0.0, lr_schedule="constant", grad_clip=1.0,
-            advantage="mean", kl_coef=0.0, clip_eps=0.2, updates_per_batch=1, eval_every=100, eval_examples=4,
-            eval_k=1, save_every=100, log_every=1,
+            num_epochs=1, num_iterations=2, examples_per_step=2, num_samples=2, batch_size=2,
+            sampling=SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=0, batch_size=4),
+            optimizer=optimizer_config(lr=1e-5), advantage="mean", kl_coef=0.0, clip_eps=0.2, updates_per_batch=1,
+            checkpoint_every=100, log_every=1,
+        ),
+        "evaluation": EvalConfig(
+            mixture=[arithmetic("test", 8)], num_problems=4, num_samples=1,
+            sampling=SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=0, batch_size=4),
+            at_start=True, after_sft=True, after_rl=False, every_rl_steps=0,
         ),
         "output": OutputConfig(
             save_dir=Path(tmp_path) / "results", log_level="INFO", experiment_name="test", use_wandb=False,
@@ -128,12 +135,33 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
     }
     for name, fields in overrides.items():
         assert name in sections, f"unknown config section {name!r}; expected one of {sorted(sections)}"
-        sections[name] = dataclasses.replace(sections[name], **fields)
+        sections[name] = replace_nested(sections[name], fields)
+    stages = sections["output"].mode.split("+")
+    follow = {k: k.removeprefix("after_") in stages for k in ("after_sft", "after_rl")
+              if k not in overrides.get("evaluation", {})}
+    sections["evaluation"] = dataclasses.replace(sections["evaluation"], **follow)
     from integration_training.config import validate
 
     config = Config(**sections)
     validate(config)
     return config
+
+
+def optimizer_config(lr: float, **fields: Any) -> OptimizerConfig:
+    """AdamW at one LR for every group, constant schedule, clip 1.0; `fields` override any OptimizerConfig field."""
+    base = dict(name="adamw", embedding_lr=lr, unembedding_lr=lr, matrix_lr=lr, weight_decay=0.0, init_lr_frac=1.0,
+                warmup_ratio=0.0, lr_schedule="constant", grad_clip=1.0)
+    return OptimizerConfig(**(base | fields))
+
+
+def replace_nested(instance, fields: dict[str, Any]):
+    """`dataclasses.replace`, where a dict value for a dataclass-valued field replaces inside that section."""
+    changes = {}
+    for name, value in fields.items():
+        current = getattr(instance, name)
+        nested = isinstance(value, dict) and dataclasses.is_dataclass(current)
+        changes[name] = replace_nested(current, value) if nested else value
+    return dataclasses.replace(instance, **changes)
 
 
 def write_gsm8k_like(path: Path, count: int, seed: int) -> Path:

@@ -84,21 +84,31 @@ def _out_of_range(field: str, kind: str) -> str | None:
 
 
 def _section_fields():
-    """(where, schema class, field name, annotation) for every field of every section and of a DatasetSpec."""
-    for section in SECTIONS:
-        cls = typing.get_type_hints(schema.Config)[section]
+    """(where, schema class, field name, annotation) for every field of every section, of every nested section
+    (sft.optimizer, rl.sampling, ...) and of a DatasetSpec."""
+
+    def walk(where: str, cls):
         for name, annotation in typing.get_type_hints(cls).items():
-            yield section, cls, name, annotation
+            yield where, cls, name, annotation
+            if dataclasses.is_dataclass(annotation):  # a required nested section (not `X | None` like model.lora)
+                yield from walk(f"{where}.{name}", annotation)
+
+    for section in SECTIONS:
+        yield from walk(section, typing.get_type_hints(schema.Config)[section])
     for name, annotation in typing.get_type_hints(schema.DatasetSpec).items():
         yield SPEC_AT, schema.DatasetSpec, name, annotation
 
 
 def _mutation(where: str, body: str) -> str:
-    """Config source that applies `body` (keyword text for rebuild) to `where`."""
+    """Config source that applies `body` (keyword text for rebuild) to `where` (a section or a nested section)."""
     if where == SPEC_AT:
         return (f"spec = rebuild(base.data.sft_mixture[0], {body})\n"
                 "config = rebuild(base, data=rebuild(base.data, sft_mixture=[spec] + base.data.sft_mixture[1:]))\n")
-    return f"config = rebuild(base, {where}=rebuild(base.{where}, {body}))\n"
+    parts = where.split(".")
+    text = f"rebuild(base.{where}, {body})"
+    for depth in range(len(parts) - 1, 0, -1):  # rebuild each enclosing section around the changed one
+        text = f"rebuild(base.{'.'.join(parts[:depth])}, {parts[depth]}={text})"
+    return f"config = rebuild(base, {parts[0]}={text})\n"
 
 
 def generated_cases() -> list[tuple[str, str, str]]:
@@ -139,15 +149,17 @@ def _sections(**bodies: str) -> str:
 
 
 CROSS_FIELD = [
-    ("no-room-for-prompt", _sections(rl="max_new_tokens=250"), "rl.max_new_tokens"),
-    ("new-tokens-equal-length", _sections(rl="max_new_tokens=256"), "rl.max_new_tokens"),
+    ("no-room-for-prompt", _sections(rl="sampling=rebuild(base.rl.sampling, max_new_tokens=250)"),
+     "rl.sampling.max_new_tokens"),
+    ("new-tokens-equal-length", _sections(evaluation="sampling=rebuild(base.evaluation.sampling, max_new_tokens=256)"),
+     "evaluation.sampling.max_new_tokens"),
     ("two-processes-no-parallelism", _sections(target="processes_per_node=2"), "target.parallelism"),
     ("one-process-ddp", _sections(target="parallelism='ddp'"), "target.parallelism"),
     ("zero-processes", _sections(target="processes_per_node=0"), "target.processes_per_node"),
     ("zero-nodes", _sections(target="num_nodes=0"), "target.num_nodes"),
-    ("indivisible-sft-step", _sections(sft="target_examples_per_step=6"), "sft.target_examples_per_step"),
+    ("indivisible-sft-step", _sections(sft="examples_per_step=6"), "sft.examples_per_step"),
     ("rl-prompts-over-ranks", _sections(target="processes_per_node=3, parallelism='ddp'"), "rl.examples_per_step"),
-    ("rl-device-batch", _sections(rl="device_batch_size=7"), "rl.device_batch_size"),
+    ("rl-batch", _sections(rl="batch_size=7"), "rl.batch_size"),
     ("node-rank-past-nodes", _sections(target="node_rank=1"), "target.node_rank"),
     ("rl-without-source", _sections(output="mode='rl'"), "output.source_checkpoint"),
     ("sft-with-source", _sections(output="source_checkpoint='x'"), "output.source_checkpoint"),
@@ -159,7 +171,8 @@ CROSS_FIELD = [
     ("procedural-unbounded", _spec(0, max_samples="None"), "data.sft_mixture[0].max_samples"),
     ("procedural-with-path", _spec(0, path="'x.jsonl'"), "data.sft_mixture[0].path"),
     ("reward-not-module-function", _spec(0, reward="'gsm8k'"), "data.sft_mixture[0].reward"),
-    ("all-lrs-zero", _sections(sft="embedding_lr=0.0, unembedding_lr=0.0, matrix_lr=0.0"), "sft.matrix_lr"),
+    ("all-lrs-zero", _sections(sft="optimizer=rebuild(base.sft.optimizer, embedding_lr=0.0, unembedding_lr=0.0, "
+                                   "matrix_lr=0.0)"), "sft.optimizer.matrix_lr"),
     ("flash-attention-on-cpu", _sections(model="attn_implementation='flash_attention_2'"), "model.attn_implementation"),
     ("float16-on-cpu", _sections(model="dtype='float16'"), "model.dtype"),
     ("gpu-ids-on-cpu", _sections(target="gpu_ranks=[0]"), "target.gpu_ranks"),
@@ -167,9 +180,14 @@ CROSS_FIELD = [
     ("mps-two-processes", _sections(target="device_type='mps', processes_per_node=2, parallelism='ddp'"),
      "target.processes_per_node"),
     ("one-rl-sample", _sections(rl="num_samples=1"), "rl.num_samples"),
-    ("zero-temperature", _sections(rl="temperature=0.0"), "rl.temperature"),
+    ("zero-temperature", _sections(rl="sampling=rebuild(base.rl.sampling, temperature=0.0)"), "rl.sampling.temperature"),
+    ("eval-zero-temperature", _sections(evaluation="sampling=rebuild(base.evaluation.sampling, temperature=0.0)"),
+     "evaluation.sampling.temperature"),
+    ("eval-after-rl-without-rl", _sections(output="mode='sft'"), "evaluation.after_rl"),
+    ("eval-on-without-problems", _sections(evaluation="mixture=[]"), "evaluation.mixture"),
     ("clip-eps-one", _sections(rl="clip_eps=1.0"), "rl.clip_eps"),
-    ("warmup-all", _sections(sft="warmup_ratio=1.0"), "sft.warmup_ratio"),
+    ("warmup-all", _sections(sft="optimizer=rebuild(base.sft.optimizer, warmup_ratio=1.0)"),
+     "sft.optimizer.warmup_ratio"),
     ("num-iterations-zero", _sections(rl="num_iterations=0"), "rl.num_iterations"),
     ("no-rl-data-for-rl", _sections(data="rl_mixture=[]"), "data.rl_mixture"),
     ("experiment-name-path", _sections(output="experiment_name='a/b'"), "output.experiment_name"),
@@ -184,13 +202,15 @@ CROSS_FIELD = [
     ("unknown-plain-name", _spec(0, name="'gsm8k'", max_samples="None"), "unknown dataset name 'gsm8k'"),
     ("procedural-more-than-exists", _spec(0, max_samples="10**6"), "more distinct problems"),
     ("missing-local-file", _spec(1, path="'configs/data/nope.jsonl'"), "nope.jsonl"),
-    ("nothing-fits-max-length", _sections(data="max_length=40", rl="max_new_tokens=8"), "data.max_length=40"),
+    ("nothing-fits-max-length", _sections(data="max_length=40", rl="sampling=rebuild(base.rl.sampling, max_new_tokens=8)",
+                                          evaluation="sampling=rebuild(base.evaluation.sampling, max_new_tokens=8)"),
+     "data.max_length=40"),
     ("rl-smaller-than-one-step",
      "spec = rebuild(base.data.rl_mixture[0], max_samples=4)\n"
      "config = rebuild(base, data=rebuild(base.data, rl_mixture=[spec]), rl=rebuild(base.rl, num_iterations=-1))\n",
      "fewer than one step"),
-    ("sft-step-larger-than-data", _sections(sft="batch_size=4, target_examples_per_step=400"),
-     "sft.target_examples_per_step"),
+    ("sft-step-larger-than-data", _sections(sft="batch_size=4, examples_per_step=400"),
+     "sft.examples_per_step"),
     ("save-dir-under-a-file", _sections(output="save_dir=Path('configs/00_offline_cpu.py/out')"), "output.save_dir"),
 ]
 
@@ -252,11 +272,11 @@ def test_all_sections_reported_at_once(tmp_path):
     path.write_text(PRELUDE + (
         "config = rebuild(base, target=rebuild(base.target, drop='master_port'), "
         "model=rebuild(base.model, add='namex'), sft=rebuild(base.sft, batch_size='2', eval_every=0), "
-        "rl=rebuild(base.rl, clip_eps=math.nan, top_k=-1))\n"))
+        "rl=rebuild(base.rl, clip_eps=math.nan, sampling=rebuild(base.rl.sampling, top_k=-1)))\n"))
     result = run_deploy(path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     for fragment in ("TargetConfig.master_port: missing", "ModelConfig.namex: unknown", "sft.batch_size: expected",
-                     "sft.eval_every: must be >= 1", "rl.clip_eps: must be a finite", "rl.top_k: must be >= 0"):
+                     "sft.eval_every: must be >= 1", "rl.clip_eps: must be a finite", "rl.sampling.top_k: must be >= 0"):
         assert fragment in result.stderr, (fragment, result.stderr)
     assert f"{path}:" in result.stderr  # construction problems carry file:line
 

@@ -239,7 +239,7 @@ def test_prompt_streams_the_reply_on_a_tiny_model(tiny_dir, monkeypatch):
 
 def test_prompt_on_a_checkpoint_of_a_tiny_deploy_run(tmp_path):
     """Train SFT→RL with deploy.py, then chat with its last RL checkpoint named as a user would (relative path)."""
-    config = make_config(tmp_path, output=dict(mode="sft+rl"), rl=dict(eval_examples=2))
+    config = make_config(tmp_path, output=dict(mode="sft+rl"), evaluation=dict(num_problems=2))
     from integration_training.config import to_json
 
     config_file = tmp_path / "run_config.py"

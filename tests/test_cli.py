@@ -66,10 +66,10 @@ def test_missing_field_in_file_names_line_and_field(tmp_path):
 
 def test_validation_reports_all_problems_at_once(tmp_path):
     path = tmp_path / "many.py"
-    path.write_text(config_text(**{'log_level="INFO"': 'log_level="LOUD"', "target_examples_per_step=4,": "target_examples_per_step=6,"}))
+    path.write_text(config_text(**{'log_level="INFO"': 'log_level="LOUD"', "examples_per_step=4,": "examples_per_step=6,"}))
     result = deploy(str(path), "--dry-run")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "output.log_level" in result.stderr and "sft.target_examples_per_step" in result.stderr
+    assert "output.log_level" in result.stderr and "sft.examples_per_step" in result.stderr
 
 
 @pytest.mark.parametrize("name", ["00_offline_cpu.py", "01_debug_sft_rl.py", "02_nanochat_reference.py"])

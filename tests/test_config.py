@@ -16,6 +16,8 @@ from integration_training.config import (
     validate,
 )
 
+from helpers import replace_nested
+
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("0*.py"))
 
@@ -90,10 +92,11 @@ def test_bool_is_not_accepted_as_an_integer():
 
 def test_out_of_range_values_are_named():
     base = shipped("00_offline_cpu.py")
-    config = replace(base, "rl", temperature=-1.0, advantage="median", clip_eps=0.0)
-    config = replace(config, "sft", warmup_ratio=1.5, lr_schedule="step")
+    config = replace_nested(base, {"rl": {"sampling": {"temperature": -1.0}, "advantage": "median", "clip_eps": 0.0},
+                                   "sft": {"optimizer": {"warmup_ratio": 1.5, "lr_schedule": "step"}}})
     problems = problems_of(config)
-    for prefix in ("rl.temperature", "rl.advantage", "rl.clip_eps", "sft.warmup_ratio", "sft.lr_schedule"):
+    for prefix in ("rl.sampling.temperature", "rl.advantage", "rl.clip_eps", "sft.optimizer.warmup_ratio",
+                   "sft.optimizer.lr_schedule"):
         assert any(p.startswith(prefix) for p in problems), (prefix, problems)
 
 
@@ -101,14 +104,15 @@ def test_several_problems_are_reported_in_one_error():
     base = shipped("00_offline_cpu.py")
     config = replace(base, "target", gpu_ranks=[0], parallelism="ddp")
     config = replace(config, "output", mode="rl", log_level="LOUD")
-    config = replace(config, "sft", target_examples_per_step=6)
+    config = replace(config, "sft", examples_per_step=6)
     problems = problems_of(config)
     expected = [
         "target.gpu_ranks",  # cpu with GPUs
         "target.parallelism",  # one process with ddp
         "output.source_checkpoint",  # rl without a source
         "output.log_level",
-        "sft.target_examples_per_step",  # 6 not divisible by batch 4
+        "sft.examples_per_step",  # 6 not divisible by batch 4
+        "evaluation.after_sft",  # mode rl runs no SFT
     ]
     for prefix in expected:
         assert any(p.startswith(prefix) for p in problems), (prefix, problems)
@@ -121,12 +125,14 @@ def test_cross_field_rules():
     assert any(p.startswith("target.processes_per_node: must equal len(gpu_ranks)=2") for p in problems_of(cuda))
     sft_rl_with_source = replace(base, "output", source_checkpoint="/tmp/x")
     assert any(p.startswith("output.source_checkpoint: must be None") for p in problems_of(sft_rl_with_source))
-    rl_batches = replace(base, "rl", device_batch_size=7)
-    assert any(p.startswith("rl.device_batch_size") for p in problems_of(rl_batches))
-    no_sampling_rows = replace(base, "rl", sample_batch_size=0)
-    assert any(p.startswith("rl.sample_batch_size") for p in problems_of(no_sampling_rows))
-    no_eval = replace(base, "data", rl_eval_mixture=[])
-    assert any(p.startswith("data.rl_eval_mixture") for p in problems_of(no_eval))
+    rl_batches = replace(base, "rl", batch_size=7)
+    assert any(p.startswith("rl.batch_size") for p in problems_of(rl_batches))
+    no_sampling_rows = replace_nested(base, {"rl": {"sampling": {"batch_size": 0}}})
+    assert any(p.startswith("rl.sampling.batch_size") for p in problems_of(no_sampling_rows))
+    no_eval = replace(base, "evaluation", mixture=[])
+    assert any(p.startswith("evaluation.mixture") for p in problems_of(no_eval))
+    all_off = replace(no_eval, "evaluation", at_start=False, after_sft=False, after_rl=False, every_rl_steps=0)
+    validate(all_off)  # no evaluation runs: an empty mixture is fine
 
 
 def test_json_round_trip_is_equal_and_names_missing_keys():

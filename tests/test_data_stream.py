@@ -203,8 +203,7 @@ def test_resume_refuses_an_edited_custom_json_and_resumes_bitwise_when_unchanged
     spec = DatasetSpec(name="custom_json", split="train", subset=None, max_samples=None, repeat=1, path=str(data),
                        reward=None)
     config = make_config(tmp_path, data=dict(sft_mixture=[spec]), output=dict(mode="sft+rl"),
-                         sft=dict(num_iterations=4, checkpoint_every=2, packing=True, batch_size=2,
-                                  target_examples_per_step=2))
+                         sft=dict(num_iterations=4, checkpoint_every=2, packing=True, batch_size=2, examples_per_step=2))
     config_file = write_config(tmp_path / "cfg.py", config)
     cache = tmp_path / "cache"
     done = deploy(config_file, cache)

@@ -171,14 +171,14 @@ def one_update(model_dir: Path, config: Config, dist: distributed.Dist, kind: st
     if kind == "sft":
         loss_module = SupervisedTokenLoss(model, "float32", True)
         wrapped = distributed.wrap_model(loss_module, config.target, dist, "float32")
-        optimizer = build_optimizer(model, stage)
+        optimizer = build_optimizer(model, stage.optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         micro = rank_micro_batches(sft_sequences(), GLOBAL_BATCH // dist.world_size, dist, False, 0, "sdpa")
-        grad_norm = train_step(wrapped, optimizer, params, micro, 0, 1.0, stage.grad_clip, dist, None).grad_norm
+        grad_norm = train_step(wrapped, optimizer, params, micro, 0, 1.0, stage.optimizer.grad_clip, dist, None).grad_norm
         state_of, prefix = loss_module, "model."
     else:
         wrapped = distributed.wrap_model(model, config.target, dist, "float32")
-        optimizer = build_optimizer(model, stage)
+        optimizer = build_optimizer(model, stage.optimizer)
         grad_norm = train_on_rows(wrapped, None, optimizer, rank_rl_rows(rl_rows(), dist), stage, 0, dist, F32,
                                   None)["grad_norm"]
         state_of, prefix = model, ""
@@ -193,9 +193,9 @@ def equivalence_config(tmp_path: Path, parallelism: str, world: int) -> Config:
     return make_config(
         tmp_path,
         target=dict(processes_per_node=world, parallelism=parallelism),
-        sft=dict(batch_size=GLOBAL_BATCH // world, target_examples_per_step=GLOBAL_BATCH, grad_clip=1.0),
-        rl=dict(examples_per_step=RL_PROMPTS, num_samples=RL_SAMPLES, device_batch_size=2, matrix_lr=1e-3,
-                embedding_lr=1e-3, unembedding_lr=1e-3, grad_clip=1.0),
+        sft=dict(batch_size=GLOBAL_BATCH // world, examples_per_step=GLOBAL_BATCH, optimizer=dict(grad_clip=1.0)),
+        rl=dict(examples_per_step=RL_PROMPTS, num_samples=RL_SAMPLES, batch_size=2,
+                optimizer=dict(matrix_lr=1e-3, embedding_lr=1e-3, unembedding_lr=1e-3, grad_clip=1.0)),
     )
 
 
@@ -277,7 +277,7 @@ def test_ddp_and_fsdp2_updates_equal_one_process_with_the_same_global_batch(tmp_
 def test_two_process_sft_then_rl_run_writes_a_checkpoint_one_process_can_load(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    config = two_process_config(tmp_path, "ddp", "sft+rl", rl=dict(eval_examples=3))
+    config = two_process_config(tmp_path, "ddp", "sft+rl", evaluation=dict(num_problems=3))
     assert_ok(deploy(write_config(tmp_path / "cfg.py", config)))
     run = config.output.save_dir / config.output.experiment_name
     final = run / "checkpoints" / "rl" / "step_000002"
@@ -291,7 +291,7 @@ def test_two_process_sft_then_rl_run_writes_a_checkpoint_one_process_can_load(tm
 
 @pytest.mark.slow  # three FSDP2 deploy runs: 50-180 s on 2 loaded cores
 def test_fsdp2_resume_at_world_size_two_matches_an_uninterrupted_run(tmp_path):
-    config = two_process_config(tmp_path, "fsdp2", "sft+rl", sft=dict(checkpoint_every=2), rl=dict(save_every=1))
+    config = two_process_config(tmp_path, "fsdp2", "sft+rl", sft=dict(checkpoint_every=2), rl=dict(checkpoint_every=1))
     config_file = write_config(tmp_path / "cfg.py", config)
     assert_ok(deploy(config_file))
     checkpoints = config.output.save_dir / config.output.experiment_name / "checkpoints"
@@ -353,7 +353,8 @@ def test_a_user_error_on_one_rank_stops_the_job_with_exit_2(tmp_path):
         "        raise UserError('data.sft_mixture: rank 1 cannot read its shard')\n"
         "    sft.run_sft = refuse\n"
     )
-    config = two_process_config(tmp_path, "ddp", "sft", data=dict(rl_eval_mixture=[]))
+    config = two_process_config(tmp_path, "ddp", "sft",
+                                evaluation=dict(mixture=[], at_start=False, after_sft=False, after_rl=False))
     started = time.perf_counter()
     result = deploy(write_config(tmp_path / "cfg.py", config, extra=fail_on_rank_1), timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]

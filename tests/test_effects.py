@@ -43,13 +43,15 @@ def write_config(path: Path, config) -> Path:
 
 
 def rl_config(**overrides):
-    return dataclasses.replace(make_config_rl(), **overrides)
+    from helpers import replace_nested
+
+    return replace_nested(make_config_rl(), overrides)
 
 
 def make_config_rl():
     from test_rl import _rl_cfg
 
-    return _rl_cfg(device_batch_size=3)
+    return _rl_cfg(batch_size=3)
 
 
 def on_policy_rows(model, seed: int = 0) -> list[rl.Sequence_]:
@@ -146,7 +148,7 @@ def test_rl_grad_clip_bounds_the_applied_gradient_and_reports_the_unclipped_norm
     norms = {}
     for clip in (0.0, 1e-3):
         optimizer = NoStep(model)
-        stats = rl.train_on_rows(model, None, optimizer, rows, rl_config(grad_clip=clip), 0, CPU, F32, None)
+        stats = rl.train_on_rows(model, None, optimizer, rows, rl_config(optimizer=dict(grad_clip=clip)), 0, CPU, F32, None)
         applied = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in optimizer.grads[0].values()]))
         norms[clip] = (stats["grad_norm"], float(applied))
     assert norms[0.0][0] == pytest.approx(norms[0.0][1], rel=1e-4) and norms[0.0][1] > 1e-2
@@ -187,21 +189,23 @@ def test_rl_max_length_drops_prompts_over_the_budget_and_keeps_the_boundary():
     lengths = [len(render_prompt(tokenizer, list(e.messages[:-1]))) for e in examples]
     assert len(set(lengths)) >= 3, "need varied prompt lengths"
     max_new_tokens = 5
+    sampling = types.SimpleNamespace(max_new_tokens=max_new_tokens)
     for budget in sorted(set(lengths))[:-1]:
-        kept = rl.drop_overlong(examples, tokenizer, budget + max_new_tokens, max_new_tokens, "rl_mixture")
+        kept = rl.drop_overlong(examples, tokenizer, budget + max_new_tokens, sampling, "rl")
         assert kept == [e for e, n in zip(examples, lengths) if n <= budget]
     from integration_training.errors import UserError
 
     with pytest.raises(UserError, match="max_length"):
-        rl.drop_overlong(examples, tokenizer, min(lengths) - 1 + max_new_tokens, max_new_tokens, "rl_mixture")
+        rl.drop_overlong(examples, tokenizer, min(lengths) - 1 + max_new_tokens, sampling, "rl")
 
 
 # ---------------------------------------------------------------------------------------------------- RL optimizer
 
 
 def test_rl_run_takes_every_rl_field_from_the_rl_section(tmp_path, monkeypatch):
-    """A run_rl with distinct rl.* values: the optimizer's groups, the logged LR schedule, the sampler's settings
-    (rollouts and evaluation) and the rows trained per step all follow the rl section (never sft.*)."""
+    """A run_rl with distinct rl.* values: the optimizer's groups, the logged LR schedule, the rollouts' sampler
+    settings and the rows trained per step follow the rl section (never sft.*); its evaluations follow the
+    evaluation section (never rl.sampling)."""
     import json
 
     from integration_training import optim, rollout
@@ -210,10 +214,12 @@ def test_rl_run_takes_every_rl_field_from_the_rl_section(tmp_path, monkeypatch):
     base = make_config(tmp_path)
     config = make_config(
         tmp_path,
-        rl=dict(num_iterations=4, examples_per_step=2, num_samples=3, device_batch_size=3, sample_batch_size=5,
-                temperature=0.7, top_k=5, embedding_lr=3e-4, unembedding_lr=2e-4, matrix_lr=1e-4, weight_decay=0.125,
-                init_lr_frac=0.5, warmup_ratio=0.5, lr_schedule="linear", eval_every=100, save_every=100,
-                eval_examples=3, eval_k=2, max_new_tokens=2),
+        rl=dict(num_iterations=4, examples_per_step=2, num_samples=3, batch_size=3, checkpoint_every=100,
+                optimizer=dict(embedding_lr=3e-4, unembedding_lr=2e-4, matrix_lr=1e-4, weight_decay=0.125,
+                               init_lr_frac=0.5, warmup_ratio=0.5, lr_schedule="linear"),
+                sampling=dict(batch_size=5, temperature=0.7, top_k=5, max_new_tokens=2)),
+        evaluation=dict(num_problems=3, num_samples=2, at_start=True,
+                        sampling=dict(batch_size=7, temperature=0.9, top_k=3, max_new_tokens=3)),
         output=dict(mode="rl", source_checkpoint=base.model.name),
     )
     built, sampled, trained = [], [], []
@@ -237,7 +243,7 @@ def test_rl_run_takes_every_rl_field_from_the_rl_section(tmp_path, monkeypatch):
     rl.run_rl(config, tmp_path / "run", config.output.source_checkpoint, resume=False)
 
     ((stage, optimizer),) = built
-    assert stage is config.rl
+    assert stage is config.rl.optimizer
     assert {g["base_lr"] for g in optimizer.param_groups} == {3e-4, 2e-4, 1e-4}
     assert 0.125 in {g["weight_decay"] for g in optimizer.param_groups}
     rows = [r for r in read_metrics(tmp_path / "run", "rl") if "lr_multiplier" in r]
@@ -247,15 +253,32 @@ def test_rl_run_takes_every_rl_field_from_the_rl_section(tmp_path, monkeypatch):
     # Sampling calls: (prompts, (samples per prompt, max_new_tokens, temperature, top_k), batch size, kwargs).
     evals = [c for c in sampled if c[3].get("greedy_first")]
     rollouts = [c for c in sampled if not c[3].get("greedy_first")]
-    assert [c[0] for c in evals] == [3, 3]  # eval_examples problems, at step 0 and at the end
-    assert all(c[1] == (2 + 1, 2, 0.7, 5) and c[2] == 5 for c in evals)  # eval_k samples + one greedy row
+    assert [c[0] for c in evals] == [3, 3]  # num_problems problems, at step 0 (at_start) and at the end (after_rl)
+    assert all(c[1] == (2 + 1, 3, 0.9, 3) and c[2] == 7 for c in evals)  # num_samples + one greedy row
     assert len(rollouts) == 4 and all(c[0] == 2 and c[1] == (3, 2, 0.7, 5) and c[2] == 5 for c in rollouts)
     # Training: examples_per_step × num_samples rows per step, groups of num_samples sharing a prompt.
     assert [len(step) for step in trained] == [6, 6, 6, 6]
     for step in trained:
         assert all(len({p for p, _ in step[g : g + 3]}) == 1 for g in (0, 3))
     records = (tmp_path / "run" / "eval" / "rl_step_000004.jsonl").read_text().splitlines()
-    assert [len(json.loads(line)["strict"]) for line in records] == [2, 2, 2]  # eval_k samples per problem
+    assert [len(json.loads(line)["strict"]) for line in records] == [2, 2, 2]  # num_samples per problem
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize("at_start,after_sft", [(True, False), (False, True)])
+def test_evaluation_flags_choose_which_sft_run_evaluations_happen(tmp_path, at_start, after_sft):
+    """mode "sft" through cli.dispatch: evaluation.at_start scores model.name before SFT, evaluation.after_sft
+    scores SFT's final checkpoint; each flag alone writes exactly its own records."""
+    config = make_config(tmp_path, sft=dict(num_iterations=1),
+                         evaluation=dict(at_start=at_start, after_sft=after_sft, num_problems=2))
+    run = tmp_path / "run"
+    run.mkdir()
+    cli.dispatch(config, run, resume=False)
+    written = sorted(p.name for p in (run / "eval").glob("*.jsonl"))
+    expected = (["baseline_step_000000.jsonl"] if at_start else []) + (["sft_step_000001.jsonl"] if after_sft else [])
+    assert written == expected
 
 
 # ---------------------------------------------------------------------------------------------------- target
@@ -264,7 +287,7 @@ def test_rl_run_takes_every_rl_field_from_the_rl_section(tmp_path, monkeypatch):
 def test_gpu_ranks_become_cuda_visible_devices(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # whatever the host had
     config = make_config(tmp_path, target=dict(device_type="cuda", gpu_ranks=[3, 5], processes_per_node=2,
-                                               parallelism="ddp"), sft=dict(target_examples_per_step=4))
+                                               parallelism="ddp"), sft=dict(examples_per_step=4))
     assert cli.main([str(write_config(tmp_path / "c.py", config)), "--dry-run"]) == 0
     import os
 
@@ -349,7 +372,8 @@ def test_model_and_output_fields_reach_both_stages_of_a_run(tmp_path, monkeypatc
         tmp_path,
         model=dict(dtype="bfloat16", attn_implementation="eager", gradient_checkpointing=True, compile=True),
         sft=dict(num_iterations=4, log_every=2, eval_every=3, checkpoint_every=100),
-        rl=dict(num_iterations=4, log_every=3, eval_every=2, save_every=100, eval_examples=1, max_new_tokens=2),
+        rl=dict(num_iterations=4, log_every=3, checkpoint_every=100, sampling=dict(max_new_tokens=2)),
+        evaluation=dict(every_rl_steps=2, num_problems=1, sampling=dict(max_new_tokens=2)),
         output=dict(mode="sft+rl", log_level="WARNING", use_wandb=True, wandb_project="proj-x",
                     experiment_name="knobs"),
     )
@@ -376,7 +400,7 @@ def test_model_and_output_fields_reach_both_stages_of_a_run(tmp_path, monkeypatc
     assert {"sft/loss", "sft/val_loss", "rl/reward", "rl/eval/pass@1_strict"} <= logged
     assert [e[0] for e in events].count("finish") == 2
 
-    # Cadence: sft.log_every=2, sft.eval_every=3 over 4 steps; rl.log_every=3, rl.eval_every=2 over 4 steps.
+    # Cadence: sft.log_every=2, sft.eval_every=3 over 4 steps; rl.log_every=3, evaluation.every_rl_steps=2 over 4.
     sft = read_metrics(run, "sft")
     assert [r["step"] for r in sft if "loss" in r] == [2, 4]
     assert [r["step"] for r in sft if "val_loss" in r] == [0, 3, 4]

@@ -59,7 +59,8 @@ def tiny_run_config(tmp_path: Path, **output) -> Config:
     return make_config(
         tmp_path,
         sft=dict(num_iterations=3, checkpoint_every=2, eval_every=2),
-        rl=dict(num_iterations=2, eval_every=2, save_every=2, eval_examples=3, eval_k=2, max_new_tokens=4),
+        rl=dict(num_iterations=2, checkpoint_every=2, sampling=dict(max_new_tokens=4)),
+        evaluation=dict(every_rl_steps=2, num_problems=3, num_samples=2, sampling=dict(max_new_tokens=4)),
         output=dict(experiment_name="e2e", **output),
     )
 

@@ -38,7 +38,7 @@ SFT_STEPS, RL_STEPS = 4, 3
 def config_source(root: Path, **overrides) -> str:
     sections = {
         "sft": {"num_iterations": SFT_STEPS, "checkpoint_every": 2, "eval_every": 100, "log_every": 1},
-        "rl": {"num_iterations": RL_STEPS, "save_every": 1, "eval_every": 100, "eval_examples": 4, "eval_k": 1},
+        "rl": {"num_iterations": RL_STEPS, "checkpoint_every": 1}, "evaluation": {"num_problems": 4, "num_samples": 1},
         "data": {},
         "output": {"mode": "sft+rl", "experiment_name": "run"},
     }
@@ -334,10 +334,10 @@ def test_stale_run_without_checkpoint_is_restarted_not_reused(tmp_path, capsys, 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path, capsys, monkeypatch):
     stopped_at_sft_step_2(tmp_path, capsys, monkeypatch)
-    changed = write_config(tmp_path, sft={"matrix_lr": 5e-4})
+    changed = write_config(tmp_path, sft={"optimizer": {"matrix_lr": 5e-4}})
     code, stderr = deploy_main(capsys, changed, "--resume")
     assert code == cli.EXIT_USER_ERROR
-    assert_one_line(stderr, "error: ", "config differs", "sft.matrix_lr")
+    assert_one_line(stderr, "error: ", "config differs", "sft.optimizer.matrix_lr")
 
 
 def test_rerun_over_checkpoints_without_resume_is_refused(tmp_path, capsys, monkeypatch):

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import arithmetic, make_config, save_tiny_model_dir, tiny_model
+from helpers import arithmetic, make_config, replace_nested, save_tiny_model_dir, tiny_model
 from integration_training import lora, optim, rl, sft
 from integration_training.config import ConfigError, LoRAConfig, ModelConfig, from_json, to_json, validate
 from integration_training.errors import UserError
@@ -100,17 +100,16 @@ def test_lora_fields_have_no_defaults():
 
 @pytest.mark.parametrize("mode, stage", [("sft", "sft"), ("sft+rl", "sft"), ("sft+rl", "rl"), ("rl", "rl")])
 def test_muon_with_lora_is_refused_for_the_stages_that_run(tmp_path, mode, stage):
-    config = make_config(tmp_path, model=dict(lora=lora_config()))
     output = dict(mode=mode, source_checkpoint=str(tmp_path) if mode == "rl" else None)
-    bad = dataclasses.replace(config, output=dataclasses.replace(config.output, **output),
-                              **{stage: dataclasses.replace(getattr(config, stage), optimizer="muon")})
+    config = make_config(tmp_path, model=dict(lora=lora_config()), output=output)
+    bad = replace_nested(config, {stage: {"optimizer": {"name": "muon"}}})
     with pytest.raises(ConfigError) as error:
         validate(bad)
-    assert any(p.startswith(f"{stage}.optimizer: 'muon' does not apply to LoRA") for p in error.value.problems)
+    assert any(p.startswith(f"{stage}.optimizer.name: 'muon' does not apply to LoRA") for p in error.value.problems)
     # The same optimizer without LoRA is a valid full fine-tune; a stage that does not run is not checked.
     validate(dataclasses.replace(bad, model=dataclasses.replace(bad.model, lora=None)))
     if mode == "sft":
-        validate(dataclasses.replace(config, rl=dataclasses.replace(config.rl, optimizer="muon")))
+        validate(replace_nested(config, {"rl": {"optimizer": {"name": "muon"}}}))
 
 
 def test_lora_config_round_trips_through_json(tmp_path):
@@ -207,8 +206,8 @@ def test_sft_steps_change_only_adapter_tensors(tmp_path, targets, gradient_check
     model.train()
     adapters = lora.prepare(model, model_config(lora_config(targets), gradient_checkpointing), None, 0)
     base_before, adapter_before = lora_state(model)
-    stage = dataclasses.replace(make_config(tmp_path).sft, matrix_lr=1e-2, weight_decay=0.1)
-    optimizer = optim.build_optimizer(model, stage)
+    settings = dataclasses.replace(make_config(tmp_path).sft.optimizer, matrix_lr=1e-2, weight_decay=0.1)
+    optimizer = optim.build_optimizer(model, settings)
     held = [p for group in optimizer.param_groups for p in group["params"]]
     assert {id(p) for p in held} == {id(p) for p in adapters.trainable()}  # the optimizer holds adapters only
     generator = torch.Generator().manual_seed(0)
@@ -256,7 +255,7 @@ def test_rl_with_lora_and_kl_loads_no_second_model(tmp_path, monkeypatch, with_l
         monkeypatch.setattr(rl, "load_reference", lambda *a, **k: pytest.fail("LoRA must not load a reference"))
     model_dir = save_tiny_model_dir(tmp_path / "tiny_model")
     config = make_config(tmp_path, model=dict(lora=lora_config() if with_lora else None),
-                         rl=dict(kl_coef=0.5, num_iterations=1, eval_examples=2),
+                         rl=dict(kl_coef=0.5, num_iterations=1), evaluation=dict(num_problems=2),
                          output=dict(mode="rl", source_checkpoint=str(model_dir)))
     final = rl.run_rl(config, tmp_path / "run", str(model_dir), resume=False)
     assert len(loads) == expected_loads, loads
@@ -361,7 +360,8 @@ def lora_run_config(tmp_path: Path, **sections):
 
     config = two_process_config(tmp_path, "ddp", "sft+rl", model=dict(lora=lora_config(r=4, alpha=16.0)),
                                 sft=dict(checkpoint_every=2) | sections.pop("sft", {}),
-                                rl=dict(save_every=1, kl_coef=0.1, eval_examples=2) | sections.pop("rl", {}),
+                                rl=dict(checkpoint_every=1, kl_coef=0.1) | sections.pop("rl", {}),
+                                evaluation=dict(num_problems=2) | sections.pop("evaluation", {}),
                                 **sections)
     return config
 
@@ -458,7 +458,7 @@ def test_plan_shows_trainable_parameters_and_both_memory_lines(tmp_path):
 def test_two_process_lora_sft_equals_one_process(tmp_path, parallelism):
     from test_distributed import two_process_config, write_config
 
-    sections = dict(model=dict(lora=lora_config(r=4, alpha=16.0)), sft=dict(matrix_lr=1e-2))
+    sections = dict(model=dict(lora=lora_config(r=4, alpha=16.0)), sft=dict(optimizer=dict(matrix_lr=1e-2)))
     two = two_process_config(tmp_path, parallelism, "sft", **sections)
     single = one_process(dataclasses.replace(two, output=dataclasses.replace(two.output, experiment_name="single")))
     for config in (two, single):
@@ -504,7 +504,7 @@ def rl_update(tmp_path: Path, dist, parallelism: str) -> tuple[dict[str, torch.T
     from integration_training.models import load_model
 
     config = make_config(tmp_path, model=dict(lora=lora_config(r=4, alpha=16.0)),
-                         rl=dict(kl_coef=0.5, matrix_lr=1e-2, device_batch_size=2))
+                         rl=dict(kl_coef=0.5, batch_size=2, optimizer=dict(matrix_lr=1e-2)))
     target = dataclasses.replace(config.target, processes_per_node=dist.world_size, parallelism=parallelism)
     policy = load_model(config.model.name, "float32", "sdpa", dist.device, training=True)
     policy.train()
@@ -513,7 +513,7 @@ def rl_update(tmp_path: Path, dist, parallelism: str) -> tuple[dict[str, torch.T
     rows = fixed_rows(0)
     mine = [row for i, row in enumerate(rows) if (i // 2) % dist.world_size == dist.rank]  # whole groups per rank
     model = distributed.wrap_model(policy, target, dist, "float32")
-    optimizer = optim.build_optimizer(policy, config.rl)
+    optimizer = optim.build_optimizer(policy, config.rl.optimizer)
     rl.train_on_rows(model, adapters.reference(), optimizer, mine, config.rl, 0, dist, config.model, None)
     if distributed.is_sharded(target, dist):
         after = lora.adapter_state(distributed.full_model_state(policy, prefix=""))

@@ -9,22 +9,16 @@ import math
 import pytest
 import torch
 
-from helpers import tiny_model
-from integration_training.config import SFTConfig
+from helpers import optimizer_config, tiny_model
+from integration_training.config import OptimizerConfig
 from integration_training.optim import MultiOptimizer, apply_lr, build_optimizer, lr_multiplier, parameter_groups
 
 VOCAB = 97
 
 
-def stage(**fields) -> SFTConfig:
-    base = dict(
-        num_epochs=1, num_iterations=10, batch_size=1, target_examples_per_step=1, optimizer="adamw",
-        embedding_lr=1e-2, unembedding_lr=1e-2, matrix_lr=1e-2, weight_decay=0.0, init_lr_frac=1.0,
-        warmup_ratio=0.0, lr_schedule="constant", grad_clip=0.0, packing=False, eval_every=1, eval_steps=1,
-        checkpoint_every=1, log_every=1,
-    )
-    base.update(fields)
-    return SFTConfig(**base)
+def settings(**fields) -> OptimizerConfig:
+    """AdamW at LR 1e-2 for every group, constant, no warmup, no clipping; `fields` override."""
+    return optimizer_config(lr=1e-2, grad_clip=0.0, **fields)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -65,7 +59,7 @@ def test_parameter_groups_untied_and_tied():
 
 def test_base_lr_recorded_and_apply_lr():
     model = tiny_model(VOCAB, 0)
-    opt = build_optimizer(model, stage(embedding_lr=1.0, unembedding_lr=2.0, matrix_lr=3.0))
+    opt = build_optimizer(model, settings(embedding_lr=1.0, unembedding_lr=2.0, matrix_lr=3.0))
     by_name = {g["name"]: g for g in opt.param_groups}
     assert {k: g["base_lr"] for k, g in by_name.items()} == {"embedding": 1.0, "unembedding": 2.0, "matrix": 3.0, "other": 3.0}
     apply_lr(opt, 0.5)
@@ -76,7 +70,7 @@ def test_base_lr_recorded_and_apply_lr():
 @pytest.mark.parametrize("frozen", ["embedding_lr", "unembedding_lr", "matrix_lr"])
 def test_each_group_lr_controls_its_parameters(optimizer, frozen):
     model = tiny_model(VOCAB, 0)
-    opt = build_optimizer(model, stage(optimizer=optimizer, **{frozen: 0.0}))
+    opt = build_optimizer(model, settings(name=optimizer, **{frozen: 0.0}))
     before = snapshot(model)
     one_step(model, opt)
     moved = changed(before, model)
@@ -90,7 +84,7 @@ def test_each_group_lr_controls_its_parameters(optimizer, frozen):
 def test_weight_decay_shrinks_weights_but_not_norms():
     for decay, expect_shrink in ((0.0, False), (0.1, True)):
         model = tiny_model(VOCAB, 0)
-        opt = build_optimizer(model, stage(weight_decay=decay))
+        opt = build_optimizer(model, settings(weight_decay=decay))
         before = snapshot(model)
         one_step(model, opt, zero_grads=True)  # zero gradient: only weight decay can move a weight
         q = "model.layers.0.self_attn.q_proj.weight"
@@ -101,7 +95,7 @@ def test_weight_decay_shrinks_weights_but_not_norms():
 
 def test_muon_uses_torch_muon_for_matrices_and_state_round_trips():
     model = tiny_model(VOCAB, 0)
-    opt = build_optimizer(model, stage(optimizer="muon"))
+    opt = build_optimizer(model, settings(name="muon"))
     assert isinstance(opt, MultiOptimizer)
     muon, adamw = opt.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
@@ -112,7 +106,7 @@ def test_muon_uses_torch_muon_for_matrices_and_state_round_trips():
 
     twin = tiny_model(VOCAB, 0)
     twin.load_state_dict(model.state_dict())
-    twin_opt = build_optimizer(twin, stage(optimizer="muon"))
+    twin_opt = build_optimizer(twin, settings(name="muon"))
     twin_opt.load_state_dict(state)
     one_step(model, opt)
     one_step(twin, twin_opt)
@@ -120,10 +114,10 @@ def test_muon_uses_torch_muon_for_matrices_and_state_round_trips():
         assert torch.equal(a, b), name
 
     adam_model = tiny_model(VOCAB, 0)
-    adam_opt = build_optimizer(adam_model, stage(optimizer="adamw"))
+    adam_opt = build_optimizer(adam_model, settings(name="adamw"))
     one_step(adam_model, adam_opt)
     fresh = tiny_model(VOCAB, 0)
-    fresh_opt = build_optimizer(fresh, stage(optimizer="muon"))
+    fresh_opt = build_optimizer(fresh, settings(name="muon"))
     one_step(fresh, fresh_opt)
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(adam_model.get_parameter(q), fresh.get_parameter(q))  # the optimizer choice matters
@@ -131,16 +125,16 @@ def test_muon_uses_torch_muon_for_matrices_and_state_round_trips():
 
 def test_lr_schedule_shapes():
     total = 10
-    linear = [lr_multiplier(s, total, stage(lr_schedule="linear")) for s in range(total)]
+    linear = [lr_multiplier(s, total, settings(lr_schedule="linear")) for s in range(total)]
     assert linear[0] == 1.0 and linear[-1] == pytest.approx(0.1) and linear == sorted(linear, reverse=True)
-    cosine = [lr_multiplier(s, total, stage(lr_schedule="cosine")) for s in range(total)]
+    cosine = [lr_multiplier(s, total, settings(lr_schedule="cosine")) for s in range(total)]
     assert cosine[0] == 1.0 and cosine[5] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert cosine[1] > linear[1]  # cosine decays slower early
-    assert [lr_multiplier(s, total, stage(lr_schedule="constant")) for s in range(total)] == [1.0] * total
+    assert [lr_multiplier(s, total, settings(lr_schedule="constant")) for s in range(total)] == [1.0] * total
 
 
 def test_warmup_ratio_and_init_lr_frac():
-    s = stage(lr_schedule="linear", warmup_ratio=0.2, init_lr_frac=0.5)
+    s = settings(lr_schedule="linear", warmup_ratio=0.2, init_lr_frac=0.5)
     values = [lr_multiplier(step, 10, s) for step in range(10)]
     assert values[:2] == [0.25, 0.5]  # 2 warmup steps up to init_lr_frac
     assert values[2] == 0.5  # decay starts from init_lr_frac

@@ -45,8 +45,8 @@ def low_lr_config(tmp_path: Path, name: str, dtype: str):
         tmp_path,
         model=dict(dtype=dtype),
         data=dict(sft_mixture=[_arith(64)], max_length=128),
-        sft=dict(num_iterations=30, batch_size=4, target_examples_per_step=4, embedding_lr=lr, unembedding_lr=lr,
-                 matrix_lr=lr, grad_clip=0.0, checkpoint_every=15, eval_every=100, log_every=1),
+        sft=dict(num_iterations=30, batch_size=4, examples_per_step=4, checkpoint_every=15, eval_every=100, log_every=1,
+                 optimizer=dict(embedding_lr=lr, unembedding_lr=lr, matrix_lr=lr, grad_clip=0.0)),
         output=dict(experiment_name=name),
     )
 
@@ -129,8 +129,9 @@ def test_sft_to_rl_handoff_starts_from_sft_masters(tmp_path):
 def test_bf16_resume_is_bitwise(tmp_path):
     def config(name):
         return make_config(tmp_path, model=dict(dtype="bfloat16"),
-                           sft=dict(num_iterations=4, checkpoint_every=2, embedding_lr=1e-4, unembedding_lr=1e-4,
-                                    matrix_lr=1e-4), output=dict(experiment_name=name))
+                           sft=dict(num_iterations=4, checkpoint_every=2,
+                                    optimizer=dict(embedding_lr=1e-4, unembedding_lr=1e-4, matrix_lr=1e-4)),
+                           output=dict(experiment_name=name))
 
     full = run_sft(config("full"), tmp_path / "full", resume=False)
 

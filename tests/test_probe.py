@@ -54,7 +54,7 @@ def test_probe_prints_every_stage_and_a_prediction(tmp_path):
     assert not (Path(config.output.save_dir) / "test").exists(), "a dry run writes nothing"
 
 
-@pytest.mark.parametrize("mode,field", [("sft+rl", "sft.batch_size"), ("rl", "rl.sample_batch_size")])
+@pytest.mark.parametrize("mode,field", [("sft+rl", "sft.batch_size"), ("rl", "rl.sampling.batch_size")])
 def test_a_worst_case_over_the_memory_cap_fails_in_the_probe_naming_the_field(tmp_path, mode, field):
     """A 1 MiB cap: the first stage probed (worst case first: SFT's longest batch, else the RL rollout) fails."""
     source = str(tmp_path / "tiny_model") if mode == "rl" else None
@@ -92,7 +92,7 @@ def test_plan_memory_line_is_within_30_percent_of_the_measured_peak_rss(tmp_path
     the probe's measured peak RSS, which runs that very worst case."""
     from integration_training.plan import predicted_peak_bytes
 
-    config = make_config(tmp_path, output={"mode": "sft+rl"}, sft={"batch_size": 4, "target_examples_per_step": 4},
+    config = make_config(tmp_path, output={"mode": "sft+rl"}, sft={"batch_size": 4, "examples_per_step": 4},
                          data={"max_length": 512})
     result = _deploy(tmp_path, config, "--dry-run", "--probe")
     assert result.returncode == 0, result.stderr[-3000:]

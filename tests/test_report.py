@@ -31,7 +31,7 @@ def write_metrics(run_dir: Path) -> None:
     rows += [{"stage": "rl", "step": s, "reward": 0.1 * s, "response_tokens": 20 + s} for s in range(1, 4)]
     rows += [{"stage": "rl", "step": 3, "eval/pass@1_strict": 0.4, "eval/pass@4_strict": 0.6}]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run_dir / "config.json").write_text(json.dumps({"rl": {"eval_k": 4}}))
+    (run_dir / "config.json").write_text(json.dumps({"rl": {}, "evaluation": {"num_samples": 4}}))
 
 
 def test_table_orders_stages_and_tests_each_improvement(tmp_path):

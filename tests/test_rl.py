@@ -11,16 +11,18 @@ import pytest
 import torch
 import transformers
 
-from helpers import smollm2_tokenizer  # also pins torch to one thread (faster for tiny models on 2 cores)
+from helpers import optimizer_config, replace_nested, smollm2_tokenizer  # also pins torch to one thread (tiny models)
 from integration_training import rl
 from integration_training.models import enable_activation_checkpointing
 from integration_training.config import (
     Config,
     DataConfig,
+    EvalConfig,
     DatasetSpec,
     ModelConfig,
     OutputConfig,
     RLConfig,
+    SamplingConfig,
     SFTConfig,
     TargetConfig,
     validate,
@@ -96,30 +98,34 @@ def write_digit_data(directory: Path, count: int) -> Path:
     return path
 
 
-def make_config(tmp: Path, model_dir: Path, data: Path, **rl_overrides: Any) -> Config:
+def make_config(tmp: Path, model_dir: Path, data: Path, rl: dict[str, Any] | None = None,
+                evaluation: dict[str, Any] | None = None) -> Config:
+    """Mode "rl" on `data` from `model_dir`; `rl` / `evaluation` override fields of those sections (nested dicts for
+    nested sections). The evaluation samples like the rollouts unless `evaluation` says otherwise."""
     spec = DatasetSpec(name="custom_json", split="train", subset=None, max_samples=None, repeat=1, path=str(data),
                        reward=f"{__name__}:starts_with_reference")
-    rl_fields: dict[str, Any] = dict(
-        num_epochs=1, num_iterations=4, examples_per_step=4, num_samples=8, device_batch_size=16, sample_batch_size=32,
-        max_new_tokens=2,
-        temperature=1.0, top_k=0, optimizer="adamw", embedding_lr=3e-3, unembedding_lr=3e-3, matrix_lr=3e-3,
-        weight_decay=0.0, init_lr_frac=1.0, warmup_ratio=0.0, lr_schedule="constant", grad_clip=1.0, advantage="mean",
-        kl_coef=0.0, clip_eps=0.2, updates_per_batch=1, eval_every=1000, eval_examples=4, eval_k=2, save_every=1000,
-        log_every=1,
-    )
-    rl_fields.update(rl_overrides)
+    rl_section = replace_nested(RLConfig(
+        num_epochs=1, num_iterations=4, examples_per_step=4, num_samples=8, batch_size=16,
+        sampling=SamplingConfig(max_new_tokens=2, temperature=1.0, top_k=0, batch_size=32),
+        optimizer=optimizer_config(lr=3e-3), advantage="mean", kl_coef=0.0, clip_eps=0.2, updates_per_batch=1,
+        checkpoint_every=1000, log_every=1,
+    ), rl or {})
+    eval_section = replace_nested(EvalConfig(
+        mixture=[spec], num_problems=4, num_samples=2, sampling=rl_section.sampling, at_start=True, after_sft=False,
+        after_rl=True, every_rl_steps=0,
+    ), evaluation or {})
     config = Config(
         target=TargetConfig(gpu_ranks=[], device_type="cpu", processes_per_node=1, parallelism="none", num_nodes=1,
                             node_rank=0, master_addr="127.0.0.1", master_port=29500),
         model=ModelConfig(name=str(model_dir), dtype="float32", compile=False, attn_implementation="sdpa",
                           gradient_checkpointing=False, lora=None),
-        data=DataConfig(sft_mixture=[spec], sft_val_mixture=[spec], rl_mixture=[spec], rl_eval_mixture=[spec],
-                        max_length=128, shuffle_seed=7, tools=[]),
-        sft=SFTConfig(num_epochs=1, num_iterations=1, batch_size=1, target_examples_per_step=1, optimizer="adamw",
-                      embedding_lr=1e-4, unembedding_lr=1e-4, matrix_lr=1e-4, weight_decay=0.0, init_lr_frac=1.0,
-                      warmup_ratio=0.0, lr_schedule="constant", grad_clip=1.0, packing=False, eval_every=1,
-                      eval_steps=1, checkpoint_every=1, log_every=1),
-        rl=RLConfig(**rl_fields),
+        data=DataConfig(sft_mixture=[spec], sft_val_mixture=[spec], rl_mixture=[spec], max_length=128, shuffle_seed=7,
+                        tools=[]),
+        sft=SFTConfig(num_epochs=1, num_iterations=1, batch_size=1, examples_per_step=1,
+                      optimizer=optimizer_config(lr=1e-4), packing=False, eval_every=1, eval_steps=1,
+                      checkpoint_every=1, log_every=1),
+        rl=rl_section,
+        evaluation=eval_section,
         output=OutputConfig(save_dir=tmp, log_level="INFO", experiment_name="rl_test", use_wandb=False,
                             wandb_project="x", mode="rl", source_checkpoint=str(model_dir)),
     )
@@ -223,17 +229,14 @@ class _Capture:
         self.grads = _grads(self.model)
 
 
-def _rl_cfg(**overrides) -> RLConfig:
-    fields: dict[str, Any] = dict(
-        num_epochs=1, num_iterations=1, examples_per_step=2, num_samples=3, device_batch_size=6, sample_batch_size=6,
-        max_new_tokens=4,
-        temperature=1.0, top_k=0, optimizer="adamw", embedding_lr=1e-3, unembedding_lr=1e-3, matrix_lr=1e-3,
-        weight_decay=0.0, init_lr_frac=1.0, warmup_ratio=0.0, lr_schedule="constant", grad_clip=0.0,
-        advantage="mean", kl_coef=0.0, clip_eps=0.2, updates_per_batch=1, eval_every=1, eval_examples=1, eval_k=1,
-        save_every=1, log_every=1,
-    )
-    fields.update(overrides)
-    return RLConfig(**fields)
+def _rl_cfg(**overrides: Any) -> RLConfig:
+    """An RLConfig for unit tests of the update (no clipping); `overrides` may hold nested dicts."""
+    return replace_nested(RLConfig(
+        num_epochs=1, num_iterations=1, examples_per_step=2, num_samples=3, batch_size=6,
+        sampling=SamplingConfig(max_new_tokens=4, temperature=1.0, top_k=0, batch_size=6),
+        optimizer=optimizer_config(lr=1e-3, grad_clip=0.0), advantage="mean", kl_coef=0.0, clip_eps=0.2,
+        updates_per_batch=1, checkpoint_every=1, log_every=1,
+    ), overrides)
 
 
 def test_token_level_normalisation_across_micro_batches() -> None:
@@ -242,7 +245,7 @@ def test_token_level_normalisation_across_micro_batches() -> None:
     grads = {}
     for micro in (1, 2, 6):
         capture = _Capture(model)
-        rl.train_on_rows(model, None, capture, rows, _rl_cfg(device_batch_size=micro), pad_id=0, dist=CPU, model_config=F32, scaler=None)
+        rl.train_on_rows(model, None, capture, rows, _rl_cfg(batch_size=micro), pad_id=0, dist=CPU, model_config=F32, scaler=None)
         grads[micro] = capture.grads
     # By hand: one batch, −Σ_all tokens logp·adv / total tokens.
     model.zero_grad()
@@ -262,7 +265,7 @@ def test_zero_advantage_rows_are_skipped_with_the_same_gradient(monkeypatch) -> 
     real_build = rl.build_batch
     monkeypatch.setattr(rl, "build_batch", lambda r, *a: built.append(len(r)) or real_build(r, *a))
     capture = _Capture(model)
-    stats = rl.train_on_rows(model, None, capture, rows, _rl_cfg(device_batch_size=9), pad_id=0, dist=CPU, model_config=F32, scaler=None)
+    stats = rl.train_on_rows(model, None, capture, rows, _rl_cfg(batch_size=9), pad_id=0, dist=CPU, model_config=F32, scaler=None)
     assert built == [3] and stats["skipped_frac"] == pytest.approx(6 / 9)
     # By hand over all 9 rows: the skipped rows' tokens still count in the token-level mean.
     model.zero_grad()
@@ -275,7 +278,7 @@ def test_zero_advantage_rows_are_skipped_with_the_same_gradient(monkeypatch) -> 
     # With a reference model (KL term) nothing may be skipped.
     built.clear()
     rl.train_on_rows(model, tiny_llama(96, seed=1), _Capture(model), rows,
-                     _rl_cfg(device_batch_size=9, kl_coef=0.1), pad_id=0, dist=CPU, model_config=F32, scaler=None)
+                     _rl_cfg(batch_size=9, kl_coef=0.1), pad_id=0, dist=CPU, model_config=F32, scaler=None)
     assert built == [9]
 
 
@@ -363,8 +366,8 @@ def test_missing_init_model_is_user_error_naming_path(tmp_path: Path) -> None:
 
 def test_learning_signal_reward_rises(tmp_path: Path, digit_model_dir: Path) -> None:
     data = write_digit_data(tmp_path, 64)
-    config = make_config(tmp_path, digit_model_dir, data, num_iterations=16, eval_every=1000, max_new_tokens=1,
-                         embedding_lr=1e-2, unembedding_lr=1e-2, matrix_lr=1e-2)
+    config = make_config(tmp_path, digit_model_dir, data, rl=dict(num_iterations=16, sampling=dict(max_new_tokens=1),
+                                                                  optimizer=optimizer_config(lr=1e-2)))
     final = rl.run_rl(config, tmp_path / "run", digit_model_dir, resume=False)
     rows = read_metrics(tmp_path / "run", "rl")
     rewards = [r["reward"] for r in rows if "reward" in r]
@@ -379,8 +382,8 @@ def test_learning_signal_reward_rises(tmp_path: Path, digit_model_dir: Path) -> 
 
 def test_resume_is_bitwise_and_metrics_have_no_gaps(tmp_path: Path, digit_model_dir: Path, monkeypatch) -> None:
     data = write_digit_data(tmp_path, 64)
-    kwargs = dict(num_iterations=4, save_every=2, eval_every=2, max_new_tokens=2, updates_per_batch=2,
-                  kl_coef=0.05, advantage="mean_std")
+    kwargs = dict(rl=dict(num_iterations=4, checkpoint_every=2, updates_per_batch=2, kl_coef=0.05,
+                          advantage="mean_std"), evaluation=dict(every_rl_steps=2))
     straight = make_config(tmp_path / "a", digit_model_dir, data, **kwargs)
     final_a = rl.run_rl(straight, tmp_path / "a" / "run", digit_model_dir, resume=False)
 
@@ -458,7 +461,8 @@ def test_sample_batch_size_sets_the_sampling_chunks_of_rollouts_and_evaluation(t
     monkeypatch.setattr(rollout, "_sample_chunk", spy)
     data = write_digit_data(tmp_path, 8)
     # 4 prompts × 8 samples = 32 rollout rows per step in chunks of 12; eval: 4 problems × (2 samples + greedy).
-    config = make_config(tmp_path, digit_model_dir, data, num_iterations=1, sample_batch_size=12, max_new_tokens=1)
+    config = make_config(tmp_path, digit_model_dir, data, rl=dict(num_iterations=1, sampling=dict(batch_size=12,
+                                                                                                  max_new_tokens=1)))
     rl.run_rl(config, tmp_path / "run", digit_model_dir, resume=False)
     assert chunks == [12] + [12, 12, 8] + [12], chunks  # step-0 eval, the step's rollouts, final eval
 
@@ -470,13 +474,13 @@ def test_a_rank_with_fewer_batches_pads_to_the_busiest_rank_with_zero_loss(monke
     model = tiny_llama(96)
     rows = _rows(None, [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # 3 rows to train, 3 skipped
     alone = _Capture(model)
-    stats_alone = rl.train_on_rows(model, None, alone, rows, _rl_cfg(device_batch_size=3), pad_id=0, dist=CPU, model_config=F32, scaler=None)
+    stats_alone = rl.train_on_rows(model, None, alone, rows, _rl_cfg(batch_size=3), pad_id=0, dist=CPU, model_config=F32, scaler=None)
     sizes: list[int] = []
     real_build = rl.build_batch
     monkeypatch.setattr(rl, "build_batch", lambda r, *a: sizes.append(len(r)) or real_build(r, *a))
     monkeypatch.setattr(distributed, "all_reduce_max", lambda tensor, dist: tensor.fill_(3.0))
     padded = _Capture(model)
-    stats = rl.train_on_rows(model, None, padded, rows, _rl_cfg(device_batch_size=3), pad_id=0, dist=CPU, model_config=F32, scaler=None)
+    stats = rl.train_on_rows(model, None, padded, rows, _rl_cfg(batch_size=3), pad_id=0, dist=CPU, model_config=F32, scaler=None)
     assert sizes == [3, 1, 1]  # the real micro-batch, then two one-row zero-advantage pads
     for name in alone.grads:
         torch.testing.assert_close(padded.grads[name], alone.grads[name], rtol=1e-5, atol=1e-8, msg=name)
@@ -543,7 +547,7 @@ def test_rl_trains_in_train_mode_with_checkpointing_through_run_rl(tmp_path: Pat
 
     monkeypatch.setattr(rl, "completion_logprobs", spy)
     data = write_digit_data(tmp_path, 16)
-    config = make_config(tmp_path, digit_model_dir, data, num_iterations=1)
+    config = make_config(tmp_path, digit_model_dir, data, rl=dict(num_iterations=1))
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, gradient_checkpointing=True))
     rl.run_rl(config, tmp_path / "run", digit_model_dir, resume=False)
     assert seen and all(training and full for training, full in seen)
@@ -564,7 +568,7 @@ def test_ppo_ratio_starts_at_one_with_the_trainers_old_logprobs() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     for group in optimizer.param_groups:
         group["base_lr"] = 0.0
-    stats = rl.train_on_rows(model, None, optimizer, shifted, _rl_cfg(updates_per_batch=2, device_batch_size=2),
+    stats = rl.train_on_rows(model, None, optimizer, shifted, _rl_cfg(updates_per_batch=2, batch_size=2),
                              pad_id=0, dist=CPU, model_config=F32, scaler=None)
     assert stats["clip_frac"] == 0.0
     assert stats["logprob_mismatch"] == pytest.approx(0.5, abs=1e-4)
@@ -586,7 +590,7 @@ def test_non_finite_rl_update_is_not_applied_and_resume_continues(tmp_path: Path
     from integration_training.errors import TrainingDiverged
 
     data = write_digit_data(tmp_path, 32)
-    config = make_config(tmp_path, digit_model_dir, data, num_iterations=3, save_every=1)
+    config = make_config(tmp_path, digit_model_dir, data, rl=dict(num_iterations=3, checkpoint_every=1))
     real = rl.completion_logprobs
 
     def poisoned(model, batch, full_rows, dtype, with_entropy=False):

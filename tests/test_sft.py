@@ -139,7 +139,7 @@ def test_accumulation_matches_one_big_micro_batch(rendered):
     Gradients and the pre-clip norm are compared, not weights after an AdamW step: Adam's first update is
     ~lr·sign(g), blind to a gradient scaled by 1/accumulation."""
     pad = smollm2_tokenizer().pad_token_id
-    stage = make_stage(batch_size=2, target_examples_per_step=8)
+    stage = make_stage(batch_size=2, examples_per_step=8)
     sequences = [[r] for r in rendered[:8]]
     assert gradient_accumulation(stage, 1) == 4
     small = rank_micro_batches(sequences, 2, SINGLE, packing=False, pad_id=pad, attn_implementation="sdpa")
@@ -155,7 +155,7 @@ def test_accumulation_matches_one_big_micro_batch(rendered):
     updated = []
     for micro in (small, big):
         model = tiny_model(vocab(), 0)
-        opt = build_optimizer(model, stage)
+        opt = build_optimizer(model, stage.optimizer)
         train_step(SupervisedTokenLoss(model, "float32", True).train(), opt, list(model.parameters()), micro, 0, 1.0, 1.0, SINGLE, None)
         updated.append(dict(model.named_parameters()))
     for name, p in updated[0].items():
@@ -163,9 +163,15 @@ def test_accumulation_matches_one_big_micro_batch(rendered):
 
 
 def make_stage(**fields):
-    from test_optim import stage
+    """An SFTConfig (AdamW 1e-2, no clipping); `fields` override, nested dicts for the optimizer."""
+    from helpers import optimizer_config, replace_nested
+    from integration_training.config import SFTConfig
 
-    return stage(**fields)
+    return replace_nested(SFTConfig(
+        num_epochs=1, num_iterations=10, batch_size=1, examples_per_step=1,
+        optimizer=optimizer_config(lr=1e-2, grad_clip=0.0), packing=False, eval_every=1, eval_steps=1,
+        checkpoint_every=1, log_every=1,
+    ), fields)
 
 
 def test_grad_clip_reports_unclipped_norm_and_clips(rendered):
@@ -183,7 +189,7 @@ def test_grad_clip_reports_unclipped_norm_and_clips(rendered):
 
 
 def test_epochs_iterations_batch_and_packing_shape_the_stream(rendered):
-    stage = make_stage(num_epochs=2, num_iterations=-1, batch_size=2, target_examples_per_step=4)
+    stage = make_stage(num_epochs=2, num_iterations=-1, batch_size=2, examples_per_step=4)
     stream = SFTStream(list(rendered), seed=0, packing=False, max_length=256, sequences_per_step=4)
     assert stream.steps_in_epoch(0) == 4 and total_steps(stage, stream) == 8  # num_epochs × 16/4
     assert total_steps(dataclasses.replace(stage, num_epochs=3), stream) == 12
@@ -258,8 +264,8 @@ def weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 def test_run_logs_evaluates_and_checkpoints_on_schedule(tmp_path):
     config = make_config(
         tmp_path,
-        sft=dict(num_iterations=5, warmup_ratio=0.4, lr_schedule="linear", init_lr_frac=0.5, matrix_lr=1e-3,
-                 eval_every=2, checkpoint_every=2, log_every=2),
+        sft=dict(num_iterations=5, eval_every=2, checkpoint_every=2, log_every=2,
+                 optimizer=dict(warmup_ratio=0.4, lr_schedule="linear", init_lr_frac=0.5, matrix_lr=1e-3)),
     )
     run_dir = tmp_path / "run"
     final = run_sft(config, run_dir, resume=False)
@@ -276,10 +282,11 @@ def test_run_logs_evaluates_and_checkpoints_on_schedule(tmp_path):
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
 
 
-def test_target_examples_per_step_scales_supervised_tokens(tmp_path):
+def test_examples_per_step_scales_supervised_tokens(tmp_path):
     counts = {}
     for target in (2, 4):
-        config = make_config(tmp_path, sft=dict(num_iterations=1, target_examples_per_step=target), output=dict(experiment_name=f"t{target}"))
+        config = make_config(tmp_path, sft=dict(num_iterations=1, examples_per_step=target),
+                             output=dict(experiment_name=f"t{target}"))
         run_sft(config, tmp_path / f"t{target}", resume=False)
         counts[target] = read_metrics(tmp_path / f"t{target}", "sft")[-1]["supervised_tokens"]
     assert counts[4] > 1.5 * counts[2]
@@ -292,8 +299,9 @@ def test_overfits_eight_conversations_and_checkpoint_generates(tmp_path):
         tmp_path,
         data=dict(sft_mixture=[arithmetic("train", 8)], sft_val_mixture=[arithmetic("train", 8)]),
         # Muon memorises ~3x faster than AdamW here (measured: loss 0.05 at step 30 vs 1.25 at step 50 with AdamW).
-        sft=dict(num_iterations=45, batch_size=8, target_examples_per_step=8, optimizer="muon", embedding_lr=3e-2,
-                 unembedding_lr=3e-2, matrix_lr=3e-2, eval_every=1000, log_every=15, lr_schedule="linear", grad_clip=1.0),
+        sft=dict(num_iterations=45, batch_size=8, examples_per_step=8, eval_every=1000, log_every=15,
+                 optimizer=dict(name="muon", embedding_lr=3e-2, unembedding_lr=3e-2, matrix_lr=3e-2,
+                                lr_schedule="linear", grad_clip=1.0)),
     )
     final = run_sft(config, tmp_path / "run", resume=False)
     rows = read_metrics(tmp_path / "run", "sft")
@@ -309,8 +317,9 @@ def test_overfits_eight_conversations_and_checkpoint_generates(tmp_path):
 
 
 def resumable_config(tmp_path, name, **sft):
-    fields = dict(num_iterations=4, checkpoint_every=2, eval_every=2, log_every=1, optimizer="muon", lr_schedule="cosine",
-                  warmup_ratio=0.25, weight_decay=0.01, packing=True, batch_size=1, target_examples_per_step=2)
+    fields = dict(num_iterations=4, checkpoint_every=2, eval_every=2, log_every=1, packing=True, batch_size=1,
+                  examples_per_step=2,
+                  optimizer=dict(name="muon", lr_schedule="cosine", warmup_ratio=0.25, weight_decay=0.01))
     fields.update(sft)
     return make_config(tmp_path, sft=fields, output=dict(experiment_name=name))
 
@@ -410,8 +419,9 @@ def test_smollm2_on_gsm8k_lowers_validation_loss(tmp_path):
         tmp_path,
         model=dict(name=OFFLINE_SMOLLM2),
         data=dict(sft_mixture=[gsm8k("train", 40)], sft_val_mixture=[gsm8k("test", 8)], max_length=256),
-        sft=dict(num_iterations=20, batch_size=1, target_examples_per_step=1, embedding_lr=5e-5, unembedding_lr=5e-5,
-                 matrix_lr=5e-5, warmup_ratio=0.0, lr_schedule="linear", eval_every=1000, eval_steps=6, packing=False),
+        sft=dict(num_iterations=20, batch_size=1, examples_per_step=1, eval_every=1000, eval_steps=6, packing=False,
+                 optimizer=dict(embedding_lr=5e-5, unembedding_lr=5e-5, matrix_lr=5e-5, warmup_ratio=0.0,
+                                lr_schedule="linear")),
     )
     run_sft(config, tmp_path / "run", resume=False)
     rows = read_metrics(tmp_path / "run", "sft")

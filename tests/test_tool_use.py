@@ -346,9 +346,8 @@ def test_sft_rl_and_eval_run_with_the_calculator(tmp_path):
     spec = _gsm8k_spec(_tool_rows_file(tmp_path))
     config = make_config(
         tmp_path,
-        data={"sft_mixture": [spec], "sft_val_mixture": [spec], "rl_mixture": [spec], "rl_eval_mixture": [spec],
-              "tools": ["calculator"]},
-        rl={"max_new_tokens": 24},
+        data={"sft_mixture": [spec], "sft_val_mixture": [spec], "rl_mixture": [spec], "tools": ["calculator"]},
+        rl={"sampling": {"max_new_tokens": 24}}, evaluation={"mixture": [spec], "sampling": {"max_new_tokens": 24}},
         output={"mode": "sft+rl"},
     )
     run_dir = cli.prepare_run_dir(config, resume=False, is_main=True)

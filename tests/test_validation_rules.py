@@ -15,6 +15,8 @@ import pytest
 
 from integration_training.config import Config, ConfigError, DatasetSpec, validate
 
+from helpers import replace_nested
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -25,9 +27,7 @@ def base() -> Config:
 
 
 def changed(config: Config, **sections: dict) -> Config:
-    return dataclasses.replace(
-        config, **{name: dataclasses.replace(getattr(config, name), **fields) for name, fields in sections.items()}
-    )
+    return replace_nested(config, sections)
 
 
 def spec(**fields) -> DatasetSpec:
@@ -38,7 +38,7 @@ def spec(**fields) -> DatasetSpec:
 
 CUDA1 = dict(device_type="cuda", gpu_ranks=[0], processes_per_node=1)
 TWO_CPU = dict(processes_per_node=2, parallelism="ddp")
-TWO_RANK_BATCHES = dict(sft=dict(target_examples_per_step=8), rl=dict(device_batch_size=32))  # divisible over 2
+TWO_RANK_BATCHES = dict(sft=dict(examples_per_step=8), rl=dict(batch_size=32))  # divisible over 2
 # (id, section changes, the field path the problems must name (or a tuple: it, then others the change must cause))
 CASES = [
     ("device_type", dict(target=dict(device_type="tpu")), "target.device_type"),
@@ -65,54 +65,63 @@ CASES = [
     ("attn_name", dict(model=dict(attn_implementation="flex")), "model.attn_implementation"),
     ("flash_attention_on_cpu", dict(model=dict(attn_implementation="flash_attention_2")), "model.attn_implementation"),
     ("model_name_empty", dict(model=dict(name="")), "model.name"),
-    ("max_length", dict(data=dict(max_length=8)), ("data.max_length", "rl.max_new_tokens")),
+    ("max_length", dict(data=dict(max_length=8)),
+     ("data.max_length", "rl.sampling.max_new_tokens", "evaluation.sampling.max_new_tokens")),
     ("unknown_tool", dict(data=dict(tools=["python"])), "data.tools"),
     ("tool_twice", dict(data=dict(tools=["calculator", "calculator"])), "data.tools"),
     ("spec_name", dict(data=dict(rl_mixture=[spec(name="")])), "data.rl_mixture[0].name"),
     ("spec_split", dict(data=dict(rl_mixture=[spec(split="")])), "data.rl_mixture[0].split"),
     ("spec_max_samples", dict(data=dict(sft_val_mixture=[spec(max_samples=0)])), "data.sft_val_mixture[0].max_samples"),
-    ("spec_repeat", dict(data=dict(rl_eval_mixture=[spec(repeat=0)])), "data.rl_eval_mixture[0].repeat"),
+    ("spec_repeat", dict(evaluation=dict(mixture=[spec(repeat=0)])), "evaluation.mixture[0].repeat"),
     ("spec_reward", dict(data=dict(sft_mixture=[spec(reward="module.function")])), "data.sft_mixture[0].reward"),
     ("sft_mixture_needed", dict(data=dict(sft_mixture=[])), "data.sft_mixture"),
     ("sft_val_mixture_needed", dict(data=dict(sft_val_mixture=[])), "data.sft_val_mixture"),
     ("rl_mixture_needed", dict(data=dict(rl_mixture=[])), "data.rl_mixture"),
-    ("rl_eval_mixture_needed", dict(data=dict(rl_eval_mixture=[])), "data.rl_eval_mixture"),
+    ("eval_mixture_needed", dict(evaluation=dict(mixture=[])), "evaluation.mixture"),
+    ("eval_mixture_needed_by_every_rl_steps", dict(evaluation=dict(
+        mixture=[], at_start=False, after_sft=False, after_rl=False, every_rl_steps=2)), "evaluation.mixture"),
+    ("eval_after_sft_needs_sft", dict(output=dict(mode="rl", source_checkpoint="/tmp/x")), "evaluation.after_sft"),
+    ("eval_after_rl_needs_rl", dict(output=dict(mode="sft")), "evaluation.after_rl"),
+    ("eval_every_rl_steps_needs_rl", dict(output=dict(mode="sft"), evaluation=dict(after_rl=False, every_rl_steps=3)),
+     "evaluation.every_rl_steps"),
+    ("eval_every_rl_steps_negative", dict(evaluation=dict(every_rl_steps=-1)), "evaluation.every_rl_steps"),
+    ("eval_num_problems", dict(evaluation=dict(num_problems=0)), "evaluation.num_problems"),
+    ("eval_num_samples", dict(evaluation=dict(num_samples=0)), "evaluation.num_samples"),
     ("sft_batch_size", dict(sft=dict(batch_size=0)), "sft.batch_size"),
-    ("sft_target_examples", dict(sft=dict(target_examples_per_step=0)), "sft.target_examples_per_step"),
-    ("sft_accumulation_divisible", dict(sft=dict(target_examples_per_step=6)), "sft.target_examples_per_step"),
+    ("sft_examples_per_step", dict(sft=dict(examples_per_step=0)), "sft.examples_per_step"),
+    ("sft_accumulation_divisible", dict(sft=dict(examples_per_step=6)), "sft.examples_per_step"),
     ("sft_eval_steps", dict(sft=dict(eval_steps=0)), "sft.eval_steps"),
-    ("sft_checkpoint_every", dict(sft=dict(checkpoint_every=0)), "sft.checkpoint_every"),
+    ("sft_eval_every", dict(sft=dict(eval_every=0)), "sft.eval_every"),
     *[(f"{stage}_{field}", {stage: {field: value}}, f"{stage}.{field}") for stage in ("sft", "rl") for field, value in [
-        ("optimizer", "sgd"), ("lr_schedule", "step"), ("embedding_lr", -1e-3), ("unembedding_lr", -1e-3),
+        ("num_epochs", 0), ("num_iterations", 0), ("num_iterations", -2), ("log_every", 0), ("checkpoint_every", 0)]],
+    *[(f"{stage}_optimizer_{field}", {stage: {"optimizer": {field: value}}}, f"{stage}.optimizer.{field}")
+      for stage in ("sft", "rl") for field, value in [
+        ("name", "sgd"), ("lr_schedule", "step"), ("embedding_lr", -1e-3), ("unembedding_lr", -1e-3),
         ("matrix_lr", -1e-3), ("weight_decay", -0.1), ("grad_clip", -1.0), ("init_lr_frac", 0.0),
-        ("init_lr_frac", 1.5), ("warmup_ratio", 1.0), ("warmup_ratio", -0.1), ("num_epochs", 0),
-        ("num_iterations", 0), ("num_iterations", -2), ("log_every", 0), ("eval_every", 0)]],
+        ("init_lr_frac", 1.5), ("warmup_ratio", 1.0), ("warmup_ratio", -0.1)]],
+    *[(f"{section}_sampling_{field}", {section: {"sampling": {field: value}}}, f"{section}.sampling.{field}")
+      for section in ("rl", "evaluation") for field, value in [
+        ("batch_size", 0), ("max_new_tokens", 0), ("max_new_tokens", 250), ("temperature", -0.5),
+        ("temperature", 0.0), ("top_k", -1)]],
     ("rl_advantage", dict(rl=dict(advantage="median")), "rl.advantage"),
     ("rl_examples_per_step", dict(rl=dict(examples_per_step=0)), "rl.examples_per_step"),
-    ("rl_num_samples", dict(rl=dict(num_samples=1, device_batch_size=8)), "rl.num_samples"),
-    ("rl_device_batch_size", dict(rl=dict(device_batch_size=0)), "rl.device_batch_size"),
-    ("rl_device_batch_size_divides", dict(rl=dict(device_batch_size=7)), "rl.device_batch_size"),
-    ("rl_sample_batch_size", dict(rl=dict(sample_batch_size=0)), "rl.sample_batch_size"),
-    ("rl_max_new_tokens", dict(rl=dict(max_new_tokens=0)), "rl.max_new_tokens"),
+    ("rl_num_samples", dict(rl=dict(num_samples=1, batch_size=8)), "rl.num_samples"),
+    ("rl_batch_size", dict(rl=dict(batch_size=0)), "rl.batch_size"),
+    ("rl_batch_size_divides", dict(rl=dict(batch_size=7)), "rl.batch_size"),
     ("rl_updates_per_batch", dict(rl=dict(updates_per_batch=0)), "rl.updates_per_batch"),
-    ("rl_eval_examples", dict(rl=dict(eval_examples=0)), "rl.eval_examples"),
-    ("rl_eval_k", dict(rl=dict(eval_k=0)), "rl.eval_k"),
-    ("rl_save_every", dict(rl=dict(save_every=0)), "rl.save_every"),
-    ("rl_temperature_negative", dict(rl=dict(temperature=-0.5)), "rl.temperature"),
-    ("rl_temperature_zero", dict(rl=dict(temperature=0.0)), "rl.temperature"),
-    ("rl_top_k", dict(rl=dict(top_k=-1)), "rl.top_k"),
     ("rl_kl_coef", dict(rl=dict(kl_coef=-0.1)), "rl.kl_coef"),
     ("rl_clip_eps", dict(rl=dict(clip_eps=0.0)), "rl.clip_eps"),
-    ("rl_prompts_split_over_ranks", dict(target=TWO_CPU, rl=dict(examples_per_step=7, device_batch_size=8),
-                                         sft=dict(target_examples_per_step=8)), "rl.examples_per_step"),
+    ("rl_prompts_split_over_ranks", dict(target=TWO_CPU, rl=dict(examples_per_step=7, batch_size=8),
+                                         sft=dict(examples_per_step=8)), "rl.examples_per_step"),
     ("mode", dict(output=dict(mode="dpo")), "output.mode"),
     ("log_level", dict(output=dict(log_level="LOUD")), "output.log_level"),
     ("experiment_name_slash", dict(output=dict(experiment_name="a/b")), "output.experiment_name"),
     ("experiment_name_dots", dict(output=dict(experiment_name="..")), "output.experiment_name"),
     ("experiment_name_empty", dict(output=dict(experiment_name="")), "output.experiment_name"),
     ("wandb_project_needed", dict(output=dict(use_wandb=True, wandb_project="")), "output.wandb_project"),
-    ("rl_needs_source", dict(output=dict(mode="rl")), "output.source_checkpoint"),
-    ("sft_takes_no_source", dict(output=dict(mode="sft", source_checkpoint="/tmp/x")), "output.source_checkpoint"),
+    ("rl_needs_source", dict(output=dict(mode="rl"), evaluation=dict(after_sft=False)), "output.source_checkpoint"),
+    ("sft_takes_no_source", dict(output=dict(mode="sft", source_checkpoint="/tmp/x"), evaluation=dict(after_rl=False)),
+     "output.source_checkpoint"),
     ("types", dict(sft=dict(batch_size=True)), "sft.batch_size"),
 ]
 
