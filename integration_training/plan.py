@@ -241,8 +241,13 @@ def process_baseline_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _dynamic_memory_lines(config: Config, params: int, shape: Shape, static: int, supervised_fraction: float) -> list[str]:
-    """Activations (with and without checkpointing) and the sampling KV cache; the peak is the larger stage."""
+def _dynamic_memory_lines(config: Config, params: int, shape: Shape, static: int, supervised_fraction: float,
+                          longest_prompt: dict[str, int]) -> list[str]:
+    """Activations (with and without checkpointing) and the sampling KV cache; the peak is the larger stage.
+
+    `longest_prompt`: the longest prompt (tokens) RL / the evaluation samples from, where the data is local; the
+    sampler's cache holds that plus max_new_tokens positions (data.max_length bounds it where unknown).
+    """
     compute_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
     gib = 1024**3
     checkpointing = config.model.gradient_checkpointing
@@ -260,7 +265,8 @@ def _dynamic_memory_lines(config: Config, params: int, shape: Shape, static: int
     if runs_rl(config):
         r = config.rl
         rows = min(r.batch_size, r.examples_per_step // world_size(config.target) * r.num_samples)
-        prompt = config.data.max_length - r.sampling.max_new_tokens  # the longest prompt RL keeps (drop_overlong)
+        # The longest prompt RL samples from (where the data is local), else the longest drop_overlong keeps.
+        prompt = longest_prompt.get("rl", config.data.max_length - r.sampling.max_new_tokens)
         if checkpointing:  # full-row layout: every row carries its prompt
             tokens = rows * config.data.max_length
         else:  # rl.completion_logits: each distinct prompt once, its KV gathered to the completion rows
@@ -270,16 +276,15 @@ def _dynamic_memory_lines(config: Config, params: int, shape: Shape, static: int
         stages["RL update"] = act[checkpointing]
         lines.append(f"  RL activations ({rows} rows, {tokens} tokens through the layers): {act[False] / gib:.2f} GiB "
                      f"without checkpointing, {act[True] / gib:.2f} GiB with")
-    samplers = [("rl.sampling.batch_size", config.rl.sampling.batch_size)] if runs_rl(config) else []
-    if evaluations_on(config.evaluation):
-        samplers.append(("evaluation.sampling.batch_size", config.evaluation.sampling.batch_size))
-    if samplers:
-        field, rows = max(samplers, key=lambda item: item[1])
-        kv = kv_cache_bytes(shape, rows, config.data.max_length, compute_bytes)
+    caches = {section: _sampling_chunk(config, section, longest_prompt.get(section))
+              for section in ("rl", "evaluation") if _samples(config, section)}
+    if caches:
+        section, (rows, positions) = max(caches.items(), key=lambda item: item[1][0] * item[1][1])
+        kv = kv_cache_bytes(shape, rows, positions, compute_bytes)
         # Sampling holds the weights but no gradients or optimizer moments of its own beyond the trainer's.
         stages["sampling"] = kv
-        lines.append(f"  sampling KV cache ({rows} rows × {config.data.max_length} positions, "
-                     f"{field}): {kv / gib:.2f} GiB")
+        lines.append(f"  sampling KV cache ({rows} rows × {positions} positions, {section}.sampling): "
+                     f"{kv / gib:.2f} GiB")
     baseline = process_baseline_bytes() if config.target.device_type == "cpu" else 0
     worst = max(stages, key=stages.get) if stages else None
     peak = static + (stages[worst] if worst else 0) + baseline
@@ -288,6 +293,25 @@ def _dynamic_memory_lines(config: Config, params: int, shape: Shape, static: int
     lines.append(f"  predicted peak per process ({where}): static {static / gib:.2f} GiB + {worst or 'nothing'} "
                  f"{(stages[worst] if worst else 0) / gib:.2f}{runtime} = {peak / gib:.2f} GiB")
     return lines
+
+
+def _samples(config: Config, section: str) -> bool:
+    return runs_rl(config) if section == "rl" else evaluations_on(config.evaluation)
+
+
+def _sampling_chunk(config: Config, section: str, longest_prompt: int | None) -> tuple[int, int]:
+    """(rows, positions) of the largest sampling chunk of `section`: a sampling call's rows (a step's rollouts, or a
+    rank's share of problems × (samples + greedy)) capped by sampling.batch_size; prompt + max_new_tokens positions."""
+    world = world_size(config.target)
+    if section == "rl":
+        sampling, rows = config.rl.sampling, config.rl.examples_per_step // world * config.rl.num_samples
+    else:
+        e = config.evaluation
+        sampling, rows = e.sampling, -(-e.num_problems // world) * (e.num_samples + 1)
+    positions = config.data.max_length
+    if longest_prompt is not None:
+        positions = min(positions, longest_prompt + sampling.max_new_tokens)
+    return min(rows, sampling.batch_size), positions
 
 
 def predicted_peak_bytes(text: str) -> int:
@@ -300,7 +324,7 @@ def predicted_peak_bytes(text: str) -> int:
 
 
 def _memory_lines(config: Config, params: int | None, adapter: int | None, shape: Shape | None = None,
-                  supervised_fraction: float = 1.0) -> list[str]:
+                  supervised_fraction: float = 1.0, longest_prompt: dict[str, int] | None = None) -> list[str]:
     """Static memory per process (before activations) under mixed precision with float32 masters.
 
     Training keeps float32 parameters, float32 gradients and AdamW's two float32 moments (16 bytes/parameter)
@@ -341,7 +365,7 @@ def _memory_lines(config: Config, params: int | None, adapter: int | None, shape
     static = params * 4 + trainable * 12 + casts + (full_reference if config.model.lora is None else 0) + (
         0 if config.model.lora is None else trainable * 4)
     if shape is not None and (config.model.lora is None or adapter is not None):
-        lines += _dynamic_memory_lines(config, params, shape, static, supervised_fraction)
+        lines += _dynamic_memory_lines(config, params, shape, static, supervised_fraction, longest_prompt or {})
     if config.model.dtype == "bfloat16" and config.target.device_type == "cpu":
         lines.append("  note: bfloat16 compute on CPU is slow (measured ~20x float32 on 2 cores); float32 is the CPU choice")
     return lines
@@ -381,12 +405,12 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
             mixture = build_mixture(data.sft_mixture, data.shuffle_seed, data.tools)
             rendered = template.render_conversation(tokenizer, list(mixture.examples[0].messages), data.tools)
             example_text = template.format_masked_example(tokenizer, rendered)
+    sampled = _sampled_prompts(config, tokenizer)
     if runs_rl(config):
-        rl_offline = all(not _is_hub_source(s) for s in data.rl_mixture)
-        prompts = _rl_prompts(config, tokenizer) if rl_offline else None
-        lines += _rl_lines(config, prompts)
+        lines += _rl_lines(config, sampled["rl"][0] if "rl" in sampled else None)
     lines += _eval_lines(config)
-    lines += _memory_lines(config, params, adapter, shape, supervised_fraction)
+    longest = {section: longest for section, (_, longest) in sampled.items() if longest is not None}
+    lines += _memory_lines(config, params, adapter, shape, supervised_fraction, longest)
     if example_text is not None:
         lines += ["one rendered training example (supervised tokens between « and »):", example_text]
     else:
@@ -394,22 +418,31 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
     return "\n".join(lines)
 
 
-def _rl_prompts(config: Config, tokenizer) -> int:
-    """RL's usable prompt count, through the checks RL makes before its first step (verifiers, fit, one step)."""
+def _sampled_prompts(config: Config, tokenizer) -> dict[str, tuple[int, int | None]]:
+    """{"rl" / "evaluation": (usable prompts, longest prompt in tokens or None)} for the sections that sample from
+    local sources, through the checks their stage makes before it starts (verifiers, fit, RL's one step)."""
     from integration_training.rl import drop_overlong, rl_examples, total_steps
+    from integration_training.template import render_prompt
 
-    data, rl, evaluation = config.data, config.rl, config.evaluation
-    mixtures = [("rl", "data.rl_mixture", data.rl_mixture, rl.sampling)]
+    data, evaluation = config.data, config.evaluation
+    mixtures = []
+    if runs_rl(config) and all(not _is_hub_source(s) for s in data.rl_mixture):
+        mixtures.append(("rl", "data.rl_mixture", data.rl_mixture, config.rl.sampling))
     if evaluations_on(evaluation) and all(not _is_hub_source(s) for s in evaluation.mixture):
         mixtures.append(("evaluation", "evaluation.mixture", evaluation.mixture, evaluation.sampling))
-    counts = {}
+    found = {}
     for section, what, specs, sampling in mixtures:
         examples = rl_examples(specs, data.shuffle_seed, what)
+        longest = None
         if tokenizer is not None:
             examples = drop_overlong(examples, tokenizer, data.max_length, sampling, section)
-        counts[section] = len(examples)
-    total_steps(rl, counts["rl"])
-    return counts["rl"]
+            if section == "evaluation":
+                examples = examples[: evaluation.num_problems]
+            longest = max(len(render_prompt(tokenizer, list(e.messages[:-1]))) for e in examples)
+        found[section] = (len(examples), longest)
+    if "rl" in found:
+        total_steps(config.rl, found["rl"][0])
+    return found
 
 
 def _sft_data_estimate(config: Config, tokenizer, offline: bool, lines: list[str]) -> tuple[int, int | None, int | None]:

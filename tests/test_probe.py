@@ -126,3 +126,21 @@ def test_host_peak_is_the_process_own_not_its_launchers():
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) < 500 * 1024 * 1024, int(result.stdout) / 2**20
     del ballast
+
+
+@pytest.mark.slow
+def test_plan_memory_line_is_within_30_percent_of_the_probe_peak_for_the_offline_smollm2_config(tmp_path):
+    """The shipped offline default (SmolLM2-135M): the plan's predicted peak against the peak RSS of the probe,
+    which runs the same worst cases (SFT's longest batch, an RL rollout and update, an evaluation chunk)."""
+    import dataclasses
+    import runpy
+
+    from integration_training.plan import predicted_peak_bytes
+
+    shipped = runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs" / "00_offline_cpu.py"))["config"]
+    config = dataclasses.replace(shipped, output=dataclasses.replace(shipped.output, save_dir=tmp_path / "results"))
+    result = _deploy(tmp_path, config, "--dry-run", "--probe")
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = predicted_peak_bytes(result.stdout)
+    measured = max(float(g) for g in re.findall(r"host peak RSS (\d+\.\d+) GiB", result.stdout)) * 1024**3
+    assert 0.7 * measured <= predicted <= 1.3 * measured, (predicted / 2**30, measured / 2**30)
