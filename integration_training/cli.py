@@ -52,6 +52,7 @@ def main(argv: list[str]) -> int:
     try:
         config = load_config_file(Path(args.config))
         validate(config)
+        check_optional_packages(config)
         _set_visible_gpus(config)
         if args.dry_run and args.probe:
             return _dry_run_probe(config, args.config)
@@ -185,6 +186,26 @@ def _where_in(path: Path, error: BaseException) -> str:
         if Path(frame.f_code.co_filename).resolve() == path.resolve():
             line = lineno
     return f"{path}:{line}: " if line is not None else f"{path}: "
+
+
+# ---------------------------------------------------------------------------------------------------- environment
+
+
+def check_optional_packages(config: Config) -> None:
+    """A config that asks for an optional package this environment lacks is refused before anything loads."""
+    if config.output.use_wandb and not _installed("wandb"):
+        raise UserError("output.use_wandb=True but wandb is not installed; install the extra "
+                        "(pip install 'integration-training[wandb]', or pip install wandb==0.31.0) or set "
+                        "output.use_wandb=False")
+
+
+def _installed(name: str) -> bool:
+    """Whether `import name` would find a module (without importing it: wandb's import alone takes seconds)."""
+    import importlib.util
+
+    if name in sys.modules:  # imported already, or blocked (None)
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
 
 
 # ---------------------------------------------------------------------------------------------------- devices
@@ -557,22 +578,24 @@ def _run(config: Config, args: argparse.Namespace) -> int:
 
 
 def dispatch(config: Config, run_dir: Path, resume: bool, stop=None) -> None:
-    """Run the stages `output.mode` names; RL in sft+rl starts from SFT's final checkpoint.
+    """Run the stages `output.mode` names, with the evaluations `evaluation` asks for; RL in sft+rl starts from
+    SFT's final checkpoint.
 
     `stop`: the run's StopRequest. A stage it stops early raises Interrupted (exit 3) with no report; a stop that
     arrives once SFT is complete keeps RL from starting.
     """
+    from integration_training.checkpoint import checkpoint_step
     from integration_training.signals import StopRequest
 
     stop = stop if stop is not None else StopRequest()
+    evaluation = config.evaluation
     init_model = config.output.source_checkpoint
+    if evaluation.at_start:  # the model the run starts from: model.name, or the source checkpoint in mode "rl"
+        with _timed(run_dir, "baseline evaluation"):
+            held_out_eval(config, run_dir, config.model.name if runs_sft(config) else init_model, "baseline", 0)
     if runs_sft(config):
-        from integration_training.checkpoint import checkpoint_step
         from integration_training.sft import run_sft
 
-        if config.evaluation.at_start:
-            with _timed(run_dir, "baseline evaluation"):
-                held_out_eval(config, run_dir, config.model.name, "baseline", 0)
         if _agreed_stop(config, stop) and not resume:
             raise Interrupted(f"by {stop.reason} before the first SFT step: no checkpoint was written; start again "
                               "without --resume (the run directory is set aside and reused)")
@@ -582,7 +605,7 @@ def dispatch(config: Config, run_dir: Path, resume: bool, stop=None) -> None:
             where = stop.stopped_at or "the end of SFT (RL not started)"
             raise Interrupted(f"by {stop.reason} at {where}; checkpoint {init_model} kept; continue with: "
                               "python deploy.py CONFIG --resume")
-        if config.evaluation.after_sft and not runs_rl(config):  # with RL, RL scores its starting model
+        if evaluation.after_sft:
             with _timed(run_dir, "after-SFT evaluation"):
                 held_out_eval(config, run_dir, init_model, "sft", checkpoint_step(Path(init_model)))
     if runs_rl(config):
@@ -595,6 +618,9 @@ def dispatch(config: Config, run_dir: Path, resume: bool, stop=None) -> None:
         if stop.stopped_at is not None:
             raise Interrupted(f"by {stop.reason} at {stop.stopped_at}; checkpoint {final} kept; continue with: "
                               "python deploy.py CONFIG --resume")
+        if evaluation.after_rl:
+            with _timed(run_dir, "after-RL evaluation"):
+                held_out_eval(config, run_dir, final, "rl", checkpoint_step(Path(final)))
     if os.environ.get("RANK", "0") == "0":
         from integration_training import report
 
@@ -626,25 +652,10 @@ def _has_checkpoints(stage_dir: Path) -> bool:
     return latest_checkpoint(stage_dir) is not None
 
 
-def held_out_eval(config: Config, run_dir: Path, model_name: str, stage: str, step: int) -> None:
-    """Evaluate a model on `evaluation.mixture` with the evaluation's settings; records go to eval/{stage}_step_N.jsonl.
-
-    The baseline before SFT and the after-SFT score of an SFT-only run use the very harness and problems that RL
-    evaluates with, so the final table compares like with like. Skipped when the file exists (a resumed run).
-    """
-    from integration_training.distributed import barrier, init_distributed
-    from integration_training.evaluate import eval_records_path
+def held_out_eval(config: Config, run_dir: Path, model: str | Path, stage: str, step: int) -> None:
+    """The evaluation stage on a saved model (`evaluate.run`; skipped when the run already holds it: a resume)."""
+    from integration_training import evaluate
     from integration_training.console import format_values
-    from integration_training.rl import drop_overlong, load_policy, rl_examples, run_eval
 
-    if eval_records_path(run_dir, stage, step).is_file():
-        return
-    evaluation, seed = config.evaluation, config.data.shuffle_seed
-    dist = init_distributed(config.target)
-    model, tokenizer = load_policy(model_name, config.model, dist.device, training=False)
-    problems = rl_examples(evaluation.mixture, seed, "evaluation.mixture", config.data.tools)
-    problems = drop_overlong(problems, tokenizer, config.data.max_length, evaluation.sampling, "evaluation")
-    values = run_eval(model, tokenizer, problems[: evaluation.num_problems], evaluation, seed, dist, run_dir, step, stage,
-                      config.model.dtype, config.data.tools)
-    barrier(dist)
+    values = evaluate.run(config, run_dir, stage, step, source=model)
     log.info("%s evaluation: %s", stage, format_values({k: v for k, v in values.items() if not k.endswith(("_low", "_high"))}))

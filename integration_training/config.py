@@ -275,17 +275,6 @@ def runs_rl(config: Config) -> bool:
     return config.output.mode in ("rl", "sft+rl")
 
 
-def rl_evaluates_its_start(config: Config) -> bool:
-    """RL scores its starting model: the baseline in mode 'rl' (at_start), SFT's result in 'sft+rl' (after_sft)."""
-    return config.evaluation.at_start if config.output.mode == "rl" else config.evaluation.after_sft
-
-
-def rl_evaluates_after_step(evaluation: EvalConfig, done: int, steps: int) -> bool:
-    """Whether RL evaluates once `done` of `steps` steps are complete (every_rl_steps; after_rl at the last)."""
-    every = evaluation.every_rl_steps
-    return (every > 0 and done % every == 0) or (done == steps and evaluation.after_rl)
-
-
 def world_size(target: TargetConfig) -> int:
     return target.processes_per_node * target.num_nodes
 

@@ -1,12 +1,19 @@
-"""Pass@k evaluation harness (used by training and by `python -m integration_training.evaluate`).
+"""The evaluation stage: held-out pass@k, run before training, after SFT, after RL and every N RL steps.
+
+`run(config, run_dir, stage, step, ...)` is the one entry point: the CLI calls it for the baseline
+(`evaluation.at_start`), after SFT (`after_sft`) and after RL (`after_rl`) with a model to load; `rl.py` calls it
+every `evaluation.every_rl_steps` with its policy in memory. Every setting comes from `config.evaluation`. Each
+evaluation writes `eval/{stage}_step_N.jsonl` (one record per problem, with its per-problem scores) and
+`eval/{stage}_step_N.json` (the aggregates with their intervals, the same numbers metrics.jsonl gets); the report
+reads those files and recomputes nothing.
 
 Per problem: one greedy completion and `k` sampled completions, each scored by the example's verifier with the
-strict and the lenient parser. Aggregates (each with a 95% percentile-bootstrap interval over problems):
+strict and the lenient parser. Aggregates (each with a 95% Wilson interval over problems, `stats.wilson_interval`):
 - `greedy_strict`, `greedy_lenient`: accuracy of the greedy completion;
 - `pass@1_*`, `pass@k_*`: the unbiased estimator 1 − C(n−c, j)/C(n, j) with n = k samples, c correct;
 - `letter_acc` (only when ARC-style problems are present): the answer letter with the highest logit right after
   the generation prompt equals the reference (no sampling involved).
-A sample is "correct" when its reward is > 0.5 (verifiers return 0/1; custom rewards may be fractional).
+A sample is "correct" when `stats.is_correct(reward)` (verifiers return 0/1; custom rewards may be fractional).
 
 The harness is split into `score_problems` (model work, shardable across ranks) and `aggregate` (pure), so a
 distributed caller can gather the per-problem records before aggregating.
@@ -16,23 +23,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from integration_training.data.types import Example
 from integration_training.errors import UserError
+from integration_training.stats import Interval, is_correct, pass_at_k, wilson_interval
 
 ARC_REWARD = "arc"
-BOOTSTRAP_RESAMPLES = 1000
-CORRECT_THRESHOLD = 0.5
+STAGES = ("baseline", "sft", "rl")  # what an evaluation is of: the model the run starts from, SFT's, RL's
+METRICS_STAGE = "eval"  # the metrics.jsonl stage of the evaluations the CLI runs (RL's own go into RL's rows)
 _OPTION_LINE = re.compile(r"^([A-Z])\. ", re.MULTILINE)
 
 
@@ -61,13 +67,9 @@ class ProblemRecord:
     # With tools on: the calls in the greedy completion and in each sample ([{"expression", "result"}]); None = off
     greedy_tool_calls: list[dict[str, str]] | None = None
     tool_calls: list[list[dict[str, str]]] | None = None
-
-
-@dataclass(frozen=True)
-class Interval:
-    value: float
-    low: float
-    high: float
+    # Filled by `aggregate`: this problem's score in each aggregate ("greedy_strict": 0/1, "pass@1_strict": c/k,
+    # ...), what the report's paired test compares; the aggregate is their mean.
+    scores: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,102 +91,76 @@ class EvalResult:
         return out
 
 
-# ---------------------------------------------------------------------------------------------------- statistics
+# ---------------------------------------------------------------------------------------------------- aggregation
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 − C(n−c, k)/C(n, k), as a stable product."""
-    assert 0 <= c <= n and 1 <= k <= n, (n, c, k)
-    if n - c < k:
-        return 1.0
-    # C(n−c, k)/C(n, k) = Π_{i=n−c+1..n} (1 − k/i); avoids huge binomials.
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+def problem_scores(problem: ProblemRecord, k: int) -> dict[str, float]:
+    """One problem's score in every aggregate: greedy 0/1, unbiased pass@j from its k samples, the ARC letter."""
+    scores: dict[str, float] = {}
+    if problem.greedy_strict is not None:
+        scores["greedy_strict"] = float(is_correct(problem.greedy_strict))
+        scores["greedy_lenient"] = float(is_correct(problem.greedy_lenient))
+    for mode, rewards in (("strict", problem.strict), ("lenient", problem.lenient)):
+        correct = sum(is_correct(r) for r in rewards)
+        for j in sorted({1, k}):
+            scores[f"pass@{j}_{mode}"] = pass_at_k(k, correct, j)
+    if problem.letter_correct is not None:
+        scores["letter_acc"] = problem.letter_correct
+    return scores
 
 
-def bootstrap_interval(values: Sequence[float], seed: int, resamples: int = BOOTSTRAP_RESAMPLES) -> Interval:
-    """Mean of `values` with a 95% percentile-bootstrap interval over items (seeded, so reproducible)."""
-    assert len(values) > 0
-    mean = sum(values) / len(values)
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    low = means[int(0.025 * (resamples - 1))]
-    high = means[int(math.ceil(0.975 * (resamples - 1)))]
-    return Interval(mean, min(low, mean), max(high, mean))
-
-
-def aggregate(problems: Sequence[ProblemRecord], k: int, seed: int = 0) -> EvalResult:
-    """Pure: per-problem records → aggregated metrics with intervals."""
+def aggregate(problems: Sequence[ProblemRecord], k: int) -> EvalResult:
+    """Pure: per-problem records → the same records with their scores, and each score's mean with its interval."""
     assert problems, "nothing to aggregate"
     assert all(len(p.strict) == k for p in problems), "every problem needs exactly k samples"
+    scored = [replace(p, scores=problem_scores(p, k)) for p in sorted(problems, key=lambda p: p.index)]
     with_greedy = all(p.greedy_strict is not None for p in problems)
-    columns: dict[str, list[float]] = {"greedy_strict": [], "greedy_lenient": []} if with_greedy else {}
-    ks = sorted({1, k})
-    for j in ks:
-        columns[f"pass@{j}_strict"] = []
-        columns[f"pass@{j}_lenient"] = []
-    for p in problems:
-        if with_greedy:
-            columns["greedy_strict"].append(float(p.greedy_strict > CORRECT_THRESHOLD))
-            columns["greedy_lenient"].append(float(p.greedy_lenient > CORRECT_THRESHOLD))
-        for mode, rewards in (("strict", p.strict), ("lenient", p.lenient)):
-            correct = sum(r > CORRECT_THRESHOLD for r in rewards)
-            for j in ks:
-                columns[f"pass@{j}_{mode}"].append(pass_at_k(k, correct, j))
-    letters = [p.letter_correct for p in problems if p.letter_correct is not None]
-    if letters:
-        columns["letter_acc"] = letters
-    metrics = {name: bootstrap_interval(values, seed + i) for i, (name, values) in enumerate(columns.items())}
+    names = (["greedy_strict", "greedy_lenient"] if with_greedy else []) + [
+        f"pass@{j}_{mode}" for j in sorted({1, k}) for mode in ("strict", "lenient")]
+    if any("letter_acc" in p.scores for p in scored):
+        names.append("letter_acc")  # over the problems that have a letter score (ARC-style ones)
+    metrics = {name: wilson_interval([p.scores[name] for p in scored if name in p.scores]) for name in names}
     lengths = [t for p in problems for t in p.tokens]
     mean_tokens = sum(lengths) / len(lengths) if lengths else 0.0
-    ordered = sorted(problems, key=lambda p: p.index)
     return EvalResult(k=k, num_problems=len(problems), metrics=metrics, mean_response_tokens=mean_tokens,
-                      problems=ordered)
+                      problems=scored)
 
 
 # ---------------------------------------------------------------------------------------------------- model work
 
 
-def evaluate(
-    model,
-    tokenizer,
-    examples: Sequence[Example],
-    k: int,
-    temperature: float,
-    top_k: int,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    greedy: bool = True,
-    tools: Sequence[str] = (),
-    progress: Callable[[float], None] | None = None,
-) -> EvalResult:
+@dataclass(frozen=True)
+class Scoring:
+    """How every problem is scored: `num_samples` sampled completions (plus one greedy one when `greedy`), drawn
+    with these settings from generator seed `seed`; `tools` (`data.tools` / `--tools`) run inside the sampler."""
+
+    num_samples: int  # k ≥ 1
+    max_new_tokens: int
+    temperature: float  # 0 = greedy sampling
+    top_k: int  # 0 = no top-k filter
+    batch_size: int  # rows per sampling forward
+    seed: int
+    greedy: bool
+    tools: tuple[str, ...]
+
+
+def evaluate(model, tokenizer, examples: Sequence[Example], scoring: Scoring,
+             progress: Callable[[float], None] | None = None) -> EvalResult:
     """Score `examples` (greedy + k samples each) and aggregate; see the module docstring."""
-    records = score_problems(model, tokenizer, examples, range(len(examples)), k, temperature, top_k,
-                             max_new_tokens, batch_size, seed, greedy, tools=tools, progress=progress)
-    return aggregate(records, k, seed)
+    records = score_problems(model, tokenizer, examples, range(len(examples)), scoring, progress=progress)
+    return aggregate(records, scoring.num_samples)
 
 
-def score_problems(
-    model,
-    tokenizer,
-    examples: Sequence[Example],
-    indices: Sequence[int],
-    k: int,
-    temperature: float,
-    top_k: int,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    greedy: bool = True,
-    tools: Sequence[str] = (),
-    progress: Callable[[float], None] | None = None,
-) -> list[ProblemRecord]:
+def score_problems(model, tokenizer, examples: Sequence[Example], indices: Sequence[int], scoring: Scoring,
+                   progress: Callable[[float], None] | None = None) -> list[ProblemRecord]:
     """Per-problem records; `indices` are the problems' global numbers (kept in the records for ordering).
 
-    `tools` is `data.tools` / `--tools`: the sampler runs them, and the records list each completion's calls.
-    `progress`, when given, receives problems done (fractions while decoding; the calls sum to len(examples)).
+    The records list each completion's tool calls when `scoring.tools` is set. `progress`, when given, receives
+    problems done (fractions while decoding; the calls sum to len(examples)).
     """
+    k, max_new_tokens, temperature, top_k = (scoring.num_samples, scoring.max_new_tokens, scoring.temperature,
+                                             scoring.top_k)
+    batch_size, seed, greedy, tools = scoring.batch_size, scoring.seed, scoring.greedy, scoring.tools
     from integration_training.tools import tool_calls, tool_runner
     from integration_training.template import render_prompt, stop_token_ids
     from integration_training.rewards import resolve_reward
@@ -338,6 +314,124 @@ def result_to_json(result: EvalResult, settings: dict) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------------- the stage
+
+
+def summary_path(run_dir: Path, stage: str, step: int) -> Path:
+    """The aggregates of one evaluation, next to its records; written last, so it marks the evaluation done."""
+    return eval_records_path(run_dir, stage, step).with_suffix(".json")
+
+
+def write_summary(result: EvalResult, path: Path, stage: str, step: int, values: dict[str, float]) -> Path:
+    """The aggregates (with their intervals) and the flat values metrics.jsonl gets, atomically."""
+    payload = {"stage": stage, "step": step, "k": result.k, "num_problems": result.num_problems,
+               "interval": "wilson", "metrics": {name: asdict(iv) for name, iv in result.metrics.items()},
+               "mean_response_tokens": result.mean_response_tokens, "values": values}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def scoring_of(config) -> Scoring:
+    """The run's evaluation settings: `evaluation.num_samples` and `evaluation.sampling`, seeded by
+    `data.shuffle_seed` (every evaluation of a run draws from the same seed), with the run's tools."""
+    evaluation, sampling = config.evaluation, config.evaluation.sampling
+    return Scoring(num_samples=evaluation.num_samples, max_new_tokens=sampling.max_new_tokens,
+                   temperature=sampling.temperature, top_k=sampling.top_k, batch_size=sampling.batch_size,
+                   seed=config.data.shuffle_seed, greedy=True, tools=tuple(config.data.tools))
+
+
+def held_out_problems(config, tokenizer) -> list[Example]:
+    """The first `evaluation.num_problems` problems of `evaluation.mixture` that fit the generation budget."""
+    from integration_training.problems import drop_overlong, verified_problems
+
+    evaluation = config.evaluation
+    problems = verified_problems(evaluation.mixture, config.data.shuffle_seed, "evaluation.mixture",
+                                 config.data.tools)
+    problems = drop_overlong(problems, tokenizer, config.data.max_length, evaluation.sampling, "evaluation")
+    return problems[: evaluation.num_problems]
+
+
+def due_during_rl(evaluation, done: int, steps: int) -> bool:
+    """Whether RL evaluates its policy after step `done` of `steps`: every `evaluation.every_rl_steps` (0 = never),
+    except the final step when `evaluation.after_rl` is set — the CLI evaluates RL's final checkpoint then."""
+    every = evaluation.every_rl_steps
+    return every > 0 and done % every == 0 and not (done == steps and evaluation.after_rl)
+
+
+def run(config, run_dir: Path, stage: str, step: int, *, source: str | Path | None = None, model=None,
+        tokenizer=None, dist=None, problems: Sequence[Example] | None = None) -> dict[str, float]:
+    """The evaluation stage: score one model on the held-out problems; return the values metrics.jsonl gets.
+
+    `stage` says what is evaluated ("baseline": the model the run starts from; "sft": SFT's final checkpoint;
+    "rl": an RL checkpoint) and `step` its step. Either `source` (a model to load: what the CLI passes for the
+    baseline, after SFT and after RL) or `model` + `tokenizer` (in memory: RL every `evaluation.every_rl_steps`,
+    the `distributed.lockstep` proxy under FSDP2; RL logs the values in its own metrics rows, the CLI's go into
+    metrics.jsonl as `eval` lines). Every rank scores its shard; rank 0 writes the records and the aggregates. An
+    evaluation already written (a resumed run) is not redone: its saved values are returned.
+    """
+    from integration_training.distributed import barrier, init_distributed
+
+    assert stage in STAGES, stage
+    assert (source is None) != (model is None), "evaluate either a model to load or one in memory"
+    done = summary_path(run_dir, stage, step)
+    if done.is_file():
+        return json.loads(done.read_text())["values"]
+    dist = dist if dist is not None else init_distributed(config.target)
+    if model is None:
+        from integration_training import models
+
+        model, tokenizer = models.load_policy(source, config.model, dist.device, training=False)
+    if problems is None:
+        problems = held_out_problems(config, tokenizer)
+    result = _score_sharded(config, model, tokenizer, problems, dist, f"{stage} eval @ step {step}")
+    values = result.summary(prefix="eval/")
+    if dist.is_main:
+        write_records(result, eval_records_path(run_dir, stage, step))
+        write_summary(result, done, stage, step, values)
+        if source is not None:
+            _log_metrics(config, run_dir, stage, step, values)
+    barrier(dist)
+    return values
+
+
+def _score_sharded(config, model, tokenizer, problems: Sequence[Example], dist, title: str) -> EvalResult:
+    """This rank's shard of the problems scored, the records gathered in problem order, aggregated.
+
+    Every problem is scored exactly once (round-robin shards may differ by one problem: none is dropped), so the
+    aggregates equal a single-process evaluation's. With an FSDP2 policy the caller passes the
+    `distributed.lockstep` proxy, so that ranks with fewer problems keep pairing forwards.
+    """
+    from integration_training.console import phase_bar
+    from integration_training.distributed import all_gather_objects
+    from integration_training.precision import autocast
+
+    indices = list(range(len(problems)))[dist.rank :: dist.world_size]
+    bar = phase_bar(len(indices), title, "problems", dist.is_main)  # rank 0's shard paces the bar
+    try:
+        with autocast(dist.device, config.model.dtype):
+            records = score_problems(model, tokenizer, [problems[i] for i in indices], indices, scoring_of(config),
+                                     progress=None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
+    records = sorted(all_gather_objects(records, dist), key=lambda r: r.index)
+    assert [r.index for r in records] == list(range(len(problems))), "each problem scored exactly once"
+    return aggregate(records, config.evaluation.num_samples)
+
+
+def _log_metrics(config, run_dir: Path, stage: str, step: int, values: dict[str, float]) -> None:
+    """One `eval` line in metrics.jsonl (and wandb), saying what was evaluated."""
+    from integration_training.config import to_dict
+    from integration_training.metrics import MetricsLogger
+
+    output = config.output
+    with MetricsLogger(run_dir, METRICS_STAGE, True, output.use_wandb, output.wandb_project,
+                       output.experiment_name, to_dict(config)) as metrics:
+        metrics.log(step, {"evaluated": stage, **values})
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
@@ -421,9 +515,10 @@ def run_cli(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     bar = phase_bar(len(examples), "evaluation", "problems", is_main=True)
     try:
-        result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.top_k, args.max_new_tokens,
-                          args.batch_size, args.seed, greedy=not args.no_greedy, tools=args.tools,
-                          progress=bar.update)
+        scoring = Scoring(num_samples=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, batch_size=args.batch_size, seed=args.seed, greedy=not args.no_greedy,
+                          tools=tuple(args.tools))
+        result = evaluate(model, tokenizer, examples, scoring, progress=bar.update)
     finally:
         bar.close()
     seconds = time.perf_counter() - start

@@ -113,7 +113,9 @@ class MetricsLogger:
                                 "output.save_dir), then --resume from the last checkpoint") from None
             raise
         if self._wandb_run is not None:
-            numeric = {f"{self.stage}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+            # "sft/loss", "rl/eval/pass@1_strict"; the evaluation stage's "eval/pass@1_strict" keeps its name.
+            numeric = {k if k.startswith(f"{self.stage}/") else f"{self.stage}/{k}": v for k, v in row.items()
+                       if isinstance(v, (int, float)) and k != "step"}
             self._wandb_run.log(numeric)
 
     def truncate_after(self, step: int) -> None:

@@ -219,3 +219,36 @@ def load_model(path: str, dtype: str, attn_implementation: str, device, *, train
 def enable_activation_checkpointing(model) -> None:
     """Recompute each decoder layer's activations in backward (HF does it only while the model is in train mode)."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def load_policy(init_model: str | Path, model_config, device, *, training: bool):
+    """(model, tokenizer) from an HF dir, run checkpoint dir, hub id or the offline id; UserError naming the path.
+
+    RL loads its policy and reference with it, the evaluation stage the models it scores.
+
+    `training=True`: float32 master weights (a checkpoint's saved masters when it has them), train mode, and
+    gradient checkpointing when configured. `training=False`: weights in the compute dtype, eval mode.
+    """
+    name = str(init_model)
+    local = Path(name).expanduser()
+    looks_local = isinstance(init_model, Path) or local.exists() or name.startswith(("/", ".", "~"))
+    if looks_local and not (local / "config.json").is_file():
+        raise UserError(
+            f"model {local}: not a model directory (missing or no config.json); point "
+            "output.source_checkpoint at an HF save_pretrained dir or a run's checkpoints/sft/step_NNNNNN dir"
+        )
+    path = resolve_model_path(name)
+    try:
+        tokenizer = load_tokenizer(path)
+        model = load_model(path, model_config.dtype, model_config.attn_implementation, device, training=training)
+    except UserError:
+        raise
+    except Exception as error:  # corrupt weights etc.: the user must fix the directory
+        raise UserError(f"model {path}: cannot be loaded ({type(error).__name__}: {error})") from error
+    if not training:
+        return model.eval(), tokenizer
+    if model_config.gradient_checkpointing:
+        # HF checkpoints a layer only in train mode; the policy trains in train mode (the sampler switches to eval
+        # and back), and scoring uses the full-row layout, since checkpointed layers drop past_key_values.
+        enable_activation_checkpointing(model)
+    return model.train(), tokenizer

@@ -159,7 +159,7 @@ def _sampling_text(s) -> str:
             "sampling forward")
 
 
-def _eval_lines(config: Config) -> list[str]:
+def _eval_lines(config: Config, problems: int | None) -> list[str]:
     e = config.evaluation
     if not evaluations_on(e):
         return ["evaluation: off (at_start, after_sft, after_rl all False and every_rl_steps=0)"]
@@ -168,7 +168,9 @@ def _eval_lines(config: Config) -> list[str]:
         when.append(f"every {e.every_rl_steps} RL steps")
     return [
         "evaluation:",
-        f"  {e.num_problems} problems × {e.num_samples} samples + greedy; {', '.join(when)}",
+        f"  {e.num_problems if problems is None else min(problems, e.num_problems)} problems × {e.num_samples} "
+        f"samples + greedy; "
+        f"{', '.join(when)}",
         f"  {_sampling_text(e.sampling)}",
     ]
 
@@ -408,7 +410,7 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
     sampled = _sampled_prompts(config, tokenizer)
     if runs_rl(config):
         lines += _rl_lines(config, sampled["rl"][0] if "rl" in sampled else None)
-    lines += _eval_lines(config)
+    lines += _eval_lines(config, sampled["evaluation"][0] if "evaluation" in sampled else None)
     longest = {section: longest for section, (_, longest) in sampled.items() if longest is not None}
     lines += _memory_lines(config, params, adapter, shape, supervised_fraction, longest)
     if example_text is not None:
@@ -421,7 +423,7 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
 def _sampled_prompts(config: Config, tokenizer) -> dict[str, tuple[int, int | None]]:
     """{"rl" / "evaluation": (usable prompts, longest prompt in tokens or None)} for the sections that sample from
     local sources, through the checks their stage makes before it starts (verifiers, fit, RL's one step)."""
-    from integration_training.rl import drop_overlong, rl_examples, total_steps
+    from integration_training.problems import drop_overlong, rl_steps, verified_problems
     from integration_training.template import render_prompt
 
     data, evaluation = config.data, config.evaluation
@@ -432,7 +434,7 @@ def _sampled_prompts(config: Config, tokenizer) -> dict[str, tuple[int, int | No
         mixtures.append(("evaluation", "evaluation.mixture", evaluation.mixture, evaluation.sampling))
     found = {}
     for section, what, specs, sampling in mixtures:
-        examples = rl_examples(specs, data.shuffle_seed, what)
+        examples = verified_problems(specs, data.shuffle_seed, what)
         longest = None
         if tokenizer is not None:
             examples = drop_overlong(examples, tokenizer, data.max_length, sampling, section)
@@ -441,8 +443,25 @@ def _sampled_prompts(config: Config, tokenizer) -> dict[str, tuple[int, int | No
             longest = max(len(render_prompt(tokenizer, list(e.messages[:-1]))) for e in examples)
         found[section] = (len(examples), longest)
     if "rl" in found:
-        total_steps(config.rl, found["rl"][0])
+        rl_steps(config.rl, found["rl"][0])
     return found
+
+
+def render_mixture(tokenizer, specs, config: Config, what: str) -> list:
+    """The dry run's check of a mixture: render without writing the cache, with the same messages as training."""
+    import logging
+
+    from integration_training import template
+    from integration_training.data import build_mixture
+
+    mixture = build_mixture(specs, config.data.shuffle_seed, config.data.tools)
+    rendered, report = template.render_examples(tokenizer, mixture.examples, config.data.max_length,
+                                                config.data.tools)
+    for line in report.lines():
+        logging.getLogger(__name__).info("%s: %s", what, line)
+    if not rendered:
+        raise UserError(f"data.{what}: no conversation fits data.max_length={config.data.max_length}; raise it")
+    return rendered
 
 
 def _sft_data_estimate(config: Config, tokenizer, offline: bool, lines: list[str]) -> tuple[int, int | None, int | None]:
@@ -463,9 +482,7 @@ def _sft_data_estimate(config: Config, tokenizer, offline: bool, lines: list[str
     if not rendered:
         raise UserError(f"data.sft_mixture: no conversation fits data.max_length={data.max_length}; raise it")
     if all(not _is_hub_source(s) for s in data.sft_val_mixture):
-        from integration_training.sft import _render
-
-        _render(tokenizer, data.sft_val_mixture, config, "sft_val_mixture")
+        render_mixture(tokenizer, data.sft_val_mixture, config, "sft_val_mixture")
     supervised = sum(sum(r.loss_mask) for r in rendered)
     total = sum(len(r.input_ids) for r in rendered)
     if config.sft.packing:  # the training stream's rows: best fit decreasing, the same count every epoch

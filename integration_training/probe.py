@@ -5,7 +5,8 @@ Loads the model on the configured device and runs, at the configuration's real s
    conversations), with the configured gradient accumulation;
 2. one RL rollout of this rank's prompts × num_samples at worst-case length (no stop token: every row decodes
    rl.sampling.max_new_tokens) and one RL training update on those rows (every row trained: advantages ±1);
-3. the first decode steps of one evaluation chunk of evaluation.sampling.batch_size rows (greedy + num_samples per problem)
+3. the first decode steps of one evaluation chunk of evaluation.sampling.batch_size rows (greedy + num_samples
+   samples per problem)
    with its KV cache allocated for the full length, extrapolated to max_new_tokens (a full 500-row chunk is a
    minute on 2 CPU cores; the per-step cost is flat because the cache is pre-allocated).
 Worst case first: the stage that needs the most memory (SFT's longest batch, then RL) runs before anything else, so
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from integration_training.config import Config, rl_evaluates_after_step, rl_evaluates_its_start, runs_rl, runs_sft, world_size
+from integration_training.config import Config, runs_rl, runs_sft, world_size
 from integration_training.errors import UserError
 
 CAP_ENV = "INTEGRATION_TRAINING_PROBE_MEMORY_CAP_MB"
@@ -148,10 +149,10 @@ def _check_positions(config: Config, model) -> None:
 
 def _longest_sft_micro_batches(config: Config, tokenizer, dist):
     """The configured accumulation × this rank's micro-batch, each built from the longest SFT sequences."""
-    from integration_training import sft
+    from integration_training import plan, sft
 
     stage = config.sft
-    rendered = sft._render(tokenizer, config.data.sft_mixture, config, "sft_mixture")
+    rendered = plan.render_mixture(tokenizer, config.data.sft_mixture, config, "sft_mixture")
     from integration_training.data.stream import SFTStream
 
     stream = SFTStream(rendered, config.data.shuffle_seed, stage.packing, config.data.max_length,
@@ -220,23 +221,20 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     assert len(rows) == count
     with _Measure(dist.device, "rl train") as train:
         rl_module.train_on_rows(model, ref, optimizer, rows, rl, tokenizer.pad_token_id, dist, config.model, scaler)
-    steps = rl_module.total_steps(rl, len(rl_module.rl_examples(config.data.rl_mixture, config.data.shuffle_seed,
-                                                                 "data.rl_mixture")))
+    steps = _rl_steps(config)
     del model, policy, optimizer, ref
     return (Stage("rl rollout", rollout.seconds, steps, True, rollout.device_peak, rollout.host_peak),
             Stage("rl train", train.seconds, steps, False, train.device_peak, train.host_peak))
 
 
 def _longest_prompts(config: Config, tokenizer, section: str, count: int):
-    """The `count` longest prompts of RL's mixture (section 'rl') or the evaluation's ('evaluation')."""
-    from integration_training import rl as rl_module
+    """The `count` longest prompts of RL's mixture (section 'rl')."""
+    from integration_training.problems import drop_overlong, verified_problems
     from integration_training.template import render_prompt
 
-    owner = getattr(config, section)
-    specs, what = ((config.data.rl_mixture, "data.rl_mixture") if section == "rl"
-                   else (config.evaluation.mixture, "evaluation.mixture"))
-    examples = rl_module.rl_examples(specs, config.data.shuffle_seed, what)
-    examples = rl_module.drop_overlong(examples, tokenizer, config.data.max_length, owner.sampling, section)
+    assert section == "rl", section  # the evaluation's problems: evaluate.held_out_problems
+    examples = verified_problems(config.data.rl_mixture, config.data.shuffle_seed, "data.rl_mixture")
+    examples = drop_overlong(examples, tokenizer, config.data.max_length, config.rl.sampling, section)
     examples = sorted(examples, key=lambda e: len(render_prompt(tokenizer, list(e.messages[:-1]))), reverse=True)
     chosen = examples[:count]
     while len(chosen) < count:
@@ -246,20 +244,22 @@ def _longest_prompts(config: Config, tokenizer, section: str, count: int):
 
 def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float, Stage | None]:
     """(model load seconds, eval chunk stage with units = chunks per evaluation × evaluations)."""
-    from integration_training import precision, rl as rl_module
+    from integration_training import models, precision
+    from integration_training.evaluate import held_out_problems
     from integration_training.rollout import sample
     from integration_training.template import render_prompt
 
     evaluation, sampling = config.evaluation, config.evaluation.sampling
     started = time.perf_counter()
-    model, _ = rl_module.load_policy(model_name, config.model, dist.device, training=False)
+    model, _ = models.load_policy(model_name, config.model, dist.device, training=False)
     load_seconds = time.perf_counter() - started
     evaluations = _evaluations(config)
     if evaluations == 0:
         return load_seconds, None
     rows_per_problem = evaluation.num_samples + 1
-    per_rank = math.ceil(evaluation.num_problems / world_size(config.target))
-    problems = _longest_prompts(config, tokenizer, "evaluation", per_rank)
+    problems = held_out_problems(config, tokenizer)
+    per_rank = math.ceil(len(problems) / world_size(config.target))
+    problems = sorted(problems, key=lambda e: len(render_prompt(tokenizer, list(e.messages[:-1]))), reverse=True)
     problems = problems[: max(1, sampling.batch_size // rows_per_problem)]
     prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in problems]
     stamps: list[float] = []
@@ -291,34 +291,34 @@ def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float,
     return load_seconds, Stage("eval chunk", chunk_seconds, units, True, chunk.device_peak, chunk.host_peak)
 
 
-def _cli_evaluations(config: Config) -> int:
-    """Evaluations cli.dispatch runs itself: the baseline before SFT, and after SFT when no RL follows."""
-    if not runs_sft(config):
-        return 0
-    return int(config.evaluation.at_start) + int(config.evaluation.after_sft and not runs_rl(config))
-
-
-def _rl_evaluations(config: Config) -> int:
-    """Evaluations rl.run_rl runs: its starting model, and after the steps the evaluation section names."""
-    if not runs_rl(config):
-        return 0
-    steps = _rl_steps(config)
-    return int(rl_evaluates_its_start(config)) + sum(
-        1 for done in range(1, steps + 1) if rl_evaluates_after_step(config.evaluation, done, steps))
-
-
 def _evaluations(config: Config) -> int:
-    """How many held-out evaluations the run does (see cli.dispatch and rl.run_rl)."""
-    return _cli_evaluations(config) + _rl_evaluations(config)
+    """How many held-out evaluations the run does (cli.dispatch's and RL's: `evaluate.due_during_rl`)."""
+    return sum(_evaluation_counts(config).values())
+
+
+def _evaluation_counts(config: Config) -> dict[str, int]:
+    """Evaluations per phase of cli.dispatch (the names of timings.jsonl)."""
+    from integration_training.evaluate import due_during_rl
+
+    evaluation = config.evaluation
+    counts = {"baseline evaluation": int(evaluation.at_start),
+              "after-SFT evaluation": int(evaluation.after_sft and runs_sft(config)),
+              "RL (with its evaluations)": 0,
+              "after-RL evaluation": int(evaluation.after_rl and runs_rl(config))}
+    if runs_rl(config) and evaluation.every_rl_steps > 0:
+        steps = _rl_steps(config)
+        counts["RL (with its evaluations)"] = sum(due_during_rl(evaluation, done, steps)
+                                                  for done in range(1, steps + 1))
+    return counts
 
 
 def _rl_steps(config: Config) -> int:
-    from integration_training import rl as rl_module
+    from integration_training.problems import rl_steps, verified_problems
 
     if config.rl.num_iterations != -1:
         return config.rl.num_iterations
-    return rl_module.total_steps(config.rl, len(rl_module.rl_examples(config.data.rl_mixture,
-                                                                      config.data.shuffle_seed, "data.rl_mixture")))
+    return rl_steps(config.rl, len(verified_problems(config.data.rl_mixture, config.data.shuffle_seed,
+                                                     "data.rl_mixture")))
 
 
 def _base_path(config: Config) -> str:
@@ -328,9 +328,11 @@ def _base_path(config: Config) -> str:
 
 
 def _model_loads(config: Config) -> int:
-    loads = 0
+    counts = _evaluation_counts(config)
+    # Each of the CLI's evaluations loads its model; RL's own evaluate the policy in memory.
+    loads = sum(n for phase, n in counts.items() if phase != "RL (with its evaluations)")
     if runs_sft(config):
-        loads += 1 + _cli_evaluations(config)  # SFT, and each evaluation cli runs loads its model
+        loads += 1
     if runs_rl(config):
         loads += 1 + int(config.rl.kl_coef > 0)
     return loads
@@ -406,16 +408,20 @@ def _phases(config: Config, stages: list[Stage], load: float, validation: float)
     by_name = {s.name: s for s in stages}
     evaluations = _evaluations(config)
     per_eval = by_name["eval chunk"].total / evaluations if "eval chunk" in by_name and evaluations else 0.0
+    counts = _evaluation_counts(config)
     phases: dict[str, float] = {}
+    if counts["baseline evaluation"]:
+        phases["baseline evaluation"] = load + per_eval
     if runs_sft(config):
-        if config.evaluation.at_start:
-            phases["baseline evaluation"] = load + per_eval
         phases["SFT"] = load + validation + by_name["sft step"].total
-        if config.evaluation.after_sft and not runs_rl(config):
-            phases["after-SFT evaluation"] = load + per_eval
+    if counts["after-SFT evaluation"]:
+        phases["after-SFT evaluation"] = load + per_eval
     if runs_rl(config):
         phases["RL (with its evaluations)"] = (load * (1 + int(config.rl.kl_coef > 0)) + by_name["rl rollout"].total
-                                               + by_name["rl train"].total + per_eval * _rl_evaluations(config))
+                                               + by_name["rl train"].total
+                                               + per_eval * counts["RL (with its evaluations)"])
+    if counts["after-RL evaluation"]:
+        phases["after-RL evaluation"] = load + per_eval
     return phases
 
 

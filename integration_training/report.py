@@ -1,144 +1,100 @@
 """The end of a run: the baseline → after SFT → after RL table, `report.md`, and `plots/*.png`.
 
-Reads only what the stages wrote (`metrics.jsonl`, `eval/*.jsonl`), so a report can be rebuilt from any run
-directory: `python -m integration_training.report results/00_offline_cpu`.
+Reads only what the stages wrote (`metrics.jsonl`; the evaluation stage's `eval/*.json` aggregates and
+`eval/*.jsonl` per-problem scores) and recomputes no score: each cell is the evaluation's own number, so the
+report, the terminal table and metrics.jsonl agree. The one statistic computed here compares two evaluations: the
+paired test (`stats.paired_p_value`) on the per-problem sampled pass@1 the evaluation recorded. A report can be
+rebuilt from any run directory: `python -m integration_training.report results/00_offline_cpu`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from integration_training.metrics import read_metrics
+from integration_training.stats import INTERVAL_NOTE, Interval, format_p, paired_p_value
 
-CORRECT = 0.5  # a sample counts as correct when its reward exceeds this (verifiers return 0/1)
-PERMUTATIONS = 20_000
+PAIRED_SCORE = "pass@1_strict"  # the per-problem score the paired test compares (what RL optimises)
+COLUMNS = ("pass@1_strict", "pass@1_lenient", "greedy_strict", "greedy_lenient")
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    """One evaluated model: a label and its per-problem scores on the shared held-out problems."""
+class Evaluation:
+    """One evaluated model as the evaluation stage wrote it: its aggregates and its per-problem scores."""
 
     label: str
-    path: Path
-    sampled_strict: list[float]  # per problem: fraction of samples correct (= unbiased pass@1)
-    sampled_lenient: list[float]
-    greedy_strict: list[float]
-    greedy_lenient: list[float]
+    path: Path  # the per-problem records (eval/{stage}_step_N.jsonl); the aggregates sit next to it (.json)
+    k: int
+    num_problems: int
+    metrics: dict[str, Interval]
+    paired_scores: list[float]  # per problem, in problem order: the evaluation's PAIRED_SCORE
     keys: list[str]  # problem identity (prompt text), to check every row compares the same problems
 
 
-def load_eval(path: Path, label: str) -> Checkpoint:
+def load_evaluation(path: Path, label: str) -> Evaluation:
+    summary_path = path.with_suffix(".json")
+    assert summary_path.is_file(), f"{summary_path} is missing: {path} was not written by the evaluation stage"
+    summary = json.loads(summary_path.read_text())
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     assert rows, f"{path} holds no problems"
-
-    def fraction(values: list[float]) -> float:
-        return sum(v > CORRECT for v in values) / len(values)
-
-    return Checkpoint(
+    assert all("scores" in r for r in rows), f"{path}: records without per-problem scores (an older run?)"
+    assert len(rows) == summary["num_problems"], f"{path} and {summary_path} disagree on the problem count"
+    return Evaluation(
         label=label,
         path=path,
-        sampled_strict=[fraction(r["strict"]) for r in rows],
-        sampled_lenient=[fraction(r["lenient"]) for r in rows],
-        greedy_strict=[float(r["greedy_strict"] > CORRECT) for r in rows],
-        greedy_lenient=[float(r["greedy_lenient"] > CORRECT) for r in rows],
+        k=int(summary["k"]),
+        num_problems=int(summary["num_problems"]),
+        metrics={name: Interval(**interval) for name, interval in summary["metrics"].items()},
+        paired_scores=[float(r["scores"][PAIRED_SCORE]) for r in rows],
         keys=[json.dumps(r["prompt"]) for r in rows],
     )
 
 
 def eval_files(run_dir: Path, stage: str) -> list[tuple[int, Path]]:
-    """(step, path) of a stage's evaluation files, ordered by step number."""
+    """(step, path) of a stage's evaluation records, ordered by step number."""
     found = []
     for path in (run_dir / "eval").glob(f"{stage}_step_*.jsonl"):
         found.append((int(path.stem.rsplit("_", 1)[1]), path))
     return sorted(found)
 
 
-def stage_checkpoints(run_dir: Path) -> list[Checkpoint]:
-    """The evaluated models in order: baseline, after SFT, after RL (whichever exist)."""
-    checkpoints = []
-    baseline = eval_files(run_dir, "baseline")
-    sft_final = eval_files(run_dir, "sft")
-    rl = eval_files(run_dir, "rl")
-    if baseline:
-        checkpoints.append(load_eval(baseline[-1][1], "baseline"))
-    if sft_final:
-        checkpoints.append(load_eval(sft_final[-1][1], "after SFT"))
-    elif rl and rl[0][0] == 0:
-        # RL's step-0 eval scores the model RL starts from: SFT's result, or the source checkpoint in mode "rl".
-        checkpoints.append(load_eval(rl[0][1], "after SFT" if baseline else "RL start (source checkpoint)"))
-    if rl and rl[-1][0] > 0:
-        checkpoints.append(load_eval(rl[-1][1], "after RL"))
-    for c in checkpoints[1:]:
-        assert c.keys == checkpoints[0].keys, f"{c.path} evaluates other problems than {checkpoints[0].path}"
-    return checkpoints
+def stage_evaluations(run_dir: Path) -> list[Evaluation]:
+    """The evaluated models in order: baseline, after SFT, after RL (whichever the run evaluated).
+
+    The baseline is the model the run started from (`model.name`, or `output.source_checkpoint` in mode "rl");
+    after RL is RL's latest evaluation (its final step: a stopped run writes no report).
+    """
+    chosen = [(stage, label, eval_files(run_dir, stage)) for stage, label in
+              (("baseline", "baseline"), ("sft", "after SFT"), ("rl", "after RL"))]
+    evaluations = [load_evaluation(files[-1][1], label) for _, label, files in chosen if files]
+    for e in evaluations[1:]:
+        assert e.keys == evaluations[0].keys, f"{e.path} evaluates other problems than {evaluations[0].path}"
+    return evaluations
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def _cell(interval: Interval) -> str:
+    return f"{interval.value:.3f} [{interval.low:.2f}, {interval.high:.2f}]"
 
 
-def wilson_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
-    """95% interval for a mean of per-problem scores in [0, 1] (Wilson, with n = problems)."""
-    n, p = len(values), mean(values)
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def paired_p_value(before: list[float], after: list[float], seed: int = 0) -> float:
-    """One-sided paired sign-flip permutation test that `after` beats `before` on the same problems."""
-    assert len(before) == len(after) and before
-    differences = [a - b for a, b in zip(after, before)]
-    observed = sum(differences)
-    if all(d == 0 for d in differences):
-        return 1.0
-    rng = random.Random(seed)
-    at_least = 0
-    for _ in range(PERMUTATIONS):
-        flipped = sum(d if rng.random() < 0.5 else -d for d in differences)
-        at_least += flipped >= observed - 1e-12
-    return (at_least + 1) / (PERMUTATIONS + 1)
-
-
-def format_p(p: float) -> str:
-    """Four decimals; below 0.0001 (the test resolves ~1/PERMUTATIONS) "< 0.0001" rather than a bare 0.0000."""
-    return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
-
-
-def _cell(values: list[float]) -> str:
-    low, high = wilson_interval(values)
-    return f"{mean(values):.3f} [{low:.2f}, {high:.2f}]"
-
-
-def comparison_rows(checkpoints: list[Checkpoint]) -> list[dict]:
+def comparison_rows(evaluations: list[Evaluation]) -> list[dict]:
     rows = []
-    for index, c in enumerate(checkpoints):
-        previous = checkpoints[index - 1] if index else None
-        rows.append(
-            {
-                "model": c.label,
-                "problems": len(c.keys),
-                "sampled_strict": mean(c.sampled_strict),
-                "sampled_lenient": mean(c.sampled_lenient),
-                "greedy_strict": mean(c.greedy_strict),
-                "greedy_lenient": mean(c.greedy_lenient),
-                "sampled_strict_cell": _cell(c.sampled_strict),
-                "sampled_lenient_cell": _cell(c.sampled_lenient),
-                "greedy_strict_cell": _cell(c.greedy_strict),
-                "greedy_lenient_cell": _cell(c.greedy_lenient),
-                "p_vs_previous": paired_p_value(previous.sampled_strict, c.sampled_strict) if previous else None,
-            }
-        )
+    for index, e in enumerate(evaluations):
+        previous = evaluations[index - 1] if index else None
+        row = {"model": e.label, "problems": e.num_problems, "k": e.k}
+        for name in COLUMNS:
+            row[name] = e.metrics[name].value
+            row[f"{name}_cell"] = _cell(e.metrics[name])
+        row["p_vs_previous"] = paired_p_value(previous.paired_scores, e.paired_scores) if previous else None
+        rows.append(row)
     return rows
 
 
-def format_table(rows: list[dict], k: int | None) -> str:
-    samples = f"{k} samples/problem" if k else "samples"
+def format_table(rows: list[dict]) -> str:
+    ks = sorted({r["k"] for r in rows})
+    samples = f"{ks[0]} samples/problem" if len(ks) == 1 else "samples"
     header = (
         f"| model | problems | sampled pass@1 strict ({samples}) | sampled pass@1 lenient | greedy strict | "
         "greedy lenient | p (paired, vs previous row) |"
@@ -146,10 +102,8 @@ def format_table(rows: list[dict], k: int | None) -> str:
     lines = [header, "|---|---|---|---|---|---|---|"]
     for r in rows:
         p = "—" if r["p_vs_previous"] is None else format_p(r["p_vs_previous"])
-        lines.append(
-            f"| {r['model']} | {r['problems']} | {r['sampled_strict_cell']} | {r['sampled_lenient_cell']} | "
-            f"{r['greedy_strict_cell']} | {r['greedy_lenient_cell']} | {p} |"
-        )
+        cells = " | ".join(r[f"{name}_cell"] for name in COLUMNS)
+        lines.append(f"| {r['model']} | {r['problems']} | {cells} | {p} |")
     return "\n".join(lines)
 
 
@@ -187,18 +141,35 @@ def _plot(path: Path, title: str, ylabel: str, curves: list[tuple[str, list[int]
     return path
 
 
+def held_out_rows(run_dir: Path) -> list[dict]:
+    """The held-out scores along RL, as metrics rows with RL's step: RL's start (the after-SFT evaluation, or the
+    baseline in mode "rl") at step 0, RL's own evaluations, and the after-RL one."""
+    rl = read_metrics(run_dir, "rl")
+    if not rl:
+        return []
+    evaluations = read_metrics(run_dir, "eval")
+    start = [r for r in evaluations if r.get("evaluated") == "sft"] or [
+        r for r in evaluations if r.get("evaluated") == "baseline"]
+    rows = [{**start[-1], "step": 0}] if start else []
+    rows += [r for r in rl if any(k.startswith("eval/") for k in r)]
+    rows += [r for r in evaluations if r.get("evaluated") == "rl"]
+    return sorted(rows, key=lambda r: r["step"])
+
+
 def write_plots(run_dir: Path) -> list[Path]:
     plots = run_dir / "plots"
     sft = read_metrics(run_dir, "sft")
     rl = read_metrics(run_dir, "rl")
-    pass_keys = sorted({k for r in rl for k in r if k.startswith("eval/pass@") and not k.endswith(("_low", "_high"))})
+    held_out = held_out_rows(run_dir)
+    pass_keys = sorted({k for r in held_out for k in r
+                        if k.startswith("eval/pass@") and not k.endswith(("_low", "_high"))})
     made = [
         _plot(plots / "sft_loss.png", "SFT loss", "loss", [("train loss", *_series(sft, "loss")),
                                                           ("val loss", *_series(sft, "val_loss"))]),
         _plot(plots / "rl_reward.png", "RL mean reward (sampled, training prompts)", "reward",
               [("mean reward", *_series(rl, "reward"))]),
         _plot(plots / "rl_pass_at_k.png", "held-out pass@k during RL", "score",
-              [(k.removeprefix("eval/"), *_series(rl, k)) for k in pass_keys]),
+              [(k.removeprefix("eval/"), *_series(held_out, k)) for k in pass_keys]),
         _plot(plots / "rl_response_length.png", "RL response length", "tokens",
               [("mean completion tokens", *_series(rl, "response_tokens"))]),
     ]
@@ -206,13 +177,6 @@ def write_plots(run_dir: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-
-
-def _eval_k(run_dir: Path) -> int | None:
-    snapshot = run_dir / "config.json"
-    if not snapshot.is_file():
-        return None
-    return json.loads(snapshot.read_text()).get("evaluation", {}).get("num_samples")
 
 
 def _tools_line(run_dir: Path) -> str:
@@ -226,9 +190,8 @@ def _tools_line(run_dir: Path) -> str:
 
 def build_report(run_dir: Path) -> tuple[str, str]:
     """(table text for the terminal, report.md text). Writes the plots as a side effect."""
-    checkpoints = stage_checkpoints(run_dir)
-    k = _eval_k(run_dir)
-    table = format_table(comparison_rows(checkpoints), k) if checkpoints else "(no evaluations in this run)"
+    evaluations = stage_evaluations(run_dir)
+    table = format_table(comparison_rows(evaluations)) if evaluations else "(no evaluations in this run)"
     table = f"{table}\n{_tools_line(run_dir)}"
     plots = write_plots(run_dir)
     sft, rl = read_metrics(run_dir, "sft"), read_metrics(run_dir, "rl")
@@ -237,9 +200,11 @@ def build_report(run_dir: Path) -> tuple[str, str]:
         "",
         "## Held-out evaluation",
         "",
-        "Sampled pass@1 is estimated from evaluation.num_samples samples per problem at evaluation.sampling's temperature;"
-        " greedy is one argmax completion. Strict parses `#### N`, lenient takes the last number. Brackets: 95%"
-        " Wilson intervals over problems; p: one-sided paired permutation test against the previous row.",
+        "Sampled pass@1 is estimated from several samples per problem at the evaluation temperature"
+        " (`evaluation.sampling`); greedy is one argmax completion. Strict parses `#### N`, lenient takes the last"
+        f" number. {INTERVAL_NOTE} p: one-sided paired sign-flip permutation test of the per-problem sampled"
+        " pass@1 against the previous row. Every number is the evaluation's own (eval/*.json, the same values as"
+        " metrics.jsonl's `eval` lines).",
         "",
         table,
         "",

@@ -27,9 +27,12 @@ from pathlib import Path
 
 import torch
 
-from integration_training.config import Config, RLConfig, rl_evaluates_after_step, rl_evaluates_its_start, to_dict
+from integration_training import evaluate
+from integration_training.config import Config, RLConfig, to_dict
 from integration_training.data.types import Example
 from integration_training.errors import TrainingDiverged, UserError
+from integration_training.models import load_policy
+from integration_training.problems import drop_overlong, rl_steps as total_steps, verified_problems
 
 logger = logging.getLogger(__name__)
 
@@ -296,19 +299,6 @@ def make_rows(prompt_ids: Sequence[list[int]], completions, rewards: torch.Tenso
 # ---------------------------------------------------------------------------------------------------- schedule / data
 
 
-def total_steps(rl: RLConfig, num_examples: int) -> int:
-    """num_iterations, or (-1) enough steps to see the RL mixture num_epochs times."""
-    if rl.num_iterations != -1:
-        return rl.num_iterations
-    steps = (rl.num_epochs * num_examples) // rl.examples_per_step
-    if steps < 1:
-        raise UserError(
-            f"rl.num_iterations=-1: {rl.num_epochs} epoch(s) of {num_examples} RL prompts is fewer than one step of "
-            f"rl.examples_per_step={rl.examples_per_step}; use more data or set num_iterations"
-        )
-    return steps
-
-
 def step_prompt_indices(step: int, examples_per_step: int, num_examples: int, seed: int) -> list[int]:
     """Global indices of the prompts used at `step` (0-based): epoch 0 in mixture order, later epochs reshuffled."""
     assert num_examples > 0
@@ -328,44 +318,6 @@ def sampling_seed(seed: int, step: int, rank: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- model loading
-
-
-def load_policy(init_model: str | Path, model_config, device: torch.device, *, training: bool):
-    """(model, tokenizer) from an HF dir, run checkpoint dir, hub id or the offline id; UserError naming the path.
-
-    `training=True`: float32 master weights (a checkpoint's saved masters when it has them), train mode, and
-    gradient checkpointing when configured. `training=False`: weights in the compute dtype, eval mode.
-    """
-    from integration_training.models import (
-        enable_activation_checkpointing,
-        load_model,
-        load_tokenizer,
-        resolve_model_path,
-    )
-
-    name = str(init_model)
-    local = Path(name).expanduser()
-    looks_local = isinstance(init_model, Path) or local.exists() or name.startswith(("/", ".", "~"))
-    if looks_local and not (local / "config.json").is_file():
-        raise UserError(
-            f"RL initial model {local}: not a model directory (missing or no config.json); point "
-            "output.source_checkpoint at an HF save_pretrained dir or a run's checkpoints/sft/step_NNNNNN dir"
-        )
-    path = resolve_model_path(name)
-    try:
-        tokenizer = load_tokenizer(path)
-        model = load_model(path, model_config.dtype, model_config.attn_implementation, device, training=training)
-    except UserError:
-        raise
-    except Exception as error:  # corrupt weights etc.: the user must fix the directory
-        raise UserError(f"RL initial model {path}: cannot be loaded ({type(error).__name__}: {error})") from error
-    if not training:
-        return model.eval(), tokenizer
-    if model_config.gradient_checkpointing:
-        # HF checkpoints a layer only in train mode; the policy trains in train mode (the sampler switches to eval
-        # and back), and scoring uses the full-row layout, since checkpointed layers drop past_key_values.
-        enable_activation_checkpointing(model)
-    return model.train(), tokenizer
 
 
 def load_reference(init_model: str | Path, model_config, device: torch.device):
@@ -556,76 +508,6 @@ def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, st
 # ---------------------------------------------------------------------------------------------------- the stage
 
 
-def rl_examples(specs, seed: int, what: str, tools: Sequence[str] = ()) -> list[Example]:
-    """`what`: the mixture's field path (e.g. 'data.rl_mixture'), for messages."""
-    from integration_training.data import build_mixture
-
-    examples = build_mixture(specs, seed, tools).examples
-    missing = sorted({e.source for e in examples if e.reward is None})
-    if missing:
-        raise UserError(
-            f"{what}: {', '.join(missing)} has no verifier (reward=None); RL needs a task with answers "
-            "or DatasetSpec.reward='module:function'"
-        )
-    if not examples:
-        raise UserError(f"{what}: no examples")
-    return examples
-
-
-def drop_overlong(examples: list[Example], tokenizer, max_length: int, sampling, what: str) -> list[Example]:
-    """Prompts that cannot fit prompt + max_new_tokens in max_length are reported (count) and left out.
-
-    `sampling`: the SamplingConfig the prompts are sampled with; `what`: the section holding both the mixture and
-    `sampling` ('rl' for data.rl_mixture, 'evaluation' for evaluation.mixture), for messages.
-    """
-    from integration_training.template import render_prompt
-
-    mixture = {"rl": "data.rl_mixture", "evaluation": "evaluation.mixture"}[what]
-    budget = max_length - sampling.max_new_tokens
-    kept = [e for e in examples if len(render_prompt(tokenizer, list(e.messages[:-1]))) <= budget]
-    if len(kept) < len(examples):
-        logger.warning("%s: %d of %d prompts exceed data.max_length - %s.sampling.max_new_tokens = %d tokens; left out",
-                       mixture, len(examples) - len(kept), len(examples), what, budget)
-    if not kept:
-        raise UserError(f"{mixture}: every prompt is longer than data.max_length - {what}.sampling.max_new_tokens = "
-                        f"{budget} tokens; raise data.max_length or lower {what}.sampling.max_new_tokens")
-    return kept
-
-
-def run_eval(model, tokenizer, examples: Sequence[Example], evaluation, seed: int, dist, run_dir: Path, step: int,
-             stage: str, dtype: str, tools: Sequence[str] = ()) -> dict[str, float]:
-    """The shared harness on this rank's shard of the eval problems; rank 0 aggregates and writes the JSONL.
-
-    Every problem is scored exactly once (round-robin shards may differ by one problem: none is dropped). With an
-    FSDP2 policy, pass the `distributed.lockstep` proxy so that ranks with fewer problems keep pairing forwards.
-    """
-    from integration_training.distributed import all_gather_objects
-    from integration_training.evaluate import aggregate, eval_records_path, score_problems, write_records
-    from integration_training.precision import autocast
-
-    from integration_training.console import phase_bar
-
-    indices = list(range(len(examples)))[dist.rank :: dist.world_size]
-    # Rank 0's shard paces the bar (shards differ by at most one problem).
-    bar = phase_bar(len(indices), f"{stage} eval @ step {step}", "problems", dist.is_main)
-    try:
-        with autocast(dist.device, dtype):
-            sampling = evaluation.sampling
-            records = score_problems(model, tokenizer, [examples[i] for i in indices], indices, evaluation.num_samples,
-                                     sampling.temperature, sampling.top_k, sampling.max_new_tokens, sampling.batch_size, seed,
-                                     tools=tools, progress=None if bar is None else bar.update)
-    finally:
-        if bar is not None:
-            bar.close()
-    # Problem order, not rank order: aggregates (bootstrap intervals) then match a single-process evaluation.
-    records = sorted(all_gather_objects(records, dist), key=lambda r: r.index)
-    assert [r.index for r in records] == list(range(len(examples))), "each eval problem scored exactly once"
-    result = aggregate(records, evaluation.num_samples, seed)
-    if dist.is_main:
-        write_records(result, eval_records_path(run_dir, stage, step))
-    return result.summary(prefix="eval/")
-
-
 def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, stop=None) -> Path:
     """Run the RL stage from `init_model`; return the final (or, when stopped, the latest) RL checkpoint directory.
 
@@ -686,20 +568,15 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
     pad_id = tokenizer.pad_token_id
     assert pad_id is not None  # load_tokenizer guarantees one
 
-    train_examples = drop_overlong(rl_examples(config.data.rl_mixture, seed, "data.rl_mixture", config.data.tools),
+    train_examples = drop_overlong(verified_problems(config.data.rl_mixture, seed, "data.rl_mixture", config.data.tools),
                                    tokenizer, config.data.max_length, rl.sampling, "rl")
-    evaluation = config.evaluation
-    eval_at_start = rl_evaluates_its_start(config)
-    eval_examples = []
-    if eval_at_start or evaluation.after_rl or evaluation.every_rl_steps > 0:  # else RL scores nothing
-        eval_examples = drop_overlong(rl_examples(evaluation.mixture, seed, "evaluation.mixture", config.data.tools),
-                                      tokenizer, config.data.max_length, evaluation.sampling,
-                                      "evaluation")[: evaluation.num_problems]
+    # The problems RL's own evaluations score (evaluation.every_rl_steps), built once for all of them.
+    eval_examples = evaluate.held_out_problems(config, tokenizer) if config.evaluation.every_rl_steps > 0 else []
     from integration_training import provenance  # environment.json; a resume refuses changed data (exit 2)
 
     provenance.record_stage(
         run_dir, STAGE, seed, provenance.data_fingerprints(tokenizer, train_examples, eval_examples, config.data.max_length),
-        latest is not None, provenance.local_paths([*config.data.rl_mixture, *evaluation.mixture]), dist.is_main,
+        latest is not None, provenance.local_paths([*config.data.rl_mixture, *config.evaluation.mixture]), dist.is_main,
     )
     steps = total_steps(rl, len(train_examples))
     model = wrap_model(policy, config.target, dist, config.model.dtype)
@@ -753,12 +630,6 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
     progress = None
     try:
         with stop.handle_signals():
-            if start == 0 and eval_at_start:  # RL's starting model: the baseline (mode rl) or SFT's result
-                with lockstep(policy, config.target, dist) as sampler:
-                    values = run_eval(sampler, tokenizer, eval_examples, evaluation, seed, dist, run_dir, 0, STAGE,
-                                      config.model.dtype, config.data.tools)
-                metrics.log(0, values)
-                logger.info("RL step 0 (baseline): %s", _brief(values))
             progress = Progress(total=steps, initial=start, is_main=dist.is_main, description="rl")
             for step in range(start, steps):
                 values = _one_step(model, policy, ref_model, optimizer, tokenizer, train_examples, rl, seed, step,
@@ -768,10 +639,10 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
                     raise TrainingDiverged(STAGE, step + 1, values["loss"], values["grad_norm"], final or latest)
                 done = step + 1
                 progress.update({"reward": f"{values['reward']:.3f}", "loss": f"{values['loss']:.4f}"})
-                if rl_evaluates_after_step(evaluation, done, steps):
+                if evaluate.due_during_rl(config.evaluation, done, steps):
                     with lockstep(policy, config.target, dist) as sampler:
-                        values |= run_eval(sampler, tokenizer, eval_examples, evaluation, seed, dist, run_dir, done, STAGE,
-                                           config.model.dtype, config.data.tools)
+                        values |= evaluate.run(config, run_dir, STAGE, done, model=sampler, tokenizer=tokenizer,
+                                               dist=dist, problems=eval_examples)
                 if done % rl.log_every == 0 or done == steps or "eval/pass@1_strict" in values:
                     metrics.log(done, values)
                     logger.info("RL step %d/%d: %s", done, steps, _brief(values))

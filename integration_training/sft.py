@@ -294,20 +294,6 @@ def _prepare(tokenizer, examples, config: Config, what: str) -> PreparedConversa
     return prepared
 
 
-def _render(tokenizer, specs, config: Config, what: str) -> list[Rendered]:
-    """The dry run's check of a mixture: render without writing the cache, with the same messages as training."""
-    from integration_training.data import build_mixture
-
-    mixture = build_mixture(specs, config.data.shuffle_seed, config.data.tools)
-    rendered, report = template.render_examples(tokenizer, mixture.examples, config.data.max_length,
-                                                config.data.tools)
-    for line in report.lines():
-        logger.info("%s: %s", what, line)
-    if not rendered:
-        raise UserError(f"data.{what}: no conversation fits data.max_length={config.data.max_length}; raise it")
-    return rendered
-
-
 def _prepare_model(config: Config, path: str, dist: distributed.Dist) -> nn.Module:
     model = models.load_model(path, config.model.dtype, config.model.attn_implementation, dist.device, training=True)
     model.config.use_cache = False

@@ -7,7 +7,7 @@ SPEC is `kind:arg:...`:
   signal:SIGINT:rl-step:N      ... after the N-th RL step's rollout+update
   signal:SIGTERM:baseline      ... as the baseline evaluation starts
   signal:SIGINT:load:N         ... as the N-th model load starts
-  signal:SIGTERM:rl-eval:N     ... as the N-th evaluation (run_eval) starts
+  signal:SIGTERM:rl-eval:N     ... as the N-th evaluation (evaluate.run: baseline, after SFT, during RL, ...) starts
   signal:SIGTERM:save:N        ... in the middle of the N-th checkpoint save
   signal:SIGTERM:report        ... as the final report starts
   signal2:SIGINT:sft-step:N    two SIGINTs after the N-th SFT step (the user insists)
@@ -51,7 +51,7 @@ def _send(signum: int):
 
 
 def apply_fault(spec: str, setattr_=setattr) -> None:
-    from integration_training import checkpoint, cli, metrics, models, report, rl, sft
+    from integration_training import checkpoint, cli, evaluate, metrics, models, report, rl, sft
 
     kind, *rest = spec.split(":")
     if kind in ("signal", "signal2", "kill"):
@@ -68,7 +68,7 @@ def apply_fault(spec: str, setattr_=setattr) -> None:
             "rl-step": (rl, "_one_step", False),
             "baseline": (cli, "held_out_eval", True),
             "load": (models, "load_model", True),
-            "rl-eval": (rl, "run_eval", True),
+            "rl-eval": (evaluate, "run", True),
             "report": (report, "finish_run", True),
         }
         if point == "save":

@@ -148,3 +148,44 @@ def test_torchrun_command_carries_the_rendezvous():
     for flag in ("--nproc_per_node=2", "--nnodes=2", "--node_rank=1", "--master_port=29555", "--master_addr=127.0.0.1"):
         assert flag in command
     assert command[-2:] == ["configs/x.py", "--resume"]
+
+
+# Training and evaluation machinery a dry run never runs; importing it would only slow `--dry-run` down.
+NOT_FOR_A_DRY_RUN = ("sft", "rl", "evaluate", "rollout", "checkpoint", "optim", "metrics", "distributed",
+                     "data.prepared", "data.stream", "signals", "report")
+
+
+def test_dry_run_imports_no_training_code():
+    probe = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from integration_training import cli\n"
+        "code = cli.main(['configs/00_offline_cpu.py', '--dry-run'])\n"
+        "print('MODULES', ' '.join(sorted(m for m in sys.modules if m.startswith('integration_training.'))))\n"
+        "sys.exit(code)\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = set(result.stdout.split("MODULES", 1)[1].split())
+    assert "integration_training.plan" in imported  # the probe saw a real dry run
+    assert not imported & {f"integration_training.{name}" for name in NOT_FOR_A_DRY_RUN}, sorted(imported)
+
+
+def test_use_wandb_without_wandb_installed_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    from integration_training import models
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: find_spec says None, import fails
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: pytest.fail("a tokenizer was loaded"))
+    path = tmp_path / "wandb_config.py"
+    path.write_text(config_text(**{"use_wandb=False": "use_wandb=True",
+                                   'save_dir=Path("./results")': f"save_dir=Path({str(tmp_path / 'out')!r})"}))
+    for args in ([str(path)], [str(path), "--dry-run"]):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+        assert "output.use_wandb" in err and "pip install 'integration-training[wandb]'" in err
+        assert "use_wandb=False" in err
+    assert not (tmp_path / "out").exists()  # refused before the run directory was made

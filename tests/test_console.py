@@ -50,8 +50,8 @@ def tiny_run(tmp_path_factory):
 def test_every_phase_has_a_progress_bar_that_completes(tiny_run):
     result, _ = tiny_run
     finished = {m["desc"] for s in _segments(result.stderr) if (m := BAR.match(s)) and "100%|" in s}
-    # baseline evaluation, SFT steps, RL's step-0 evaluation, RL steps, RL's final evaluation
-    assert {"baseline eval @ step 0", "sft", "rl eval @ step 0", "rl", "rl eval @ step 2"} <= finished, finished
+    # baseline evaluation, SFT steps, the after-SFT evaluation, RL steps, the after-RL evaluation
+    assert {"baseline eval @ step 0", "sft", "sft eval @ step 4", "rl", "rl eval @ step 2"} <= finished, finished
     evaluation = [s for s in _segments(result.stderr) if s.startswith("baseline eval @ step 0:") and "100%|" in s]
     assert "problems" in evaluation[-1] and "problems/s" in evaluation[-1], evaluation[-1]
 
@@ -119,14 +119,15 @@ def test_evaluation_progress_adds_up_to_the_problems(max_new_tokens, batch_size,
 
     from helpers import arithmetic, smollm2_tokenizer, tiny_model
     from integration_training.data import build_mixture
-    from integration_training.evaluate import evaluate
+    from integration_training.evaluate import Scoring, evaluate
 
     tokenizer = smollm2_tokenizer()
     examples = list(build_mixture([arithmetic("test", 7)], 0).examples)
     calls: list[float] = []
     torch.manual_seed(0)
-    result = evaluate(tiny_model(len(tokenizer), 0), tokenizer, examples, 2, 1.0, 0, max_new_tokens, batch_size, 0,
-                      greedy=greedy, progress=calls.append)
+    scoring = Scoring(num_samples=2, max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, batch_size=batch_size,
+                      seed=0, greedy=greedy, tools=())
+    result = evaluate(tiny_model(len(tokenizer), 0), tokenizer, examples, scoring, progress=calls.append)
     assert result.num_problems == 7
     assert sum(calls) == pytest.approx(7.0)
     assert all(c >= -1e-9 for c in calls)

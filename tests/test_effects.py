@@ -204,8 +204,8 @@ def test_rl_max_length_drops_prompts_over_the_budget_and_keeps_the_boundary():
 
 def test_rl_run_takes_every_rl_field_from_the_rl_section(tmp_path, monkeypatch):
     """A run_rl with distinct rl.* values: the optimizer's groups, the logged LR schedule, the rollouts' sampler
-    settings and the rows trained per step follow the rl section (never sft.*); its evaluations follow the
-    evaluation section (never rl.sampling)."""
+    settings and the rows trained per step all follow the rl section (never sft.*); RL's own evaluations (every
+    evaluation.every_rl_steps) follow the evaluation section (never rl.*)."""
     import json
 
     from integration_training import optim, rollout
@@ -218,7 +218,7 @@ def test_rl_run_takes_every_rl_field_from_the_rl_section(tmp_path, monkeypatch):
                 optimizer=dict(embedding_lr=3e-4, unembedding_lr=2e-4, matrix_lr=1e-4, weight_decay=0.125,
                                init_lr_frac=0.5, warmup_ratio=0.5, lr_schedule="linear"),
                 sampling=dict(batch_size=5, temperature=0.7, top_k=5, max_new_tokens=2)),
-        evaluation=dict(num_problems=3, num_samples=2, at_start=True,
+        evaluation=dict(num_problems=3, num_samples=2, every_rl_steps=2, after_rl=False,
                         sampling=dict(batch_size=7, temperature=0.9, top_k=3, max_new_tokens=3)),
         output=dict(mode="rl", source_checkpoint=base.model.name),
     )
@@ -253,7 +253,7 @@ def test_rl_run_takes_every_rl_field_from_the_rl_section(tmp_path, monkeypatch):
     # Sampling calls: (prompts, (samples per prompt, max_new_tokens, temperature, top_k), batch size, kwargs).
     evals = [c for c in sampled if c[3].get("greedy_first")]
     rollouts = [c for c in sampled if not c[3].get("greedy_first")]
-    assert [c[0] for c in evals] == [3, 3]  # num_problems problems, at step 0 (at_start) and at the end (after_rl)
+    assert [c[0] for c in evals] == [3, 3]  # evaluation.num_problems, at steps 2 and 4 (every_rl_steps=2)
     assert all(c[1] == (2 + 1, 3, 0.9, 3) and c[2] == 7 for c in evals)  # num_samples + one greedy row
     assert len(rollouts) == 4 and all(c[0] == 2 and c[1] == (3, 2, 0.7, 5) and c[2] == 5 for c in rollouts)
     # Training: examples_per_step × num_samples rows per step, groups of num_samples sharing a prompt.
@@ -345,7 +345,11 @@ def fake_wandb(monkeypatch) -> list:
         events.append(("init", kwargs))
         return Run()
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    # A module spec, as an installed package has: accelerate (imported by transformers) asks find_spec("wandb").
+    import importlib.machinery
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
+        init=init, __spec__=importlib.machinery.ModuleSpec("wandb", None)))
     return events
 
 
@@ -380,9 +384,10 @@ def test_model_and_output_fields_reach_both_stages_of_a_run(tmp_path, monkeypatc
     assert cli.main([str(write_config(tmp_path / "knobs.py", config))]) == 0
     run = tmp_path / "results" / "knobs"
 
-    # model.*: every load (baseline eval, SFT, RL) asked for the configured dtype and attention; the two trained
-    # models checkpoint activations; every autocast (SFT and RL forwards, sampling) computes in bfloat16.
-    assert [kwargs["training"] for _, kwargs, _ in loads.calls] == [False, True, True]
+    # model.*: every load (baseline eval, SFT, after-SFT eval, RL, after-RL eval) asked for the configured dtype and
+    # attention; the two trained models checkpoint activations; every autocast (SFT and RL forwards, sampling)
+    # computes in bfloat16.
+    assert [kwargs["training"] for _, kwargs, _ in loads.calls] == [False, True, False, True, False]
     for args, _, model in loads.calls:
         assert args[1:3] == ("bfloat16", "eager"), args
         assert model.config._attn_implementation == "eager"
@@ -393,17 +398,23 @@ def test_model_and_output_fields_reach_both_stages_of_a_run(tmp_path, monkeypatc
     # output.log_level: WARNING keeps every INFO record out of train.log (an INFO run writes many).
     assert (run / "train.log").is_file() and " INFO " not in (run / "train.log").read_text()
 
-    # output.use_wandb / wandb_project: one wandb run per stage, fed the stage's metrics.
+    # output.use_wandb / wandb_project: one wandb run per stage, fed the stage's metrics; the evaluation stage's run
+    # ("eval", one id kept in the run directory) is resumed by each of its evaluations.
     inits = [e[1] for e in events if e[0] == "init"]
-    assert [(i["project"], i["name"]) for i in inits] == [("proj-x", "knobs-sft"), ("proj-x", "knobs-rl")]
+    assert [(i["project"], i["name"]) for i in inits] == [
+        ("proj-x", "knobs-eval"), ("proj-x", "knobs-sft"), ("proj-x", "knobs-eval"), ("proj-x", "knobs-rl"),
+        ("proj-x", "knobs-eval")]
+    assert len({i["id"] for i in inits if i["name"] == "knobs-eval"}) == 1
     logged = {k for e in events if e[0] == "log" for k in e[1]}
-    assert {"sft/loss", "sft/val_loss", "rl/reward", "rl/eval/pass@1_strict"} <= logged
-    assert [e[0] for e in events].count("finish") == 2
+    assert {"sft/loss", "sft/val_loss", "rl/reward", "rl/eval/pass@1_strict", "eval/pass@1_strict"} <= logged
+    assert [e[0] for e in events].count("finish") == 5
 
-    # Cadence: sft.log_every=2, sft.eval_every=3 over 4 steps; rl.log_every=3, evaluation.every_rl_steps=2 over 4.
+    # Cadence: sft.log_every=2, sft.eval_every=3 over 4 steps; rl.log_every=3 and evaluation.every_rl_steps=2 over
+    # 4 steps (the final step's evaluation is the after-RL one, an `eval` line).
     sft = read_metrics(run, "sft")
     assert [r["step"] for r in sft if "loss" in r] == [2, 4]
     assert [r["step"] for r in sft if "val_loss" in r] == [0, 3, 4]
     rows = read_metrics(run, "rl")
     assert [r["step"] for r in rows if "reward" in r] == [2, 3, 4]
-    assert [r["step"] for r in rows if "eval/pass@1_strict" in r] == [0, 2, 4]
+    assert [r["step"] for r in rows if "eval/pass@1_strict" in r] == [2]
+    assert [(r["evaluated"], r["step"]) for r in read_metrics(run, "eval")] == [("baseline", 0), ("sft", 4), ("rl", 4)]

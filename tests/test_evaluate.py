@@ -16,13 +16,13 @@ from integration_training.template import render_prompt
 from integration_training.data import Example
 from integration_training.evaluate import (
     ProblemRecord,
+    Scoring,
     aggregate,
-    bootstrap_interval,
     eval_records_path,
     evaluate,
-    pass_at_k,
     write_records,
 )
+from integration_training.stats import pass_at_k, wilson_interval
 
 GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 
@@ -33,14 +33,6 @@ def test_pass_at_k_by_hand() -> None:
     assert pass_at_k(4, 0, 4) == 0.0
     assert pass_at_k(4, 1, 4) == 1.0
     assert pass_at_k(10, 3, 5) == pytest.approx(1 - math.comb(7, 5) / math.comb(10, 5))
-
-
-def test_bootstrap_interval_is_seeded_and_brackets_the_mean() -> None:
-    values = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
-    a, b = bootstrap_interval(values, seed=3), bootstrap_interval(values, seed=3)
-    assert a == b and a.value == pytest.approx(0.375) and a.low < a.value < a.high
-    flat = bootstrap_interval([1.0] * 5, seed=0)
-    assert flat.low == flat.value == flat.high == 1.0
 
 
 def _record(index: int, strict: list[float], lenient: list[float], greedy: float, letter: float | None = None):
@@ -64,6 +56,11 @@ def test_aggregate_by_hand() -> None:
     assert "letter_acc" not in m and result.mean_response_tokens == 2.0
     assert [p.index for p in result.problems] == [0, 1]
     assert all(iv.low <= iv.value <= iv.high for iv in result.metrics.values())
+    # Each record carries its own scores; every aggregate is their mean with stats' one interval.
+    assert result.problems[1].scores == {"greedy_strict": 1.0, "greedy_lenient": 1.0, "pass@1_strict": 0.25,
+                                         "pass@1_lenient": 0.5, "pass@4_strict": 1.0, "pass@4_lenient": 1.0}
+    for name, interval in result.metrics.items():
+        assert interval == wilson_interval([p.scores[name] for p in result.problems]), name
     summary = result.summary("eval/")
     assert summary["eval/pass@4_strict"] == 0.5 and "eval/pass@4_strict_low" in summary
 
@@ -78,14 +75,14 @@ def test_evaluate_tiny_model_writes_records(tmp_path: Path) -> None:
     tokenizer = smollm2_tokenizer()
     model = tiny_model(len(tokenizer), seed=0)
     examples = _arithmetic(3)
-    result = evaluate(model, tokenizer, examples, k=3, temperature=1.0, top_k=0, max_new_tokens=5, batch_size=4,
-                      seed=0)
+    scoring = Scoring(num_samples=3, max_new_tokens=5, temperature=1.0, top_k=0, batch_size=4, seed=0, greedy=True,
+                      tools=())
+    result = evaluate(model, tokenizer, examples, scoring)
     assert result.num_problems == 3 and result.k == 3
     assert all(len(p.completions) == 3 and max(p.tokens) <= 5 for p in result.problems)
     assert {"greedy_strict", "greedy_lenient", "pass@1_strict", "pass@3_strict", "pass@1_lenient",
             "pass@3_lenient"} == set(result.metrics)
-    again = evaluate(model, tokenizer, examples, k=3, temperature=1.0, top_k=0, max_new_tokens=5, batch_size=4,
-                     seed=0)
+    again = evaluate(model, tokenizer, examples, scoring)
     assert [p.completions for p in again.problems] == [p.completions for p in result.problems]  # seeded
     path = write_records(result, eval_records_path(tmp_path, "rl", 5))
     assert path.name == "rl_step_000005.jsonl"
@@ -106,8 +103,8 @@ def test_arc_letter_logit_accuracy() -> None:
     with torch.no_grad():
         hidden = model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0, -1]
         model.lm_head.weight[c_token] = 50.0 * hidden / hidden.norm() ** 2
-    result = evaluate(model, tokenizer, [right, wrong], k=1, temperature=1.0, top_k=0, max_new_tokens=1,
-                      batch_size=2, seed=0)
+    result = evaluate(model, tokenizer, [right, wrong], Scoring(num_samples=1, max_new_tokens=1, temperature=1.0,
+                                                                top_k=0, batch_size=2, seed=0, greedy=True, tools=()))
     assert [p.letter for p in result.problems] == ["C", "C"]
     assert result.metrics["letter_acc"].value == pytest.approx(0.5)
     assert result.problems[0].greedy_strict == 1.0  # greedy also answers C

@@ -141,7 +141,7 @@ def interrupted_then_resumed(tmp_path, capsys, monkeypatch, fault: str, referenc
     ("signal:SIGINT:rl-step:1", "RL step 1/3"),
     ("signal:SIGTERM:rl-step:2", "RL step 2/3"),
     ("signal:SIGINT:load:2", "SFT step 1/4"),  # while SFT loads its model: the first step is the next safe point
-    ("signal:SIGTERM:rl-eval:2", "RL step 1/3"),  # during RL's step-0 evaluation
+    ("signal:SIGTERM:rl-eval:2", "RL step 1/3"),  # during the after-SFT evaluation: RL's first step boundary
     ("signal:SIGTERM:save:1", "SFT step"),  # in the middle of a checkpoint write: the write completes first
 ])
 def test_signal_checkpoints_and_resume_is_exact(tmp_path, capsys, monkeypatch, reference, fault, where):
