@@ -18,6 +18,8 @@ TESTS = Path(__file__).resolve().parent
 
 E2E = "test_end_to_end.py::test_deploy_sft_then_rl_leaves_every_artefact_and_hands_sft_weights_to_rl"
 E2E_RL = "test_end_to_end.py::test_deploy_mode_rl_starts_from_source_checkpoint"
+E2E_SFT = "test_end_to_end.py::test_deploy_sft_only_ends_with_the_baseline_and_after_sft_table"
+EVAL_FLAGS = "test_end_to_end.py::test_evaluations_run_only_where_the_evaluation_section_asks"
 KNOBS = "test_effects.py::test_model_and_output_fields_reach_both_stages_of_a_run"
 RL_RUN = "test_effects.py::test_rl_run_takes_every_rl_field_from_the_rl_section"
 TORCHRUN = "test_cli.py::test_torchrun_command_carries_the_rendezvous"
@@ -111,14 +113,15 @@ FIELD_TESTS: dict[str, list[str]] = {
     "RLConfig.updates_per_batch": ["test_effects.py::test_clip_fraction_is_zero_inside_the_band_and_positive_outside"],
     "RLConfig.checkpoint_every": ["test_rl.py::test_resume_is_bitwise_and_metrics_have_no_gaps"],
     "RLConfig.log_every": [KNOBS],
-    "EvalConfig.mixture": [E2E],
-    "EvalConfig.num_problems": [RL_RUN, E2E],
-    "EvalConfig.num_samples": [RL_RUN],
+    "EvalConfig.mixture": [E2E, E2E_SFT],
+    "EvalConfig.num_problems": [RL_RUN, E2E, E2E_SFT],
+    "EvalConfig.num_samples": [RL_RUN, E2E_SFT],
     "EvalConfig.sampling": [RL_RUN],
-    "EvalConfig.at_start": [RL_RUN, "test_effects.py::test_evaluation_flags_choose_which_sft_run_evaluations_happen"],
-    "EvalConfig.after_sft": ["test_effects.py::test_evaluation_flags_choose_which_sft_run_evaluations_happen", E2E],
-    "EvalConfig.after_rl": [RL_RUN, E2E],
-    "EvalConfig.every_rl_steps": [KNOBS],
+    "EvalConfig.at_start": [E2E_RL, EVAL_FLAGS, "test_effects.py::test_evaluation_flags_choose_which_sft_run_evaluations_happen"],
+    "EvalConfig.after_sft": ["test_effects.py::test_evaluation_flags_choose_which_sft_run_evaluations_happen", E2E,
+                             E2E_SFT, EVAL_FLAGS],
+    "EvalConfig.after_rl": [RL_RUN, E2E, EVAL_FLAGS],
+    "EvalConfig.every_rl_steps": [KNOBS, RL_RUN, EVAL_FLAGS],
     "OutputConfig.save_dir": [E2E],
     "OutputConfig.log_level": [KNOBS],
     "OutputConfig.experiment_name": [E2E, "test_cli.py::test_existing_checkpoints_are_never_overwritten_without_resume"],

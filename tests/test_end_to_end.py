@@ -69,7 +69,8 @@ def tiny_run_config(tmp_path: Path, **output) -> Config:
         tmp_path,
         sft=dict(num_iterations=3, checkpoint_every=2, eval_every=2),
         rl=dict(num_iterations=2, checkpoint_every=2, sampling=dict(max_new_tokens=4)),
-        evaluation=dict(every_rl_steps=2, num_problems=EVAL_PROBLEMS, num_samples=2, sampling=dict(max_new_tokens=4)),
+        evaluation=dict(every_rl_steps=2 if output["mode"] != "sft" else 0, num_problems=EVAL_PROBLEMS, num_samples=2,
+                        sampling=dict(max_new_tokens=4)),
         output=dict(experiment_name="e2e", **output),
     )
 
