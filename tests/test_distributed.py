@@ -285,7 +285,7 @@ def test_two_process_sft_then_rl_run_writes_a_checkpoint_one_process_can_load(tm
     assert sum(p.numel() for p in model.parameters()) > 0
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if line["stage"] == "sft" and "loss" in line] == [1, 2, 3, 4]  # rank 0 only
-    evals = [line for line in lines if line["stage"] == "rl" and "eval/num_problems" in line]
+    evals = [line for line in lines if line["stage"] in ("eval", "rl") and "eval/num_problems" in line]
     assert evals and all(line["eval/num_problems"] == 3 for line in evals)  # an odd count: no problem dropped
 
 

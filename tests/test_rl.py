@@ -368,16 +368,19 @@ def test_learning_signal_reward_rises(tmp_path: Path, digit_model_dir: Path) -> 
     data = write_digit_data(tmp_path, 64)
     config = make_config(tmp_path, digit_model_dir, data, rl=dict(num_iterations=16, sampling=dict(max_new_tokens=1),
                                                                   optimizer=optimizer_config(lr=1e-2)))
-    final = rl.run_rl(config, tmp_path / "run", digit_model_dir, resume=False)
-    rows = read_metrics(tmp_path / "run", "rl")
+    from integration_training import evaluate
+
+    run = tmp_path / "run"
+    baseline = evaluate.run(config, run, "baseline", 0, source=digit_model_dir)  # what deploy.py runs first
+    final = rl.run_rl(config, run, digit_model_dir, resume=False)
+    end = evaluate.run(config, run, "rl", 16, source=final)  # and after RL
+    rows = read_metrics(run, "rl")
     rewards = [r["reward"] for r in rows if "reward" in r]
     assert rewards[0] < 0.2, rewards
     assert max(rewards[-3:]) > 0.8 and rewards[-1] > 0.8, rewards
-    baseline, end = rows[0], rows[-1]
-    assert baseline["step"] == 0 and "eval/pass@1_strict" in baseline
     assert end["eval/pass@1_strict"] > baseline["eval/pass@1_strict"]
-    assert {"loss", "kl", "entropy", "response_tokens", "tokens_per_s", "gen_seconds", "train_seconds"} <= set(end)
-    assert final.name == "step_000016" and (tmp_path / "run" / "eval" / "rl_step_000016.jsonl").is_file()
+    assert {"loss", "kl", "entropy", "response_tokens", "tokens_per_s", "gen_seconds", "train_seconds"} <= set(rows[-1])
+    assert final.name == "step_000016" and (run / "eval" / "rl_step_000016.jsonl").is_file()
 
 
 def test_resume_is_bitwise_and_metrics_have_no_gaps(tmp_path: Path, digit_model_dir: Path, monkeypatch) -> None:
@@ -416,7 +419,7 @@ def test_resume_is_bitwise_and_metrics_have_no_gaps(tmp_path: Path, digit_model_
     assert all(torch.equal(a[n], b[n]) for n in a)
     steps_a = [r["step"] for r in read_metrics(tmp_path / "a" / "run", "rl")]
     steps_b = [r["step"] for r in read_metrics(run_b, "rl")]
-    assert steps_a == steps_b == [0, 1, 2, 3, 4]
+    assert steps_a == steps_b == [1, 2, 3, 4]
     timing = {"gen_seconds", "train_seconds", "tokens_per_s"}
 
     def strip(rows):
@@ -461,10 +464,13 @@ def test_sample_batch_size_sets_the_sampling_chunks_of_rollouts_and_evaluation(t
     monkeypatch.setattr(rollout, "_sample_chunk", spy)
     data = write_digit_data(tmp_path, 8)
     # 4 prompts × 8 samples = 32 rollout rows per step in chunks of 12; eval: 4 problems × (2 samples + greedy).
+    # RL evaluates its policy itself after every step (every_rl_steps=1; after_rl off: no CLI evaluation to leave
+    # the last step to).
     config = make_config(tmp_path, digit_model_dir, data, rl=dict(num_iterations=1, sampling=dict(batch_size=12,
-                                                                                                  max_new_tokens=1)))
+                                                                                                  max_new_tokens=1)),
+                         evaluation=dict(every_rl_steps=1, after_rl=False))
     rl.run_rl(config, tmp_path / "run", digit_model_dir, resume=False)
-    assert chunks == [12] + [12, 12, 8] + [12], chunks  # step-0 eval, the step's rollouts, final eval
+    assert chunks == [12, 12, 8] + [12], chunks  # the step's rollouts, the evaluation after it
 
 
 def test_a_rank_with_fewer_batches_pads_to_the_busiest_rank_with_zero_loss(monkeypatch) -> None:
