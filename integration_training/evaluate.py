@@ -389,9 +389,9 @@ def run(config, run_dir: Path, stage: str, step: int, *, source: str | Path | No
     values = result.summary(prefix="eval/")
     if dist.is_main:
         write_records(result, eval_records_path(run_dir, stage, step))
-        write_summary(result, done, stage, step, values)
-        if source is not None:
+        if source is not None:  # before the done marker: a crash in between repeats the line, never loses it
             _log_metrics(config, run_dir, stage, step, values)
+        write_summary(result, done, stage, step, values)
     barrier(dist)
     return values
 

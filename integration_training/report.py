@@ -203,8 +203,8 @@ def build_report(run_dir: Path) -> tuple[str, str]:
         "Sampled pass@1 is estimated from several samples per problem at the evaluation temperature"
         " (`evaluation.sampling`); greedy is one argmax completion. Strict parses `#### N`, lenient takes the last"
         f" number. {INTERVAL_NOTE} p: one-sided paired sign-flip permutation test of the per-problem sampled"
-        " pass@1 against the previous row. Every number is the evaluation's own (eval/*.json, the same values as"
-        " metrics.jsonl's `eval` lines).",
+        " pass@1 against the previous row. Every number is the evaluation's own, as it wrote it (eval/*.json;"
+        " metrics.jsonl holds the same values).",
         "",
         table,
         "",
