@@ -454,6 +454,9 @@ def test_plan_shows_trainable_parameters_and_both_memory_lines(tmp_path):
 # ---------------------------------------------------------------------------------------------------- DDP / FSDP2
 
 
+# Two-process runs (~40 s each on 2 loaded cores): the slow pass. The default suite keeps LoRA through deploy.py
+# (one process) and DDP/FSDP2 equivalence without LoRA (test_distributed.py).
+@pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp2"])
 def test_two_process_lora_sft_equals_one_process(tmp_path, parallelism):
     from test_distributed import two_process_config, write_config
@@ -471,6 +474,7 @@ def test_two_process_lora_sft_equals_one_process(tmp_path, parallelism):
     assert_same(load_file(str(finals[0] / "model.safetensors")), load_file(str(finals[1] / "model.safetensors")), atol=1e-6)
 
 
+@pytest.mark.slow  # two processes (~18 s on 2 loaded cores); see above
 def test_two_process_lora_rl_step_with_kl_equals_one_process(tmp_path):
     """One RL step (adapters, KL against adapters-off) on fixed rows: DDP and FSDP2 over 2 ranks = 1 process."""
     from test_distributed import SINGLE, child_env, free_port
