@@ -194,7 +194,7 @@ FAULTS: tuple[Fault, ...] = (
     # ---- config fields reaching the run
     Fault("optimizer-name-ignored", "integration_training/optim.py",
           "    params = parameter_groups(model)\n",
-          '    import dataclasses; stage = dataclasses.replace(stage, optimizer="adamw"); params = parameter_groups(model)\n',
+          '    import dataclasses; settings = dataclasses.replace(settings, name="adamw"); params = parameter_groups(model)\n',
           (KNOBS,), "every stage trains with AdamW whatever its optimizer field says"),
     Fault("advantage-kind-ignored", RL,
           "advantages = group_advantages(rewards, rl.advantage)", 'advantages = group_advantages(rewards, "mean")',
