@@ -63,7 +63,7 @@ def _is_local_host(host) -> bool:
     if isinstance(host, bytes):
         host = host.decode("ascii", "replace")
     host = str(host)
-    if host in _LOCAL_NAMES or host.endswith(".localhost"):
+    if host in _LOCAL_NAMES or host.endswith(".localhost") or not host:  # "" binds/looks up this machine
         return True
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
