@@ -1,7 +1,10 @@
 """Suite-wide hygiene: tests that run deploy.py in-process must not leak logging handlers, environment variables
-or signal handlers into later tests."""
+or signal handlers into later tests; and no test reaches the network unless it is marked `network`."""
 
+import errno
+import ipaddress
 import logging
+import socket
 
 import pytest
 
@@ -34,3 +37,79 @@ def _restore_process_state():
     for sig, handler in handlers.items():
         if signal.getsignal(sig) is not handler and handler is not None:
             signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------------- network
+#
+# The default suite must pass with the network unplugged after set-up (README, "Tests"). This guard makes that the
+# case in every run of pytest: inside the test process, a socket connect to anything but this machine and a name
+# lookup of anything but this machine fail the way an unplugged cable does (ENETUNREACH / EAI_NONAME), with a
+# message naming this file. Loopback stays open: torchrun's rendezvous, the chat server, chromedriver, wandb's
+# local service. Subprocesses are not covered here; `unshare -rn` (README) checks those.
+# A test that must reach the network is marked `@pytest.mark.network` (and `slow`, so the default suite has none).
+
+_REAL_CONNECT = socket.socket.connect
+_REAL_CONNECT_EX = socket.socket.connect_ex
+_REAL_GETADDRINFO = socket.getaddrinfo
+_LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", socket.gethostname()}
+_network = {"allowed": False}
+_REFUSAL = ("tests/conftest.py: {what} {target!r} refused: tests run with the network unplugged "
+            "(mark a test that must reach the network @pytest.mark.network and slow)")
+
+
+def _is_local_host(host) -> bool:
+    if host is None:
+        return True
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    host = str(host)
+    if host in _LOCAL_NAMES or host.endswith(".localhost") or not host:  # "" binds/looks up this machine
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False  # a name other than this machine's: resolving it needs DNS
+    return address.is_loopback or address.is_unspecified
+
+
+def _is_local_address(address) -> bool:
+    if not isinstance(address, tuple):
+        return True  # AF_UNIX paths (str/bytes) never leave the machine
+    return _is_local_host(address[0])
+
+
+def _guarded_connect(self, address):
+    if not _network["allowed"] and not _is_local_address(address):
+        raise OSError(errno.ENETUNREACH, _REFUSAL.format(what="connect to", target=address))
+    return _REAL_CONNECT(self, address)
+
+
+def _guarded_connect_ex(self, address):
+    if not _network["allowed"] and not _is_local_address(address):
+        raise OSError(errno.ENETUNREACH, _REFUSAL.format(what="connect to", target=address))
+    return _REAL_CONNECT_EX(self, address)
+
+
+def _guarded_getaddrinfo(host, *args, **kwargs):
+    if not _network["allowed"] and not _is_local_host(host):
+        raise socket.gaierror(socket.EAI_NONAME, _REFUSAL.format(what="name lookup of", target=host))
+    return _REAL_GETADDRINFO(host, *args, **kwargs)
+
+
+def pytest_configure(config):
+    socket.socket.connect = _guarded_connect
+    socket.socket.connect_ex = _guarded_connect_ex
+    socket.getaddrinfo = _guarded_getaddrinfo
+
+
+def pytest_unconfigure(config):
+    socket.socket.connect = _REAL_CONNECT
+    socket.socket.connect_ex = _REAL_CONNECT_EX
+    socket.getaddrinfo = _REAL_GETADDRINFO
+
+
+@pytest.fixture(autouse=True)
+def _network_only_for_marked_tests(request):
+    _network["allowed"] = request.node.get_closest_marker("network") is not None
+    yield
+    _network["allowed"] = False

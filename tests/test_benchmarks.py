@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+# ~70 s on 2 loaded cores (every section of the GPU check on CPU); it guards the benchmark script, not the product.
+@pytest.mark.slow
 def test_gpu_check_runs_on_cpu_and_writes_every_section(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")

@@ -237,6 +237,9 @@ def test_prompt_streams_the_reply_on_a_tiny_model(tiny_dir, monkeypatch):
             assert out.calls[k + 1][0] == "flush", "each piece is flushed as it is drawn"
 
 
+# ~35 s: a second deploy.py sft+rl run (test_end_to_end runs one) before the chat; the chat CLI itself is covered on
+# a tiny model directory by the tests around it.
+@pytest.mark.slow
 def test_prompt_on_a_checkpoint_of_a_tiny_deploy_run(tmp_path):
     """Train SFT→RL with deploy.py, then chat with its last RL checkpoint named as a user would (relative path)."""
     config = make_config(tmp_path, output=dict(mode="sft+rl"), evaluation=dict(num_problems=2))

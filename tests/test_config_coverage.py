@@ -29,10 +29,13 @@ SFT_STREAM = "test_sft.py::test_epochs_iterations_batch_and_packing_shape_the_st
 SFT_SCHEDULE = "test_sft.py::test_run_logs_evaluates_and_checkpoints_on_schedule"
 GROUP_LRS = "test_optim.py::test_each_group_lr_controls_its_parameters"
 WARMUP = "test_optim.py::test_warmup_ratio_and_init_lr_frac"
+DEVICE = "test_effects.py::test_device_type_decides_where_a_deploy_run_loads_the_model"
+SFT_DATA = "test_effects.py::test_dataset_specs_and_shuffle_seed_decide_what_sft_trains_on"
+RL_ROWS = "test_effects.py::test_rl_rows_carry_the_custom_reward_the_advantage_kind_and_the_seeded_prompt_order"
 
 FIELD_TESTS: dict[str, list[str]] = {
     "TargetConfig.gpu_ranks": ["test_effects.py::test_gpu_ranks_become_cuda_visible_devices"],
-    "TargetConfig.device_type": ["test_cli.py::test_real_run_of_cuda_config_without_gpu_exits_2_before_loading"],
+    "TargetConfig.device_type": [DEVICE, "test_cli.py::test_real_run_of_cuda_config_without_gpu_exits_2_before_loading"],
     "TargetConfig.processes_per_node": [TORCHRUN, EQUIVALENCE],
     "TargetConfig.parallelism": [EQUIVALENCE,
                                  "test_distributed.py::test_resuming_with_another_world_size_or_parallelism_is_a_user_error"],
@@ -52,14 +55,14 @@ FIELD_TESTS: dict[str, list[str]] = {
     "LoRAConfig.dropout": ["test_lora.py::test_rank_alpha_and_dropout_reach_every_adapted_layer"],
     "LoRAConfig.target_modules": ["test_lora.py::test_named_targets_adapt_exactly_the_matching_linear_layers",
                                   "test_lora.py::test_all_linear_adapts_every_linear_layer_but_the_lm_head"],
-    "DatasetSpec.name": ["test_data.py::test_unknown_name_lists_supported_names",
+    "DatasetSpec.name": [SFT_DATA, "test_data.py::test_unknown_name_lists_supported_names",
                          "test_data.py::test_arithmetic_format_and_train_test_never_overlap"],
-    "DatasetSpec.split": ["test_data.py::test_arithmetic_format_and_train_test_never_overlap"],
-    "DatasetSpec.subset": ["test_data.py::test_arc_adapter"],
-    "DatasetSpec.max_samples": ["test_data.py::test_mixture_seeded_order_and_sample"],
-    "DatasetSpec.repeat": ["test_data.py::test_mixture_counts_and_report"],
-    "DatasetSpec.path": ["test_data.py::test_custom_json_forms_and_reference"],
-    "DatasetSpec.reward": ["test_rl.py::test_learning_signal_reward_rises"],
+    "DatasetSpec.split": [SFT_DATA, "test_data.py::test_arithmetic_format_and_train_test_never_overlap"],
+    "DatasetSpec.subset": [SFT_DATA, "test_data.py::test_arc_adapter"],
+    "DatasetSpec.max_samples": [SFT_DATA, "test_data.py::test_mixture_seeded_order_and_sample"],
+    "DatasetSpec.repeat": [SFT_DATA, "test_data.py::test_mixture_counts_and_report"],
+    "DatasetSpec.path": [SFT_DATA, "test_data.py::test_custom_json_forms_and_reference"],
+    "DatasetSpec.reward": [RL_ROWS, "test_rl.py::test_learning_signal_reward_rises"],
     "DataConfig.sft_mixture": ["test_sft.py::test_overfits_eight_conversations_and_checkpoint_generates"],
     "DataConfig.sft_val_mixture": ["test_sft.py::test_overfits_eight_conversations_and_checkpoint_generates"],
     "DataConfig.rl_mixture": ["test_rl.py::test_learning_signal_reward_rises"],
@@ -68,14 +71,14 @@ FIELD_TESTS: dict[str, list[str]] = {
     "DataConfig.tools": ["test_tool_use.py::test_sft_rl_and_eval_run_with_the_calculator",
                          "test_tool_use.py::test_prepared_sft_data_renders_with_the_tools",
                          "test_tool_use.py::test_gsm8k_keeps_annotations_only_with_the_calculator"],
-    "DataConfig.shuffle_seed": ["test_data.py::test_mixture_seeded_order_and_sample",
+    "DataConfig.shuffle_seed": [SFT_DATA, RL_ROWS, "test_data.py::test_mixture_seeded_order_and_sample",
                                 "test_rl.py::test_total_steps_and_prompt_order"],
     "SFTConfig.num_epochs": [SFT_STREAM],
     "SFTConfig.num_iterations": [SFT_STREAM],
     "SFTConfig.batch_size": [SFT_STREAM],
     "SFTConfig.examples_per_step": ["test_sft.py::test_examples_per_step_scales_supervised_tokens",
                                     "test_sft.py::test_accumulation_matches_one_big_micro_batch"],
-    "SFTConfig.optimizer": [SFT_SCHEDULE, RL_RUN],  # each stage builds its optimizer from its own section
+    "SFTConfig.optimizer": [SFT_SCHEDULE, RL_RUN, KNOBS],  # each stage builds its optimizer from its own section
     "SFTConfig.packing": [SFT_STREAM, "test_sft.py::test_packed_rows_isolate_conversations"],
     "SFTConfig.eval_every": [SFT_SCHEDULE, KNOBS],
     "SFTConfig.eval_steps": ["test_sft.py::test_eval_steps_limits_validation_batches"],
@@ -83,7 +86,7 @@ FIELD_TESTS: dict[str, list[str]] = {
     "SFTConfig.log_every": [SFT_SCHEDULE, KNOBS],
     # OptimizerConfig serves sft.optimizer and rl.optimizer: unit tests of each field, plus RL_RUN / SFT_SCHEDULE
     # showing that each stage's run takes them from its own section.
-    "OptimizerConfig.name": ["test_optim.py::test_muon_uses_torch_muon_for_matrices_and_state_round_trips", RL_RUN],
+    "OptimizerConfig.name": [KNOBS, "test_optim.py::test_muon_uses_torch_muon_for_matrices_and_state_round_trips"],
     "OptimizerConfig.embedding_lr": [GROUP_LRS, RL_RUN],
     "OptimizerConfig.unembedding_lr": [GROUP_LRS, RL_RUN],
     "OptimizerConfig.matrix_lr": [GROUP_LRS, RL_RUN],
@@ -105,8 +108,8 @@ FIELD_TESTS: dict[str, list[str]] = {
     "RLConfig.num_samples": [RL_RUN],
     "RLConfig.batch_size": ["test_rl.py::test_token_level_normalisation_across_micro_batches"],
     "RLConfig.sampling": [RL_RUN],
-    "RLConfig.optimizer": [RL_RUN],
-    "RLConfig.advantage": ["test_rl.py::test_mean_std_advantage_by_hand"],
+    "RLConfig.optimizer": [RL_RUN, KNOBS],
+    "RLConfig.advantage": [RL_ROWS, "test_rl.py::test_mean_std_advantage_by_hand"],
     "RLConfig.kl_coef": ["test_effects.py::test_kl_is_zero_against_itself_and_grows_with_divergence",
                          "test_effects.py::test_kl_coef_adds_the_gradient_of_the_penalty"],
     "RLConfig.clip_eps": ["test_effects.py::test_clip_fraction_is_zero_inside_the_band_and_positive_outside"],

@@ -178,6 +178,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow  # two gloo processes (~17 s on 2 loaded cores); one process preparing and mapping is tested above
 def test_two_gloo_processes_prepare_once_and_the_other_maps(tmp_path):
     config = make_config(tmp_path, target=dict(processes_per_node=2, parallelism="ddp", master_port=free_port()),
                          sft=dict(num_iterations=2))

@@ -342,6 +342,7 @@ def test_two_nodes_on_localhost_train_and_write_one_checkpoint(tmp_path):
     assert "world 2" in outputs[0][1]  # one process per node, two in the job
 
 
+@pytest.mark.slow  # two torchrun ranks (~25 s on 2 loaded cores); single-process user errors: test_bad_configs.py
 def test_a_user_error_on_one_rank_stops_the_job_with_exit_2(tmp_path):
     # The config file runs in every process; on rank 1 only it makes SFT fail as a user error would.
     fail_on_rank_1 = (

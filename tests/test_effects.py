@@ -355,7 +355,8 @@ def fake_wandb(monkeypatch) -> list:
 
 def test_model_and_output_fields_reach_both_stages_of_a_run(tmp_path, monkeypatch):
     """One deploy.py run (sft+rl) with non-default model/output knobs: dtype, attention, gradient checkpointing,
-    compile, log level, wandb, and SFT's and RL's log/eval cadence are each seen where they act."""
+    compile, log level, wandb, each stage's optimizer, and SFT's and RL's log/eval cadence are each seen where they
+    act."""
     from integration_training.metrics import read_metrics
 
     from integration_training import precision
@@ -371,18 +372,31 @@ def test_model_and_output_fields_reach_both_stages_of_a_run(tmp_path, monkeypatc
     monkeypatch.setattr(precision, "autocast", recording_autocast)
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
-    events = fake_wandb(monkeypatch)
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    stepped = []  # the class of every optimizer step taken, in order
+    hook = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: stepped.append(type(optimizer).__name__))
     config = make_config(
         tmp_path,
         model=dict(dtype="bfloat16", attn_implementation="eager", gradient_checkpointing=True, compile=True),
-        sft=dict(num_iterations=4, log_every=2, eval_every=3, checkpoint_every=100),
+        sft=dict(num_iterations=4, log_every=2, eval_every=3, checkpoint_every=100, optimizer=dict(name="muon")),
         rl=dict(num_iterations=4, log_every=3, checkpoint_every=100, sampling=dict(max_new_tokens=2)),
         evaluation=dict(every_rl_steps=2, num_problems=1, sampling=dict(max_new_tokens=2)),
         output=dict(mode="sft+rl", log_level="WARNING", use_wandb=True, wandb_project="proj-x",
                     experiment_name="knobs"),
     )
-    assert cli.main([str(write_config(tmp_path / "knobs.py", config))]) == 0
+    # After make_config: importing transformers' model code (accelerate) looks wandb up, which a stand-in module
+    # without a __spec__ would break when this test runs alone.
+    events = fake_wandb(monkeypatch)
+    try:
+        assert cli.main([str(write_config(tmp_path / "knobs.py", config))]) == 0
+    finally:
+        hook.remove()
     run = tmp_path / "results" / "knobs"
+
+    # sft.optimizer="muon": each of SFT's 4 steps steps torch's Muon (matrices) beside AdamW (the rest); RL's
+    # optimizer stays "adamw" (its own field): its 4 steps are AdamW alone.
+    assert stepped == ["Muon", "AdamW"] * 4 + ["AdamW"] * 4, stepped
 
     # model.*: every load (baseline eval, SFT, after-SFT eval, RL, after-RL eval) asked for the configured dtype and
     # attention; the two trained models checkpoint activations; every autocast (SFT and RL forwards, sampling)
@@ -418,3 +432,202 @@ def test_model_and_output_fields_reach_both_stages_of_a_run(tmp_path, monkeypatc
     assert [r["step"] for r in rows if "reward" in r] == [2, 3, 4]
     assert [r["step"] for r in rows if "eval/pass@1_strict" in r] == [2]
     assert [(r["evaluated"], r["step"]) for r in read_metrics(run, "eval")] == [("baseline", 0), ("sft", 4), ("rl", 4)]
+
+
+# ---------------------------------------------------------------------------------------------------- target.device_type
+
+
+class StopAtLoad(Exception):
+    """Raised by a stand-in models.load_model once the run has said which device it loads onto."""
+
+    def __str__(self) -> str:
+        return "stopped by the test at the first load"
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda", "mps"])
+def test_device_type_decides_where_a_deploy_run_loads_the_model(tmp_path, monkeypatch, capsys, device_type):
+    """deploy.py's real run (not --dry-run) puts the model on the device target.device_type names: cuda:LOCAL_RANK
+    (after gpu_ranks became CUDA_VISIBLE_DEVICES), mps, or cpu. The GPU/MPS presence is faked, so the run stops
+    at the first load instead of touching a device this machine lacks."""
+    import os
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device_type == "cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1 if device_type == "cuda" else 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: device_type == "mps")
+    devices = []
+
+    def load_model(path, dtype, attn, device, **kwargs):
+        devices.append(torch.device(device))
+        raise StopAtLoad
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    target = dict(device_type=device_type, gpu_ranks=[6] if device_type == "cuda" else [])
+    config = make_config(tmp_path, target=target, output=dict(experiment_name=f"on-{device_type}"))
+    # The run reports a model that cannot be loaded as a user error (exit 2), the stand-in's exception named.
+    assert cli.main([str(write_config(tmp_path / "c.py", config))]) == 2
+    expected = {"cpu": torch.device("cpu"), "cuda": torch.device("cuda", 0), "mps": torch.device("mps")}
+    assert devices == [expected[device_type]]
+    assert "stopped by the test at the first load" in capsys.readouterr().err
+    if device_type == "cuda":
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "6"  # GPU 6 is this process's cuda:0
+
+
+# ---------------------------------------------------------------------------------------------------- data fields
+
+
+def marked_rows(directory: Path, name: str, prefix: str, count: int, gsm8k: bool) -> Path:
+    """`count` rows whose user turn carries a unique marker "<prefix>NNN" (written in GSM8K's schema, with a
+    calculator annotation the GSM8K adapter removes, or as custom_json conversations)."""
+    import json
+
+    lines = []
+    for i in range(count):
+        question = f"Row {prefix}{i:03d}: what is {i} plus {i}?"
+        if gsm8k:
+            row = {"question": question, "answer": f"Twice {i} is <<{i}+{i}={2 * i}>>{2 * i}.\n#### {2 * i}"}
+        else:
+            row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": f"{2 * i}"}],
+                   "reference": str(2 * i)}
+        lines.append(json.dumps(row))
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def spec(name, path, split="train", subset=None, max_samples=None, repeat=1, reward=None):
+    from integration_training.config import DatasetSpec
+
+    return DatasetSpec(name=name, split=split, subset=subset, max_samples=max_samples, repeat=repeat,
+                       path=str(path), reward=reward)
+
+
+class TrainedRows:
+    """The token rows each training model's embedding sees with gradients on (SFT's and RL's training forwards,
+    not validation, evaluation or sampling), recorded through a stand-in models.load_model."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.rows: list[list[int]] = []
+        original = models.load_model
+
+        def recording(*args, **kwargs):
+            model = original(*args, **kwargs)
+            if kwargs.get("training"):
+                model.get_input_embeddings().register_forward_hook(self._record)
+            return model
+
+        monkeypatch.setattr(models, "load_model", recording)
+
+    def _record(self, module, inputs, output) -> None:
+        if torch.is_grad_enabled():
+            self.rows += inputs[0].tolist()
+
+    def markers(self, pattern: str) -> list[str]:
+        """The marker of each recorded row, in training order (each row holds one conversation)."""
+        import re
+
+        tokenizer = smollm2_tokenizer()
+        found = [re.findall(pattern, tokenizer.decode(row)) for row in self.rows]
+        assert all(len(f) == 1 for f in found), [tokenizer.decode(r) for r, f in zip(self.rows, found) if len(f) != 1]
+        return [f[0] for f in found]
+
+
+def test_dataset_specs_and_shuffle_seed_decide_what_sft_trains_on(tmp_path, monkeypatch):
+    """Two deploy.py SFT runs that differ only in data.shuffle_seed. Each trains on exactly: a seeded sample of
+    `max_samples` rows of the GSM8K-schema file that `path` + `subset` + `split` select (not the decoy beside it,
+    not the test split), each `repeat` times and read by the adapter `name` picks (calculator annotations gone),
+    plus every row of a custom_json file. The seed changes the order (and the sample), never the composition."""
+    import collections
+
+    data = tmp_path / "data"
+    marked_rows(data, "main/train.jsonl", "G", 12, gsm8k=True)
+    marked_rows(data, "main/test.jsonl", "T", 6, gsm8k=True)
+    marked_rows(data, "train.jsonl", "X", 6, gsm8k=True)  # what subset=None would read
+    custom = marked_rows(data, "extra.jsonl", "C", 2, gsm8k=False)
+    val = marked_rows(data, "val.jsonl", "V", 2, gsm8k=False)
+    mixture = [spec("openai/gsm8k", data, subset="main", max_samples=3, repeat=2), spec("custom_json", custom)]
+    orders = {}
+    for seed in (1, 2):
+        rows = TrainedRows(monkeypatch)
+        config = make_config(
+            tmp_path,
+            data=dict(sft_mixture=mixture, sft_val_mixture=[spec("custom_json", val)], shuffle_seed=seed),
+            sft=dict(num_epochs=1, num_iterations=-1, batch_size=2, examples_per_step=2, eval_every=100),
+            evaluation=dict(at_start=False, after_sft=False),
+            output=dict(experiment_name=f"seed{seed}"),
+        )
+        assert cli.main([str(write_config(tmp_path / f"seed{seed}.py", config))]) == 0
+        trained = rows.markers(r"Row ([A-Z]\d{3}):")
+        counts = collections.Counter(trained)
+        gsm8k = sorted(m for m in counts if m.startswith("G"))
+        assert len(gsm8k) == 3 and all(counts[m] == 2 for m in gsm8k), counts  # max_samples, repeat, subset, split
+        assert set(counts) == set(gsm8k) | {"C000", "C001"} and counts["C000"] == counts["C001"] == 1, counts
+        assert not any("<<" in smollm2_tokenizer().decode(r) for r in rows.rows)  # the GSM8K adapter's cleaning
+        orders[seed] = trained
+    assert orders[1] != orders[2], orders  # data.shuffle_seed
+
+
+# ---------------------------------------------------------------------------------------------------- RL rows
+
+
+SCORED: list[tuple[str, str, float]] = []
+
+
+def score_by_characters(completion: str, reference: str) -> float:
+    """A custom reward ("module:function") with many distinct values, so group std != 1 and groups differ."""
+    value = float((sum(map(ord, completion)) + len(reference)) % 7)
+    SCORED.append((completion, reference, value))
+    return value
+
+
+def test_rl_rows_carry_the_custom_reward_the_advantage_kind_and_the_seeded_prompt_order(tmp_path, monkeypatch):
+    """Two deploy.py RL runs (mode="rl"): every completion is scored by DatasetSpec.reward's function (the held-out
+    evaluation, arithmetic, keeps its own verifier) and the rows RL trains on carry those rewards, centred per group ("mean") or also scaled by the group std ("mean_std");
+    data.shuffle_seed changes the order the prompts are visited in, each prompt once per epoch either way."""
+    import re
+
+    prompts = marked_rows(tmp_path / "data", "prompts.jsonl", "P", 6, gsm8k=False)
+    reward = f"{__name__}:score_by_characters"
+    base = make_config(tmp_path)
+    tokenizer = smollm2_tokenizer()
+    visits = {}
+    trained: list[list[rl.Sequence_]] = []
+    train = rl.train_on_rows
+
+    def recording_train(model, ref, optimizer, rows, *args, **kwargs):
+        trained.append(list(rows))
+        return train(model, ref, optimizer, rows, *args, **kwargs)
+
+    monkeypatch.setattr(rl, "train_on_rows", recording_train)
+    for seed, kind in ((1, "mean"), (2, "mean_std")):
+        SCORED.clear()
+        trained.clear()
+        config = make_config(
+            tmp_path,
+            data=dict(rl_mixture=[spec("custom_json", prompts, reward=reward)], shuffle_seed=seed),
+            rl=dict(num_epochs=1, num_iterations=-1, examples_per_step=2, num_samples=4, batch_size=8,
+                    sampling=dict(batch_size=8, max_new_tokens=3), advantage=kind),
+            evaluation=dict(num_problems=1, sampling=dict(max_new_tokens=2)),
+            output=dict(mode="rl", source_checkpoint=base.model.name, experiment_name=f"rl-{kind}"),
+        )
+        assert cli.main([str(write_config(tmp_path / f"rl-{kind}.py", config))]) == 0
+        rows = [r for step in trained for r in step]
+        assert len(trained) == 3 and len(rows) == 3 * 2 * 4
+        # DatasetSpec.reward: each row's reward is what the custom function returned for it, in sampling order.
+        assert [r.reward for r in rows] == [value for _, _, value in SCORED]
+        assert len({r.reward for r in rows}) >= 3
+        # rl.advantage: per group of num_samples rows sharing a prompt, by hand.
+        for g in range(0, len(rows), 4):
+            group = rows[g : g + 4]
+            assert len({tuple(r.prompt_ids) for r in group}) == 1
+            rewards = [r.reward for r in group]
+            mean = sum(rewards) / 4
+            std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / 3)
+            for r, x in zip(group, rewards):
+                want = 0.0 if std == 0 else (x - mean) / (std + rl.STD_EPS if kind == "mean_std" else 1.0)
+                assert r.advantage == pytest.approx(want, abs=1e-5), (kind, rewards)
+        assert any(abs(r.advantage) > 1e-3 for r in rows)
+        visits[seed] = [re.findall(r"Row (P\d{3}):", tokenizer.decode(rows[g].prompt_ids))[0] for g in range(0, len(rows), 4)]
+    # data.shuffle_seed: each prompt once in the one epoch, in an order the seed decides.
+    assert sorted(visits[1]) == sorted(visits[2]) == [f"P{i:03d}" for i in range(6)]
+    assert visits[1] != visits[2], visits

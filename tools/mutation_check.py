@@ -57,6 +57,9 @@ EQUIVALENCE = "tests/test_distributed.py::test_ddp_and_fsdp2_updates_equal_one_p
 E2E = "tests/test_end_to_end.py::test_deploy_sft_then_rl_leaves_every_artefact_and_hands_sft_weights_to_rl"
 KNOBS = T_EFFECTS + "test_model_and_output_fields_reach_both_stages_of_a_run"
 RL_RUN = T_EFFECTS + "test_rl_run_takes_every_rl_field_from_the_rl_section"
+SFT_DATA = T_EFFECTS + "test_dataset_specs_and_shuffle_seed_decide_what_sft_trains_on"
+RL_ROWS = T_EFFECTS + "test_rl_rows_carry_the_custom_reward_the_advantage_kind_and_the_seeded_prompt_order"
+DEVICE = T_EFFECTS + "test_device_type_decides_where_a_deploy_run_loads_the_model"
 
 FAULTS: tuple[Fault, ...] = (
     # ---- SFT loss and its normaliser
@@ -189,6 +192,23 @@ FAULTS: tuple[Fault, ...] = (
           "root.setLevel(config.output.log_level)", 'root.setLevel("INFO")', (KNOBS,), "output.log_level ignored"),
     Fault("compile-ignored", SFT,
           "if config.model.compile:", "if False:", (KNOBS,), "model.compile ignored"),
+    # ---- config fields reaching the run
+    Fault("optimizer-name-ignored", "integration_training/optim.py",
+          "    params = parameter_groups(model)\n",
+          '    import dataclasses; settings = dataclasses.replace(settings, name="adamw"); params = parameter_groups(model)\n',
+          (KNOBS,), "every stage trains with AdamW whatever its optimizer field says"),
+    Fault("advantage-kind-ignored", RL,
+          "advantages = group_advantages(rewards, rl.advantage)", 'advantages = group_advantages(rewards, "mean")',
+          (RL_ROWS,), "rl.advantage ignored: mean_std runs centre without dividing by the group std"),
+    Fault("subset-ignored", "integration_training/data/sources.py",
+          'folders = [root / spec.subset, root / spec.subset / "data"] if spec.subset else []', "folders = []",
+          (SFT_DATA,), "DatasetSpec.subset ignored for a local directory: the rows beside the subset's folder are read"),
+    Fault("split-ignored", "integration_training/data/sources.py",
+          'and (f.stem == spec.split or f.stem.startswith(spec.split + "-"))', "and True",
+          (SFT_DATA,), "DatasetSpec.split ignored for a local directory: every split's file is read"),
+    Fault("device-type-ignored", "integration_training/distributed.py",
+          'return torch.device("cuda", local_rank)', 'return torch.device("cpu")',
+          (DEVICE,), "target.device_type='cuda' runs on the CPU"),
     # ---- rewards, evaluation, report, optimiser schedule
     Fault("reward-first-marker", "integration_training/rewards.py",
           "answer = text.rsplit(_MARKER, 1)[1]", "answer = text.split(_MARKER, 1)[1]",
