@@ -66,6 +66,8 @@ config = Config(
         ],
         max_length=512,
         shuffle_seed=42,
+        # Off: this SFT is SmolTalk only, so nothing teaches the model to write `<<EXPR=`; with the calculator on, RL
+        # would only see it forced where the model emitted `<<…=` by chance. configs/02 (GSM8K in SFT) turns it on.
         tools=[],  # [] = no tool calls; ["calculator"] = <<EXPR=RESULT>> computed by the engine
     ),
     sft=SFTConfig(

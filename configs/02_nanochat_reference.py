@@ -57,7 +57,9 @@ config = Config(
         ],
         max_length=1024,
         shuffle_seed=42,
-        tools=[],  # [] = no tool calls; ["calculator"] = <<EXPR=RESULT>> computed by the engine
+        # On, as nanochat: the 8K GSM8K SFT rows keep their `<<48/2=24>>` annotations (mask 0 on the forced `24>>`),
+        # so the model learns to call the calculator, and RL and evaluation force its results the same way.
+        tools=["calculator"],  # [] = no tool calls; ["calculator"] = <<EXPR=RESULT>> computed by the engine
     ),
     sft=SFTConfig(
         num_epochs=1,
