@@ -11,6 +11,7 @@ are supervised. Anything else is a UserError — a silent full-sequence loss wou
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,18 +59,34 @@ class Batch:
 # ---------------------------------------------------------------- rendering
 
 
-def _template_text(tokenizer: Any, messages: Sequence[Mapping[str, str]], generation_prompt: bool) -> str:
+def _require_template(tokenizer: Any) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat_template; use an instruct/chat "
             "model or a tokenizer that defines one"
         )
+
+
+def _template_text(tokenizer: Any, messages: Sequence[Mapping[str, str]], generation_prompt: bool) -> str:
+    _require_template(tokenizer)
     text = tokenizer.apply_chat_template(
         [dict(m) for m in messages], tokenize=False, add_generation_prompt=generation_prompt,
         date_string=FIXED_DATE_STRING,
     )
     assert isinstance(text, str), "apply_chat_template(tokenize=False) returns text"
     return text
+
+
+def _template_texts(tokenizer: Any, conversations: list[list[dict]], generation_prompt: bool) -> list[str]:
+    """`_template_text` of many conversations in one batched `apply_chat_template` call (one compiled template,
+    the same keyword arguments, each conversation rendered on its own)."""
+    if not conversations:
+        return []
+    _require_template(tokenizer)
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=generation_prompt,
+                                          date_string=FIXED_DATE_STRING)
+    assert isinstance(texts, list) and len(texts) == len(conversations), "batched apply_chat_template returns texts"
+    return texts
 
 
 def _encode(tokenizer: Any, text: str, offsets: bool) -> Any:
@@ -91,26 +108,28 @@ def _assistant_char_spans(tokenizer: Any, messages: Sequence[Mapping[str, str]],
             continue
         prompt = _template_text(tokenizer, messages[:i], generation_prompt=True)
         with_turn = _template_text(tokenizer, messages[: i + 1], generation_prompt=False)
-        if not with_turn.startswith(prompt) or not full.startswith(with_turn):
-            raise UserError(
-                f"chat template of {getattr(tokenizer, 'name_or_path', '?')} is not prefix-consistent at assistant "
-                f"turn {i} (rendering a prefix of the conversation changes earlier text), so the assistant loss "
-                "mask cannot be derived reliably; use a model whose template renders conversations incrementally"
-            )
-        rest = with_turn[len(prompt) :]
-        content = message["content"]
-        # Some templates (Llama-3) trim the content; accept exactly that and nothing looser.
-        # dict.fromkeys: try the content as is, then trimmed (only differs when it has outer whitespace).
-        for candidate in dict.fromkeys((content, content.strip())):
-            if rest.startswith(candidate):
-                spans.append((len(prompt), len(prompt) + len(candidate)))
-                break
-        else:
-            raise UserError(
-                f"chat template of {getattr(tokenizer, 'name_or_path', '?')}: assistant turn {i}'s content does not "
-                "follow the generation prompt verbatim, so the assistant loss mask cannot be derived reliably"
-            )
+        spans.append(_assistant_span(tokenizer, i, message["content"], prompt, with_turn, full))
     return spans
+
+
+def _assistant_span(tokenizer: Any, i: int, content: str, prompt: str, with_turn: str, full: str) -> tuple[int, int]:
+    """Assistant turn i's content span in `full`, from P_i (`prompt`) and T_i (`with_turn`); see the module doc."""
+    if not with_turn.startswith(prompt) or not full.startswith(with_turn):
+        raise UserError(
+            f"chat template of {getattr(tokenizer, 'name_or_path', '?')} is not prefix-consistent at assistant "
+            f"turn {i} (rendering a prefix of the conversation changes earlier text), so the assistant loss "
+            "mask cannot be derived reliably; use a model whose template renders conversations incrementally"
+        )
+    rest = with_turn[len(prompt) :]
+    # Some templates (Llama-3) trim the content; accept exactly that and nothing looser.
+    # dict.fromkeys: try the content as is, then trimmed (only differs when it has outer whitespace).
+    for candidate in dict.fromkeys((content, content.strip())):
+        if rest.startswith(candidate):
+            return len(prompt), len(prompt) + len(candidate)
+    raise UserError(
+        f"chat template of {getattr(tokenizer, 'name_or_path', '?')}: assistant turn {i}'s content does not "
+        "follow the generation prompt verbatim, so the assistant loss mask cannot be derived reliably"
+    )
 
 
 def render_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]], tools: Sequence[str] = ()) -> Rendered:
@@ -120,18 +139,42 @@ def render_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]], t
     turn is tokenised on its own with `tools.forced_token_ids` (as the rollout engine forces it; the text before and
     after it is tokenised separately too, as sampling produces it) and gets loss mask 0: the engine writes it, the
     model never has to. Empty `tools`: the whole text is tokenised at once, as before tools existed.
+    One conversation at a time; `render_conversations` is the batched form (same output) for preparing data.
     """
     assert messages and messages[-1]["role"] == "assistant", "a training conversation ends with the assistant"
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError("the assistant loss mask needs a fast (Rust) tokenizer with offset mapping")
+    _require_fast(tokenizer)
     full = _template_text(tokenizer, messages, generation_prompt=False)
     assistant_spans = _assistant_char_spans(tokenizer, messages, full)
     forced_spans = _forced_spans(full, assistant_spans) if tools else []
     ids, offset_list, forced = _encode_segments(tokenizer, full, forced_spans)
-    # numpy over the token axis: the per-token Python loops were most of the rendering time on long conversations.
+    return _masked(tokenizer, full, ids, offset_list, forced, assistant_spans, _special_id_array(tokenizer))
+
+
+def _require_fast(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("the assistant loss mask needs a fast (Rust) tokenizer with offset mapping")
+
+
+def _special_id_array(tokenizer: Any) -> np.ndarray:
+    return np.fromiter(sorted(_special_ids(tokenizer)), dtype=np.int64)
+
+
+def _masked(tokenizer: Any, full: str, ids: list[int], offset_list: Sequence[Sequence[int]], forced: Sequence[bool],
+            assistant_spans: Sequence[tuple[int, int]], special_ids: np.ndarray) -> Rendered:
     offsets = np.asarray(offset_list, dtype=np.int64).reshape(-1, 2)
+    mask = _mask_array(tokenizer, full, np.asarray(ids, dtype=np.int64), offsets, np.asarray(forced, dtype=bool),
+                       assistant_spans, special_ids)
+    return Rendered(input_ids=list(ids), loss_mask=mask.tolist())
+
+
+def _mask_array(tokenizer: Any, full: str, ids: np.ndarray, offsets: np.ndarray, forced: np.ndarray,
+                assistant_spans: Sequence[tuple[int, int]], special_ids: np.ndarray) -> np.ndarray:
+    """The loss mask (int8) from token character offsets [n, 2]: 1 on tokens overlapping an assistant content span
+    up to and including its end-of-turn token (the first special token after it, only whitespace between); 0 on
+    forced tokens."""
+    # numpy over the token axis: the per-token Python loops were most of the rendering time on long conversations.
     starts, ends = offsets[:, 0], offsets[:, 1]
-    is_special = np.isin(np.asarray(ids, dtype=np.int64), np.fromiter(_special_ids(tokenizer), dtype=np.int64))
+    is_special = np.isin(ids, special_ids)
     mask = np.zeros(len(ids), dtype=np.int8)
     for start, end in assistant_spans:
         # The end-of-turn token: the first special token starting at/after the content, whitespace between.
@@ -147,10 +190,68 @@ def render_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]], t
         empty_inside = (starts == ends) & (starts >= start) & (starts < stop)
         mask[overlaps | empty_inside] = 1
         assert mask[eot] == 1
-    mask[np.asarray(forced, dtype=bool)] = 0  # forced tool spans: context the engine writes, never a target
-    mask = mask.tolist()
-    assert any(mask), "every assistant turn contributes supervised tokens"
-    return Rendered(input_ids=ids, loss_mask=mask)
+    mask[forced] = 0  # forced tool spans: context the engine writes, never a target
+    assert mask.any(), "every assistant turn contributes supervised tokens"
+    return mask
+
+
+def render_conversations(tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, str]]],
+                         tools: Sequence[str] = ()) -> list[Rendered]:
+    """`[render_conversation(tokenizer, c, tools) for c in conversations]`, computed in batches (see
+    `render_conversation_arrays`); tests/test_template.py compares the two on generated conversations."""
+    return [Rendered(input_ids=ids.tolist(), loss_mask=mask.tolist())
+            for ids, mask in render_conversation_arrays(tokenizer, conversations, tools)]
+
+
+def render_conversation_arrays(tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, str]]],
+                               tools: Sequence[str] = ()) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per conversation (int32 ids, uint8 mask), equal to `render_conversation`'s, for preparing data at scale.
+
+    The texts come from one batched `apply_chat_template` call per kind (full, P_i, T_i; T_i of the last turn is
+    the full text), the tokens from one batched call of the Rust tokenizer over every piece of every conversation
+    (it spreads the batch over threads; the per-call overhead is paid once), and the mask stays in numpy. Same
+    texts, same pieces, same tokenizer call as one conversation at a time, so the same ids and mask."""
+    _require_fast(tokenizer)
+    conversations = [[dict(m) for m in c] for c in conversations]
+    for messages in conversations:
+        assert messages and messages[-1]["role"] == "assistant", "a training conversation ends with the assistant"
+    if not conversations:
+        return []
+    turns = [(c, i) for c, messages in enumerate(conversations) for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if any(i == 0 for _, i in turns):  # no generation prompt to render before it; the one-at-a-time path says so
+        return [(np.asarray(r.input_ids, dtype=np.int32), np.asarray(r.loss_mask, dtype=np.uint8))
+                for r in (render_conversation(tokenizer, c, tools) for c in conversations)]
+    fulls = _template_texts(tokenizer, conversations, generation_prompt=False)
+    prompts = _template_texts(tokenizer, [conversations[c][:i] for c, i in turns], generation_prompt=True)
+    inner = [(c, i) for c, i in turns if i + 1 < len(conversations[c])]
+    inner_texts = dict(zip(inner, _template_texts(tokenizer, [conversations[c][: i + 1] for c, i in inner],
+                                                  generation_prompt=False), strict=True))
+    spans: list[list[tuple[int, int]]] = [[] for _ in conversations]
+    for (c, i), prompt in zip(turns, prompts, strict=True):
+        with_turn = inner_texts.get((c, i), fulls[c])
+        spans[c].append(_assistant_span(tokenizer, i, conversations[c][i]["content"], prompt, with_turn, fulls[c]))
+    pieces = [_segments(full, _forced_spans(full, s) if tools else []) for full, s in zip(fulls, spans, strict=True)]
+    encoded = iter(_encode_batch(tokenizer, [fulls[c][a:b] for c, cut in enumerate(pieces) for a, b, _ in cut]))
+    special = _special_id_array(tokenizer)
+    out = []
+    for c, cut in enumerate(pieces):
+        parts = [next(encoded) for _ in cut]
+        ids = np.concatenate([piece_ids for piece_ids, _ in parts])
+        offsets = np.concatenate([_piece_offsets(start, end, is_forced, piece_ids, piece_offsets)
+                                  for (start, end, is_forced), (piece_ids, piece_offsets) in zip(cut, parts)])
+        forced = np.repeat(np.asarray([f for _, _, f in cut], dtype=bool), [len(i) for i, _ in parts])
+        mask = _mask_array(tokenizer, fulls[c], ids, offsets, forced, spans[c], special)
+        out.append((ids.astype(np.int32), mask.astype(np.uint8)))
+    assert next(encoded, None) is None, "every piece was used"
+    return out
+
+
+def _piece_offsets(start: int, end: int, is_forced: bool, piece_ids: np.ndarray, piece_offsets: np.ndarray) -> np.ndarray:
+    """A piece's token offsets in the full text: a forced span's tokens cover the whole span (as `_append_piece`)."""
+    if is_forced:
+        assert len(piece_ids), f"forced span of {end - start} characters encodes to no tokens"
+        return np.tile(np.asarray([start, end], dtype=np.int64), (len(piece_ids), 1))
+    return piece_offsets + start
 
 
 def _forced_spans(full: str, assistant_spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -163,6 +264,34 @@ def _forced_spans(full: str, assistant_spans: Sequence[tuple[int, int]]) -> list
     return spans
 
 
+def _segments(full: str, forced_spans: Sequence[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """`full` cut at every forced span's edges: (start, end, forced) pieces, empty pieces left out. No forced spans:
+    one piece, the whole text (tokenised at once, as before tools existed)."""
+    pieces: list[tuple[int, int, bool]] = []
+    cursor = 0
+    for start, end in [*forced_spans, (len(full), len(full))]:
+        assert cursor <= start <= end, "forced spans are ordered and disjoint"
+        if start > cursor:
+            pieces.append((cursor, start, False))
+        if end > start:
+            pieces.append((start, end, True))
+        cursor = end
+    return pieces
+
+
+def _append_piece(ids: list[int], offsets: list, forced: list[bool], start: int, end: int, is_forced: bool,
+                  piece_ids: Sequence[int], piece_offsets: Sequence[Sequence[int]]) -> None:
+    """A piece's tokens onto the conversation's: a forced span's tokens cover the whole span (mask 0 later),
+    another piece's offsets shift to the full text's coordinates."""
+    if is_forced:
+        assert piece_ids, f"forced span of {end - start} characters encodes to no tokens"
+        offsets += [(start, end)] * len(piece_ids)
+    else:
+        offsets += [(start + s, start + e) for s, e in piece_offsets]
+    ids += piece_ids
+    forced += [is_forced] * len(piece_ids)
+
+
 def _encode_segments(
     tokenizer: Any, full: str, forced_spans: Sequence[tuple[int, int]]
 ) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
@@ -171,28 +300,37 @@ def _encode_segments(
     the whole span), each other piece with offsets shifted to `full`'s coordinates."""
     from integration_training.tools import forced_token_ids
 
-    if not forced_spans:
-        encoded = _encode(tokenizer, full, offsets=True)
-        ids = list(encoded["input_ids"])
-        return ids, [tuple(o) for o in encoded["offset_mapping"]], [False] * len(ids)
     ids: list[int] = []
     offsets: list[tuple[int, int]] = []
     forced: list[bool] = []
-    cursor = 0
-    for start, end in [*forced_spans, (len(full), len(full))]:
-        assert cursor <= start <= end, "forced spans are ordered and disjoint"
-        if start > cursor:
-            encoded = _encode(tokenizer, full[cursor:start], offsets=True)
-            ids += encoded["input_ids"]
-            offsets += [(cursor + s, cursor + e) for s, e in encoded["offset_mapping"]]
-            forced += [False] * len(encoded["input_ids"])
-        if end > start:
-            span_ids = forced_token_ids(tokenizer, full[start:end])
-            ids += span_ids
-            offsets += [(start, end)] * len(span_ids)
-            forced += [True] * len(span_ids)
-        cursor = end
+    for start, end, is_forced in _segments(full, forced_spans):
+        if is_forced:
+            _append_piece(ids, offsets, forced, start, end, True, forced_token_ids(tokenizer, full[start:end]), ())
+        else:
+            encoded = _encode(tokenizer, full[start:end], offsets=True)
+            _append_piece(ids, offsets, forced, start, end, False, encoded["input_ids"], encoded["offset_mapping"])
     return ids, offsets, forced
+
+
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per text (int64 ids, int64 character offsets [n, 2]) as `_encode` gives them, from one batched call: the Rust
+    tokenizer encodes the batch on all cores. A forced span's ids are the ones `tools.forced_token_ids` gives (the
+    same call without offsets; no special tokens added).
+
+    The backend's `encode_batch` directly when its state is what `tokenizer(...)` would set (no truncation, no
+    padding, special tokens split as configured): transformers' call then runs that same `encode_batch` and only
+    adds Python dictionaries around it (a fifth of the time here). Otherwise through `tokenizer(...)`."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    direct = (backend is not None and backend.truncation is None and backend.padding is None
+              and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False)))
+    if direct:
+        pairs = ((e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False))
+    else:
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        pairs = zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+    return [(np.asarray(ids, dtype=np.int64),
+             np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(ids)).reshape(-1, 2))
+            for ids, offsets in pairs]
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
@@ -242,6 +380,11 @@ class LengthReport:
         return out
 
 
+# Conversations per `render_conversations` call: large enough to amortise the per-call costs and keep the Rust
+# tokenizer's threads busy, small enough that the texts of one batch are a few MiB.
+RENDER_BATCH = 512
+
+
 def render_examples(
     tokenizer: Any, examples: Sequence[Example], max_length: int, tools: Sequence[str] = ()
 ) -> tuple[list[Rendered], LengthReport]:
@@ -250,8 +393,9 @@ def render_examples(
     assert max_length > 0
     kept: list[Rendered] = []
     stats: dict[str, list[int]] = {}  # source → [total, kept, too_long, longest]; insertion order = first seen
-    for example in examples:
-        rendered = render_conversation(tokenizer, example.messages, tools)
+    every = [r for k in range(0, len(examples), RENDER_BATCH)
+             for r in render_conversations(tokenizer, [e.messages for e in examples[k : k + RENDER_BATCH]], tools)]
+    for example, rendered in zip(examples, every, strict=True):
         row = stats.setdefault(example.source, [0, 0, 0, 0])
         row[0] += 1
         row[3] = max(row[3], len(rendered))

@@ -22,7 +22,7 @@ from integration_training import template
 from integration_training.config import DatasetSpec, to_json
 from integration_training.data import Example, build_mixture
 from integration_training.data.packing import best_fit, best_fit_decreasing_rows, fill_ratio
-from integration_training.data.prepared import prepare
+from integration_training.data.prepared import example_bytes, prepare
 from integration_training.data.stream import SFTStream
 from integration_training.template import Rendered
 
@@ -128,6 +128,20 @@ def test_an_epoch_is_a_pure_function_of_seed_and_epoch_and_needs_no_earlier_epoc
 
 def arithmetic(split: str, n: int) -> DatasetSpec:
     return DatasetSpec(name="arithmetic", split=split, subset=None, max_samples=n, repeat=1, path=None, reward=None)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_example_bytes_is_the_json_with_every_character_as_is(seed):
+    """The fast ASCII path must give the very bytes fingerprints were defined with (resume compares them)."""
+    rng = random.Random(seed)
+    alphabet = [chr(c) for c in range(128)] + ["é", "🐱", "\u2028", "\\u0041", "\\", '"']
+    for _ in range(300):
+        text = lambda: "".join(rng.choice(alphabet if rng.random() < 0.3 else "abc 12\n") for _ in range(rng.randint(1, 12)))  # noqa: E731
+        example = Example(messages=({"role": "user", "content": text()}, {"role": "assistant", "content": text()}),
+                          reference=rng.choice([None, text()]), reward=rng.choice([None, "gsm8k"]), source="s")
+        expected = json.dumps([example.messages, example.reference, example.reward], ensure_ascii=False,
+                              separators=(",", ":")).encode()
+        assert example_bytes(example) == expected
 
 
 def test_prepared_cache_equals_rendering_and_a_second_prepare_maps_it(tmp_path):
@@ -242,12 +256,16 @@ def test_a_large_preparation_renders_in_a_process_pool_with_identical_output(tmp
     from integration_training.data import prepared as prepared_module
 
     monkeypatch.setattr(prepared_module, "POOL_THRESHOLD", 8)
+    monkeypatch.setattr(prepared_module, "CHUNK", 7)  # several chunks per worker, the last one short
     monkeypatch.setattr(prepared_module.os, "cpu_count", lambda: 2)
     tokenizer = smollm2_tokenizer()
-    examples = build_mixture([arithmetic("train", 40)], seed=1).examples
+    examples = list(build_mixture([arithmetic("train", 40)], seed=1).examples)
+    long = Example(messages=({"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "y"}),
+                   reference=None, reward=None, source="long")
+    examples[8:8] = [long]  # dropped from the middle of the second chunk
     pooled = prepare(tokenizer, examples, 256, tmp_path)
     expected, report = template.render_examples(tokenizer, examples, 256)
-    assert pooled.prepared_here and pooled.report == report
+    assert pooled.prepared_here and pooled.report == report and report.dropped == 1
     assert [pooled[i] for i in range(len(pooled))] == expected
 
 

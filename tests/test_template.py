@@ -16,6 +16,7 @@ from integration_training.template import (
     format_masked_example,
     pack_greedy,
     render_conversation,
+    render_conversations,
     render_examples,
     render_prompt,
     stop_token_ids,
@@ -145,6 +146,66 @@ def test_unreliable_templates_are_user_errors(smol: Any) -> None:
     tok.chat_template = None
     with pytest.raises(UserError, match="chat_template"):
         render_conversation(tok, CONVERSATION[1:3])
+
+
+# A tiny template of another shape: no role tokens, a BOS-like prefix, the end-of-turn token glued to the content.
+TINY_STYLE = (
+    "{{- '<s>' }}{%- for m in messages %}{%- if m['role'] == 'assistant' %}{{- 'A:' + m['content'] + '</s>' }}"
+    "{%- else %}{{- m['role'][0] | upper + ':' + m['content'] + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'A:' }}{%- endif %}"
+)
+
+
+def generated_conversations(seed: int, count: int) -> list[list[dict[str, str]]]:
+    """Random conversations: optional system turn, 1-4 exchanges, contents with unicode, digits, newlines, outer
+    spaces (Llama-3 trims them) and calculator calls `<<EXPR=RESULT>>` (forced spans when tools are on)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "cat", "naïve", "🐱", "12", "3.5", "\n", "  ", "#### 7", "x=y", "<<2*3=6>>", "<<10/4=2.5>>",
+             "a<<1+1=2>>b", "»", "end."]
+
+    def text(n: int) -> str:
+        body = "".join(rng.choice(words) + rng.choice([" ", "", "\n"]) for _ in range(n)).strip() or "ok"
+        return rng.choice(["", " "]) + body + rng.choice(["", " ", "\n"])
+
+    conversations = []
+    for _ in range(count):
+        messages = [{"role": "system", "content": text(3).strip() or "s"}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 4)):
+            messages.append({"role": "user", "content": text(rng.randint(1, 12)).strip() or "u"})
+            messages.append({"role": "assistant", "content": text(rng.randint(1, 30))})
+        conversations.append(messages)
+    return conversations
+
+
+@pytest.mark.parametrize("tools", [(), ("calculator",)])
+@pytest.mark.parametrize("name", ["smollm2", "qwen2.5-style", "llama3-style", "tiny"])
+def test_batched_rendering_equals_one_conversation_at_a_time(templates: dict, smol: Any, name: str, tools) -> None:
+    tokenizer = with_template(smol, TINY_STYLE, ["<s>", "</s>"]) if name == "tiny" else templates[name][0]
+    conversations = generated_conversations(seed=len(name) + len(tools), count=60)
+    batched = render_conversations(tokenizer, conversations, tools)
+    one_by_one = [render_conversation(tokenizer, c, tools) for c in conversations]
+    assert batched == one_by_one
+    assert any(0 in r.loss_mask and 1 in r.loss_mask for r in batched)
+    if tools:  # forced spans exist in these conversations and are unsupervised (differs from rendering without)
+        assert batched != render_conversations(tokenizer, conversations)
+
+
+def test_batched_rendering_refuses_unreliable_templates_like_one_at_a_time(smol: Any) -> None:
+    counting = "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ messages|length }}\n{{ m['content'] }}<|im_end|>\n" \
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    with pytest.raises(UserError, match="prefix"):
+        render_conversations(with_template(smol, counting), [CONVERSATION[1:3], CONVERSATION[1:5]])
+    shouting = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n{% endfor %}" \
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    with pytest.raises(UserError, match="content"):
+        render_conversations(with_template(smol, shouting), [CONVERSATION[3:5]])
+    tok = copy.deepcopy(smol)
+    tok.chat_template = None
+    with pytest.raises(UserError, match="chat_template"):
+        render_conversations(tok, [CONVERSATION[1:3]])
+    assert render_conversations(smol, []) == []
 
 
 def test_format_masked_example_marks_supervised_spans(smol: Any) -> None:
