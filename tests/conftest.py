@@ -113,3 +113,26 @@ def _network_only_for_marked_tests(request):
     _network["allowed"] = request.node.get_closest_marker("network") is not None
     yield
     _network["allowed"] = False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_cache(tmp_path_factory):
+    """The suite's cache ($INTEGRATION_TRAINING_CACHE) is a temporary directory, so prepared data (and anything
+    else runs cache) never lands in the user's ~/.cache/integration_training. The user's provisioned offline model
+    and downloaded wheels (scripts/setup.sh) are linked in, not copied or converted again."""
+    import os
+
+    from integration_training import models
+
+    user_cache = models.cache_root()
+    cache = tmp_path_factory.mktemp("cache")
+    for name in ("models", "wheels"):
+        if (user_cache / name).is_dir():
+            (cache / name).symlink_to(user_cache / name, target_is_directory=True)
+    before = os.environ.get(models.CACHE_ENV)
+    os.environ[models.CACHE_ENV] = str(cache)
+    yield cache
+    if before is None:
+        os.environ.pop(models.CACHE_ENV, None)
+    else:
+        os.environ[models.CACHE_ENV] = before

@@ -281,3 +281,12 @@ def test_templates_get_the_fixed_date_instead_of_today():
     tokenizer = RecordingTokenizer()
     template._template_text(tokenizer, [{"role": "user", "content": "hi"}], generation_prompt=True)
     assert tokenizer.seen["date_string"] == template.FIXED_DATE_STRING
+
+
+def test_the_suite_caches_in_a_temporary_directory_and_links_the_users_model(tmp_path_factory):
+    from integration_training import models
+
+    root = models.cache_root()
+    assert root.is_relative_to(tmp_path_factory.getbasetemp()), root  # conftest: nothing lands in ~/.cache
+    if (root / "models").exists():  # the user's provisioned model, linked in (not converted again)
+        assert (root / "models").is_symlink() and not (root / "models").resolve().is_relative_to(root)
