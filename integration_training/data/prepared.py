@@ -164,7 +164,7 @@ def _write_arrays(folder: Path, chunks: Iterator[tuple[Sequence[Example], Chunk]
 
 # Below this many conversations a worker pool costs more (spawning, importing torch) than it saves.
 POOL_THRESHOLD = 4096
-# Conversations per task: `template.RENDER_BATCH` batches the template and tokeniser calls inside a task.
+# Conversations per task: one `render_conversation_arrays` call (batched template and tokeniser calls) each.
 CHUNK = 1024
 _worker_tokenizer: Any = None
 _worker_tools: tuple[str, ...] = ()
