@@ -22,7 +22,7 @@ from integration_training import template
 from integration_training.config import DatasetSpec, to_json
 from integration_training.data import Example, build_mixture
 from integration_training.data.packing import best_fit, best_fit_decreasing_rows, fill_ratio
-from integration_training.data.prepared import example_bytes, prepare
+from integration_training.data.prepared import example_bytes, prepare, row_key_text
 from integration_training.data.stream import SFTStream
 from integration_training.template import Rendered
 
@@ -142,6 +142,27 @@ def test_example_bytes_is_the_json_with_every_character_as_is(seed):
         expected = json.dumps([example.messages, example.reference, example.reward], ensure_ascii=False,
                               separators=(",", ":")).encode()
         assert example_bytes(example) == expected
+
+
+def test_row_key_texts_tell_apart_rows_that_differ_in_any_field():
+    """Rows built to collide in a naive concatenation: fields moved between messages, None vs "" vs "-", roles,
+    sources, extra message keys (the JSON fallback). Every distinct row gets a distinct text, and no text is a prefix
+    of another's concatenation with a following row (the key hashes them back to back)."""
+    def row(messages, reference=None, reward=None, source="s"):
+        return Example(messages=tuple(messages), reference=reference, reward=reward, source=source)
+
+    u = lambda text: {"role": "user", "content": text}  # noqa: E731
+    a = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+    rows = [row([u("ab"), a("c")]), row([u("a"), a("bc")]), row([u("a"), a("b"), u("c"), a("d")]),
+            row([u("a"), a("b")], reference=""), row([u("a"), a("b")], reference="-"), row([u("a"), a("b")], reward=""),
+            row([u("a"), a("b")], source="s2"), row([u("a"), a("b")], source="s,2"), row([u("1|a"), a("b")]),
+            row([{"role": "system", "content": "a"}, u("x"), a("b")]), row([u("a"), {**a("b"), "name": "x"}]),
+            row([u("a"), a("b")]), row([u("a"), a("b"), u("a"), a("b")]), row([u("a"), a("b")], reference="12")]
+    texts = [row_key_text(r) for r in rows]
+    assert len(set(texts)) == len(rows)
+    singles = {texts[i] for i in range(len(rows))}
+    pairs = {texts[i] + texts[j] for i in range(len(rows)) for j in range(len(rows))}
+    assert not singles & pairs and len(pairs) == len(rows) ** 2
 
 
 def test_prepared_cache_equals_rendering_and_a_second_prepare_maps_it(tmp_path):

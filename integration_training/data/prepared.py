@@ -80,8 +80,24 @@ def preparation_key(examples: Sequence[Example], tokenizer: dict[str, str], max_
     digest = hashlib.sha256(f"{RENDER_VERSION}/{max_length}/{tokenizer['tokenizer_sha256']}/"
                             f"{tokenizer['chat_template_sha256']}/{tools_part}".encode())
     for example in examples:  # mixture order matters: it is the order of the prepared conversations
-        digest.update(example.source.encode() + b"\0" + example_bytes(example) + b"\n")
+        digest.update(row_key_text(example).encode())
     return digest.hexdigest()[:32]
+
+
+def row_key_text(example: Example) -> str:
+    """A self-delimiting, injective text of a row and its source label, for the cache key: the fields' lengths,
+    then the fields. Three times cheaper than its JSON (a cached run over 500K rows hashes them all
+    before it can map anything). Rows whose messages are not plain {role, content} strings fall back to the JSON."""
+    optional = (example.reference, example.reward)
+    plain = all(isinstance(value, str) or value is None for value in optional) and all(
+        len(m) == 2 and type(m.get("role")) is str and type(m.get("content")) is str for m in example.messages)
+    if plain:
+        fields = ["messages", example.source, *("-" if v is None else "+" + v for v in optional),
+                  *(text for m in example.messages for text in (m["role"], m["content"]))]
+    else:
+        fields = ["json", example.source, example_bytes(example).decode()]
+    # The lengths first (they say where each field ends), then the fields back to back: one copy of the text.
+    return ",".join([str(len(field)) for field in fields]) + "|" + "".join(fields)
 
 
 # ---------------------------------------------------------------------------------------------------- the arrays
