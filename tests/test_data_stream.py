@@ -311,3 +311,19 @@ def test_the_suite_caches_in_a_temporary_directory_and_links_the_users_model(tmp
     assert root.is_relative_to(tmp_path_factory.getbasetemp()), root  # conftest: nothing lands in ~/.cache
     if (root / "models").exists():  # the user's provisioned model, linked in (not converted again)
         assert (root / "models").is_symlink() and not (root / "models").resolve().is_relative_to(root)
+
+
+def test_bench_data_rows_are_seeded_valid_conversations_of_the_stated_shape():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from bench_data import synthetic_examples
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    rows = synthetic_examples(400, seed=3)
+    assert rows == synthetic_examples(400, seed=3) and rows != synthetic_examples(400, seed=4)
+    for row in rows:
+        roles = [m["role"] for m in row.messages]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and 2 <= len(roles) <= 8
+        assert all(m["content"] and m["content"] == m["content"].strip() for m in row.messages)
+    turns = np.bincount([len(r.messages) // 2 for r in rows], minlength=5)[1:]
+    assert turns[0] > turns[1] > turns[2] > 0  # weighted to 1-2 exchanges
