@@ -1,18 +1,20 @@
 """LoRA vs full fine-tune on SmolLM2-135M, CPU: optimizer state, RL-with-KL peak RSS, sampling unmerged vs merged.
 
-    flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_lora.py
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_lora.py [--only sampling ...]
 
 Each measurement whose number is a process-wide peak (RSS) runs in its own subprocess. LoRA here is the shipped
 configs/03_offline_lora.py adapter (r=16, alpha=32, all linear layers).
 - optimizer state: bytes of the AdamW state tensors after one step, LoRA vs full (the `≤ 5 %` of issue 20);
 - RL step with kl_coef > 0: peak RSS of a process that loads the policy (+ the reference copy for the full
   fine-tune; the adapters-off policy for LoRA) and runs one `train_on_rows` over 16 fixed rows;
-- sampling: `rollout.sample` of 8 prompts × 4 samples × 24 tokens with the adapters unmerged vs the same weights
-  merged into a plain model (what `merge_and_unload` gives), best of 2.
+- sampling: `rollout.sample` with the adapters unmerged vs inside `lora.merged_for_sampling` (what RL does; the
+  merge and the restore are inside the timing), at the shapes of one RL rollout and of an evaluation slice,
+  alternated in one process, best of 3.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import subprocess
@@ -99,30 +101,53 @@ def rl_peak_rss(with_lora: bool) -> dict:
             "step_seconds": time.perf_counter() - start}
 
 
+SAMPLING_SHAPES = {  # name: (prompts, samples per prompt, greedy first), 24 new tokens, one chunk of rows each
+    "rl_step": (8, 8, False),  # one RL rollout of configs/03_offline_lora.py: 8 prompts x 8 samples = 64 rows
+    "eval_chunk": (48, 4, True),  # a slice of its evaluation: 3 samples + greedy per problem = 192 rows
+}
+
+
 def sampling_seconds() -> dict:
+    """Seconds per sampling call, adapters unmerged vs `lora.merged_for_sampling` (merge + restore included),
+    alternated in one process, best of 3; and whether both give the same completions."""
     from integration_training import lora as lora_module
     from integration_training.rollout import sample
-    from transformers import AutoModelForCausalLM
 
     model, adapters = load(LORA)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in adapters.trainable():
-            p.add_(torch.randn(p.shape, generator=generator) * 1e-3)  # B ≠ 0, as after training
-    merged = AutoModelForCausalLM.from_config(model.config)
-    merged.load_state_dict(lora_module.merged_state(model.state_dict(), adapters.scalings()), strict=False)
-    merged.tie_weights()
-    merged.eval()
-    prompts = [torch.randint(10, 40000, (50,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(8)]
-    timings, outputs = {"unmerged": float("inf"), "merged": float("inf")}, {}
-    for _ in range(2):  # alternated, best of 2: the machine is shared, load changes minute to minute
-        for name, m in (("unmerged", model), ("merged", merged)):
-            start = time.perf_counter()
-            outputs[name] = sample(m, prompts, 4, 24, 1.0, 0, frozenset(), 0, torch.Generator().manual_seed(0), 64,
-                                   greedy_first=True)
-            timings[name] = min(timings[name], time.perf_counter() - start)
-    same = sum(a.token_ids == b.token_ids for ga, gb in zip(outputs["unmerged"], outputs["merged"]) for a, b in zip(ga, gb))
-    return timings | {"same_completions": same, "completions": 8 * 4}
+            p.add_(torch.randn(p.shape, generator=generator) * 1e-3)  # B != 0, as after training
+    result: dict = {}
+    for shape, (num_prompts, num_samples, greedy_first) in SAMPLING_SHAPES.items():
+        prompts = [torch.randint(10, 40000, (80,), generator=torch.Generator().manual_seed(i)).tolist()
+                   for i in range(num_prompts)]
+
+        def run(merged: bool):
+            with lora_module.merged_for_sampling(model, sharded=False) if merged else contextlib.nullcontext():
+                return sample(model, prompts, num_samples, 24, 1.0, 0, frozenset(), 0,
+                              torch.Generator().manual_seed(0), 500, greedy_first=greedy_first)
+
+        run(False)  # warm-up (allocator, thread pool)
+        timings, outputs = {"unmerged": float("inf"), "merged": float("inf")}, {}
+        for _ in range(3):  # alternated, best of 3: the machine is shared, load changes minute to minute
+            for name in ("unmerged", "merged"):
+                start = time.perf_counter()
+                outputs[name] = run(name == "merged")
+                timings[name] = min(timings[name], time.perf_counter() - start)
+        pairs = [(a, b) for ga, gb in zip(outputs["unmerged"], outputs["merged"]) for a, b in zip(ga, gb)]
+        result[shape] = timings | {
+            "rows": num_prompts * num_samples,
+            "same_completions": sum(a.token_ids == b.token_ids for a, b in pairs),
+            "max_logprob_diff": max(abs(x - y) for a, b in pairs if a.token_ids == b.token_ids
+                                    for x, y in zip(a.logprobs, b.logprobs)),
+        }
+    start = time.perf_counter()
+    for _ in range(3):
+        with lora_module.merged_for_sampling(model, sharded=False):
+            pass
+    result["merge_and_restore_seconds"] = (time.perf_counter() - start) / 3
+    return result
 
 
 def child(kind: str) -> None:
@@ -137,24 +162,41 @@ def child(kind: str) -> None:
     print(json.dumps(result))
 
 
-def main() -> None:
+KINDS = ("optimizer", "rss_full", "rss_lora", "sampling")
+
+
+def main(kinds: list[str]) -> None:
     results = {}
-    for kind in ("optimizer", "rss_full", "rss_lora", "sampling"):
-        output = subprocess.run([sys.executable, __file__, kind], capture_output=True, text=True, check=True, cwd=ROOT)
+    for kind in kinds:
+        output = subprocess.run([sys.executable, __file__, "--child", kind], capture_output=True, text=True,
+                                check=True, cwd=ROOT)
         results[kind] = json.loads(output.stdout.strip().splitlines()[-1])
         print(kind, results[kind], flush=True)
-    opt = results["optimizer"]
-    print(f"optimizer state: LoRA {opt['lora'] / 2**20:.1f} MiB vs full {opt['full'] / 2**20:.1f} MiB "
-          f"= {opt['lora'] / opt['full']:.2%}")
-    print(f"RL step with KL, peak RSS: LoRA {results['rss_lora']['peak_rss_mib']:.0f} MiB vs full + reference copy "
-          f"{results['rss_full']['peak_rss_mib']:.0f} MiB")
-    s = results["sampling"]
-    print(f"sampling 8×4×24: unmerged {s['unmerged']:.1f} s, merged {s['merged']:.1f} s "
-          f"({s['unmerged'] / s['merged'] - 1:+.0%}); identical completions {s['same_completions']}/{s['completions']}")
+    if "optimizer" in results:
+        opt = results["optimizer"]
+        print(f"optimizer state: LoRA {opt['lora'] / 2**20:.1f} MiB vs full {opt['full'] / 2**20:.1f} MiB "
+              f"= {opt['lora'] / opt['full']:.2%}")
+    if "rss_lora" in results and "rss_full" in results:
+        print(f"RL step with KL, peak RSS: LoRA {results['rss_lora']['peak_rss_mib']:.0f} MiB vs full + reference "
+              f"copy {results['rss_full']['peak_rss_mib']:.0f} MiB")
+    if "sampling" in results:
+        s = results["sampling"]
+        for shape in SAMPLING_SHAPES:
+            r = s[shape]
+            print(f"sampling {shape} ({r['rows']} rows x 24 tokens): unmerged {r['unmerged']:.2f} s, merged "
+                  f"{r['merged']:.2f} s (unmerged/merged = {r['unmerged'] / r['merged']:.2f}x); identical "
+                  f"completions {r['same_completions']}/{r['rows']}, max |logprob diff| {r['max_logprob_diff']:.1e}")
+        print(f"merge + restore alone: {s['merge_and_restore_seconds']:.2f} s")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        child(sys.argv[1])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=KINDS, default=list(KINDS), help="measurements to run")
+    parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
     else:
-        main()
+        main(args.only)

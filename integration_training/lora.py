@@ -9,10 +9,12 @@ How the stages use it (`model.lora` set; `None` leaves every path below unused):
   would otherwise be lost); the frozen base stays in whatever dtype it was loaded in.
 - `Adapters.reference()` is the RL reference model: the same modules with the adapters switched off (peft's
   `disable_adapter`), so a KL term costs no second copy of the weights.
-- sampling runs the unmerged model. Merging in place for sampling and unmerging afterwards would not give back the
-  frozen base bit for bit, and a merged copy costs the second copy of the weights that LoRA + KL avoids. Measured on
-  CPU (tiny 2-layer model, loaded machine): unmerged 6.9 s vs merged 5.9 s for the same 64 completions, all
-  identical; SmolLM2-135M numbers: benchmarks/bench_lora.py. Sampled tokens equal the merged model's (tested).
+- sampling (RL rollouts and RL's evaluations) runs with the adapters merged: `merged_for_sampling(model)`. Decoding
+  with unmerged adapters pays two extra small matmuls per adapted linear layer per token, which on CPU cost more than
+  the merge (benchmarks/bench_lora.py, BENCHMARKS.md). peft merges each layer with `safe_merge=True`, which writes
+  the merged weight into a new tensor; the original base tensor is held aside and put back after peft's unmerge,
+  so the frozen base is the very same tensor, bit for bit, after every rollout (an in-place merge/unmerge would
+  round: (W + Δ) − Δ ≠ W in float). The merged tensors live only while sampling. FSDP2 shards sample unmerged.
 
 Checkpoint layout of a LoRA run (`Adapters.writer(final)` is what `checkpoint.save_checkpoint` gets as the model):
     step_NNNNNN/adapter/        adapter_config.json + adapter_model.safetensors: PeftModel.from_pretrained(base, it)
@@ -28,8 +30,10 @@ change alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -209,6 +213,42 @@ class AdaptersOff:
         assert not torch.is_grad_enabled(), "the reference model runs without gradients"
         with self.adapters.peft_model.disable_adapter():
             return self.adapters.model(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+
+@contextlib.contextmanager
+def merged_for_sampling(model: nn.Module, sharded: bool) -> Iterator[None]:
+    """Within the block, every adapter of `model` is merged into its layer's weight (a forward is then a plain
+    linear layer's); on leaving, each base weight is the very tensor it was before, bit for bit, and the adapters
+    are live again for training. No-op for a model without adapters (full fine-tune) or with FSDP2 shards
+    (`sharded`: merging DTensor shards would gather them; they sample unmerged).
+
+    Only for sampling: nothing may train inside the block (the adapters' gradients would not reach the output).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers or sharded:
+        yield
+        return
+    assert not any(layer.merged for layer in layers), "adapters already merged: merged_for_sampling is not reentrant"
+    originals = [layer.get_base_layer().weight.data for layer in layers]
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                # safe_merge: peft computes W + Δ into a new tensor (and refuses a non-finite result) instead of
+                # adding Δ into W in place, so `originals` stay untouched.
+                layer.merge(safe_merge=True, adapter_names=[ADAPTER_NAME])
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, original in zip(layers, originals, strict=True):
+                if layer.merged:
+                    layer.unmerge()  # peft's bookkeeping (the adapter is live again); its arithmetic is discarded:
+                layer.get_base_layer().weight.data = original  # the untouched tensor comes back
+        assert not any(layer.merged for layer in layers)
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints

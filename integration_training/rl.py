@@ -640,7 +640,7 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
                 done = step + 1
                 progress.update({"reward": f"{values['reward']:.3f}", "loss": f"{values['loss']:.4f}"})
                 if evaluate.due_during_rl(config.evaluation, done, steps):
-                    with lockstep(policy, config.target, dist) as sampler:
+                    with lora.merged_for_sampling(policy, sharded), lockstep(policy, config.target, dist) as sampler:
                         values |= evaluate.run(config, run_dir, STAGE, done, model=sampler, tokenizer=tokenizer,
                                                dist=dist, problems=eval_examples)
                 if done % rl.log_every == 0 or done == steps or "eval/pass@1_strict" in values:
@@ -666,7 +666,8 @@ def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, 
 
 def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed, step, steps, stop_ids, pad_id, dist,
               apply_lr, lr_multiplier, target, model_config, scaler, runner) -> dict[str, float]:
-    from integration_training.distributed import all_reduce_sum, lockstep, shard
+    from integration_training import lora
+    from integration_training.distributed import all_reduce_sum, is_sharded, lockstep, shard
     from integration_training.precision import accum_dtype
 
     global_indices = step_prompt_indices(step, rl.examples_per_step, len(examples), seed)
@@ -674,7 +675,8 @@ def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed
     generator = torch.Generator(device=dist.device).manual_seed(sampling_seed(seed, step, dist.rank))
     t0 = time.perf_counter()
     # Rows stop at different decode steps on different ranks; under FSDP2 the lockstep proxy pairs the forwards.
-    with lockstep(policy, target, dist) as sampler:
+    # LoRA: sampling runs with the adapters merged (faster on CPU; the base comes back bit for bit): lora.py.
+    with lora.merged_for_sampling(policy, is_sharded(target, dist)), lockstep(policy, target, dist) as sampler:
         rows, stats = rollout_step(sampler, tokenizer, mine, rl, stop_ids, pad_id, generator, model_config.dtype,
                                    tools=runner)
     t1 = time.perf_counter()

@@ -267,25 +267,120 @@ def test_rl_with_lora_and_kl_loads_no_second_model(tmp_path, monkeypatch, with_l
 # ---------------------------------------------------------------------------------------------------- sampling
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sampling_with_adapters_equals_sampling_the_merged_model(tmp_path, seed):
-    from transformers import AutoModelForCausalLM
+def lora_layers(model: torch.nn.Module) -> list:
+    from peft.tuners.lora import LoraLayer
 
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def sample_all(model, prompts, seed: int, temperature: float):
     from integration_training.rollout import sample
 
+    return sample(model, prompts, 4, 12, temperature, 0, frozenset(), 0, torch.Generator().manual_seed(seed), 6,
+                  greedy_first=True)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampling_merged_for_sampling_equals_the_merged_export_and_gives_the_base_back_bitwise(tmp_path, seed,
+                                                                                                  temperature):
+    """What RL samples with (adapters merged by peft around the call) = the unmerged model = the merged export; on
+    leaving, every base weight is the same tensor, bit for bit, and the adapters are live again."""
+    from transformers import AutoModelForCausalLM
+
     adapters = adapted(seed)
+    model = adapters.model
     adapters.writer(final=True, dtype="float32").save_pretrained(str(tmp_path))
-    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     prompts = [[int(t) for t in torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(seed + n))]
                for n in (3, 5, 8)]
-    outputs = []
-    for model in (adapters.model, merged):
-        generator = torch.Generator().manual_seed(seed)
-        outputs.append(sample(model, prompts, 4, 12, 1.0, 0, frozenset(), 0, generator, 6, greedy_first=True))
-    for unmerged_group, merged_group in zip(*outputs, strict=True):
-        for a, b in zip(unmerged_group, merged_group, strict=True):
-            assert a.token_ids == b.token_ids
-            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
+    base_before, adapter_before = lora_state(model)
+    storage_before = {name: p.data_ptr() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        live_before = model(input_ids=ids).logits
+
+    unmerged = sample_all(model, prompts, seed, temperature)
+    with lora.merged_for_sampling(model, sharded=False):
+        assert all(layer.merged for layer in lora_layers(model)) and lora_layers(model)
+        merged = sample_all(model, prompts, seed, temperature)
+    assert not any(layer.merged for layer in lora_layers(model))
+    reference = sample_all(exported, prompts, seed, temperature)
+
+    for groups in (unmerged, reference):
+        for a_group, b_group in zip(merged, groups, strict=True):
+            for a, b in zip(a_group, b_group, strict=True):
+                assert a.token_ids == b.token_ids
+                torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    base_after, adapter_after = lora_state(model)
+    assert_same(base_after, base_before)
+    assert_same(adapter_after, adapter_before)
+    assert all(p.data_ptr() == storage_before[name] for name, p in model.named_parameters())  # the same memory
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, live_before)  # adapters live again
+
+
+def test_merged_for_sampling_on_a_bf16_base_matches_within_bf16_rounding_and_restores_bitwise():
+    adapters = lora.prepare(tiny_model(VOCAB, 0).to(torch.bfloat16), model_config(lora_config()), None, 0)
+    with torch.no_grad():
+        for param in adapters.trainable():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    model = adapters.model
+    base_before, _ = lora_state(model)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits.float()
+        with lora.merged_for_sampling(model, sharded=False):
+            merged = model(input_ids=ids).logits.float()
+    assert not torch.equal(merged, unmerged)  # the merge happened (bf16 rounds it differently)
+    torch.testing.assert_close(merged, unmerged, atol=0.1, rtol=0.02)
+    assert_same(lora_state(model)[0], base_before)
+
+
+def test_merged_for_sampling_restores_the_base_when_sampling_fails_and_is_a_no_op_without_adapters_or_sharded():
+    adapters = adapted(0)
+    model = adapters.model
+    base_before, _ = lora_state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with lora.merged_for_sampling(model, sharded=False):
+            raise RuntimeError("boom")
+    assert not any(layer.merged for layer in lora_layers(model))
+    assert_same(lora_state(model)[0], base_before)
+    with lora.merged_for_sampling(model, sharded=True):  # FSDP2 shards sample unmerged
+        assert not any(layer.merged for layer in lora_layers(model))
+    plain = tiny_model(VOCAB, 0)
+    storage = [p.data_ptr() for p in plain.parameters()]
+    with lora.merged_for_sampling(plain, sharded=False):
+        pass
+    assert [p.data_ptr() for p in plain.parameters()] == storage
+
+
+def test_rl_rollouts_and_evaluations_sample_with_merged_adapters(tmp_path, monkeypatch):
+    """Through run_rl: every sampling call (baseline eval, rollouts, final eval) sees the adapters merged, every
+    training forward sees them live."""
+    from integration_training import rollout
+
+    seen = []
+    real_sample = rollout.sample
+
+    def spy(model, *args, **kwargs):
+        layers = lora_layers(model)
+        seen.append(bool(layers) and all(layer.merged for layer in layers))
+        return real_sample(model, *args, **kwargs)
+
+    monkeypatch.setattr(rollout, "sample", spy)
+    real_train = rl.train_on_rows
+
+    def train_spy(model, *args, **kwargs):
+        assert lora_layers(model) and not any(layer.merged for layer in lora_layers(model))
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(rl, "train_on_rows", train_spy)
+    model_dir = save_tiny_model_dir(tmp_path / "tiny_model")
+    config = make_config(tmp_path, model=dict(lora=lora_config()), rl=dict(num_iterations=2, eval_examples=2),
+                         output=dict(mode="rl", source_checkpoint=str(model_dir)))
+    rl.run_rl(config, tmp_path / "run", str(model_dir), resume=False)
+    assert len(seen) >= 4 and all(seen), seen  # baseline eval, 2 rollouts, final eval
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -403,6 +498,15 @@ def test_deploy_sft_then_rl_with_lora_writes_adapters_merged_exports_and_resumes
                                                    str(lora.adapter_dir(step)))
             merged = AutoModelForCausalLM.from_pretrained(str(step))
             torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+    # RL sampled with its adapters merged at every step: its base (SFT's merged model) came back bit for bit each
+    # time, so the final export is exactly that base + the final adapter.
+    rl_base = AutoModelForCausalLM.from_pretrained(str(sft_final))
+    peft_model = PeftModel.from_pretrained(rl_base, str(lora.adapter_dir(rl_final)))
+    expected = lora.merged_state(rl_base.state_dict(), lora.Adapters(peft_model, rl_base).scalings())
+    saved = load_file(str(rl_final / "model.safetensors"))
+    assert saved.keys() <= expected.keys()  # (a tied LM head is saved once)
+    assert_same(saved, {key: expected[key] for key in saved})
 
     uninterrupted = {p: adapter_tensors(p) for p in (sft_final, rl_final)}
     merged_before = {p: load_file(str(p / "model.safetensors")) for p in (sft_final, rl_final)}
