@@ -2,7 +2,8 @@
 
 MODEL resolves exactly as in `python -m integration_training.evaluate` (`models.resolve_model_path`): an HF hub id,
 a local `save_pretrained` directory, a run checkpoint such as `results/X/checkpoints/rl/step_000010`, or
-`offline:SmolLM2-135M-Instruct`. Prompts use the model's own chat template (`template.render_prompt`); tokens
+`offline:SmolLM2-135M-Instruct`; a LoRA run's mid-stage step directory (adapter only) loads its recorded base with
+the adapter merged (`lora.load_adapter_step`). Prompts use the model's own chat template (`template.render_prompt`); tokens
 come from the project's sampler (`rollout.stream`, the batch-1 sibling of `rollout.sample`: same `pick_tokens`,
 same pre-allocated KV cache) and are shown as they are drawn. The KV cache is kept across turns: each reply
 computes only the tokens after the longest prefix the cache already holds (exact; see `rollout.StreamCache`).
@@ -205,15 +206,24 @@ def load_engine(args: argparse.Namespace) -> ChatEngine:
     from integration_training.models import load_model, load_tokenizer, resolve_model_path
     from integration_training.template import stop_token_ids
 
+    from integration_training import lora
+
     device = resolve_device(args.device)
-    path = resolve_model_path(args.model)
-    local = Path(path)
-    if local.is_dir() and not any((local / name).is_file() for name in WEIGHT_FILES):
-        raise UserError(f"{args.model}: {local} has no weights ({' or '.join(WEIGHT_FILES[::2])}); point at a "
-                        "save_pretrained directory or a run checkpoint step_NNNNNN directory")
-    tokenizer = load_tokenizer(path)
-    stops = stop_token_ids(tokenizer)  # also refuses a tokenizer without a usable chat template, before the weights
-    model = load_model(path, args.dtype, "sdpa", device, training=False).eval()
+    if lora.holds_adapter_only(Path(args.model).expanduser()):
+        # A mid-stage LoRA checkpoint (adapter + train state): its recorded base + this adapter, merged.
+        path = str(Path(args.model).expanduser().resolve())
+        tokenizer = load_tokenizer(path)
+        stops = stop_token_ids(tokenizer)  # before the weights, as below
+        model = lora.load_adapter_step(Path(path), args.dtype, device)
+    else:
+        path = resolve_model_path(args.model)
+        local = Path(path)
+        if local.is_dir() and not any((local / name).is_file() for name in WEIGHT_FILES):
+            raise UserError(f"{args.model}: {local} has no weights ({' or '.join(WEIGHT_FILES[::2])}); point at a "
+                            "save_pretrained directory or a run checkpoint step_NNNNNN directory")
+        tokenizer = load_tokenizer(path)
+        stops = stop_token_ids(tokenizer)  # also refuses a tokenizer without a usable chat template, before weights
+        model = load_model(path, args.dtype, "sdpa", device, training=False).eval()
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
     return ChatEngine(model, tokenizer, stops, sampling, args.system, args.seed, label=args.model)
 

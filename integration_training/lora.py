@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -322,6 +323,49 @@ class CheckpointWriter:
             precision.save_masters(merged, Path(directory))
         else:
             model.save_pretrained(directory, state_dict=merged)
+
+
+# ---------------------------------------------------------------------------------------------------- inference
+
+
+def holds_adapter_only(step_dir: Path) -> bool:
+    """A LoRA checkpoint step that is not its stage's last: an adapter and the train state, no merged model."""
+    step_dir = Path(step_dir)
+    return (adapter_dir(step_dir) / "adapter_config.json").is_file() and not (step_dir / "config.json").is_file()
+
+
+def final_merged_step(step_dir: Path) -> Path | None:
+    """The latest sibling step directory that holds a merged model (its stage's final checkpoint), if any."""
+    merged = sorted(p for p in Path(step_dir).parent.glob("step_*") if (p / "config.json").is_file())
+    return merged[-1] if merged else None
+
+
+def load_adapter_step(step_dir: Path, dtype: str, device: torch.device) -> nn.Module:
+    """An adapter-only step directory as a plain model in `dtype`, for inference: the base model peft recorded in
+    the adapter's config (the model the run trained on) + this adapter, merged by peft (`merge_and_unload`).
+
+    The base loads as training does (float32, a checkpoint's float32 masters), the merge runs in float32 and the
+    result is cast to `dtype` — what the stage's final export would hold had the stage ended at this step.
+    UserError when the base is gone, naming the stage's merged final checkpoint to pass instead.
+    """
+    from peft import PeftModel
+
+    from integration_training import precision
+    from integration_training.models import load_model, resolve_model_path
+
+    source = adapter_dir(step_dir)
+    base = json.loads((source / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    local = Path(str(base)).expanduser() if base else None
+    if not base or (not local.exists() and (local.is_absolute() or str(base).count("/") > 1)):
+        final = final_merged_step(step_dir)
+        instead = (f"pass {final}, the stage's final checkpoint, which holds the merged model" if final is not None
+                   else "pass the stage's final step directory (it holds the merged model)")
+        raise UserError(f"{step_dir}: holds only a LoRA adapter, and its base model {base!r} (recorded in "
+                        f"{source / 'adapter_config.json'}) is not there; {instead}")
+    model = load_model(resolve_model_path(str(base)), "float32", "sdpa", device, training=True)
+    merged = PeftModel.from_pretrained(model, str(source)).merge_and_unload()
+    assert not any(is_adapter_key(key) or _BASE_LAYER in key for key in merged.state_dict()), "adapters left"
+    return merged.to(precision.torch_dtype(dtype)).eval()
 
 
 def adapter_parameter_count(model: nn.Module, lora: LoRAConfig) -> int:

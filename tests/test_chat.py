@@ -298,6 +298,58 @@ def one_line_error(code: int, capsys, *fragments: str) -> None:
         assert fragment in err[-1], err[-1]
 
 
+def lora_steps(tiny_dir: Path, root: Path, seed: int) -> tuple[Path, Path]:
+    """As a LoRA stage writes them: (a mid-stage step: adapter + tokenizer only, the final step: adapter + merged
+    model), the same trained adapter in both, on `tiny_dir` as the base."""
+    from integration_training import lora
+    from integration_training.config import LoRAConfig, ModelConfig
+    from integration_training.models import load_model, load_tokenizer
+
+    model = load_model(str(tiny_dir), "float32", "sdpa", torch.device("cpu"), training=True)
+    lora_config = LoRAConfig(r=4, alpha=8.0, dropout=0.0, target_modules=["all-linear"])
+    adapters = lora.prepare(model, ModelConfig(name=str(tiny_dir), dtype="float32", compile=False,
+                                               attn_implementation="sdpa", gradient_checkpointing=False,
+                                               lora=lora_config), None, seed)
+    with torch.no_grad():
+        for param in adapters.trainable():
+            param.add_(torch.randn(param.shape, generator=generator(seed)) * 0.2)  # as after training
+    mid, final = root / "step_000001", root / "step_000002"
+    for step, is_final in ((mid, False), (final, True)):
+        adapters.writer(final=is_final, dtype="float32").save_pretrained(str(step))
+        load_tokenizer(str(tiny_dir)).save_pretrained(str(step))
+    return mid, final
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_lora_mid_stage_step_chats_as_its_base_plus_adapter(tiny_dir, tmp_path, capsys, seed):
+    """A step directory with only an adapter loads its base + adapter; the reply (greedy and sampled) is the
+    merged export's; and it differs from the base model's own (the adapter is used)."""
+    mid, final = lora_steps(tiny_dir, tmp_path / "checkpoints" / "sft", seed)
+    assert not (mid / "config.json").exists()
+    message = "What is 12 + 30?"
+    replies = {}
+    for name, model in (("mid", mid), ("final", final), ("base", tiny_dir)):
+        for flags in (("--temperature", "0"), ("--temperature", "1", "--seed", str(seed))):
+            assert chat.main([str(model), "--prompt", message, "--max-new-tokens", "16", *flags]) == 0
+            replies[name, flags[1]] = capsys.readouterr().out
+    for temperature in ("0", "1"):
+        assert replies["mid", temperature] == replies["final", temperature]
+    assert replies["mid", "0"] == expected_reply(final, message, 16) + "\n"
+    assert {replies["mid", t] for t in "01"} != {replies["base", t] for t in "01"}
+
+
+def test_a_lora_step_whose_base_is_gone_exits_2_naming_the_merged_final_step(tiny_dir, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    mid, final = lora_steps(base, tmp_path / "checkpoints" / "rl", 0)
+    shutil.rmtree(base)
+    one_line_error(chat.main([str(mid), "--prompt", "hi"]), capsys, "holds only a LoRA adapter", str(base),
+                   str(final))
+    shutil.rmtree(final)  # no merged step yet (the stage has not finished)
+    one_line_error(chat.main([str(mid), "--prompt", "hi"]), capsys, "holds only a LoRA adapter",
+                   "the stage's final step directory")
+
+
 @pytest.mark.parametrize("model,fragment", [
     ("results/run/checkpoints/rl/step_000009", "does not exist"),
     ("./no_such_model", "does not exist"),
