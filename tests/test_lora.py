@@ -377,7 +377,7 @@ def test_rl_rollouts_and_evaluations_sample_with_merged_adapters(tmp_path, monke
 
     monkeypatch.setattr(rl, "train_on_rows", train_spy)
     model_dir = save_tiny_model_dir(tmp_path / "tiny_model")
-    config = make_config(tmp_path, model=dict(lora=lora_config()), rl=dict(num_iterations=2, eval_examples=2),
+    config = make_config(tmp_path, model=dict(lora=lora_config()), rl=dict(num_iterations=2), evaluation=dict(num_problems=2),
                          output=dict(mode="rl", source_checkpoint=str(model_dir)))
     rl.run_rl(config, tmp_path / "run", str(model_dir), resume=False)
     assert len(seen) >= 4 and all(seen), seen  # baseline eval, 2 rollouts, final eval
