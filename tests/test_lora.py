@@ -301,8 +301,12 @@ def test_sampling_merged_for_sampling_equals_the_merged_export_and_gives_the_bas
         live_before = model(input_ids=ids).logits
 
     unmerged = sample_all(model, prompts, seed, temperature)
+    export = lora.merged_state(model.state_dict(), adapters.scalings())
     with lora.merged_for_sampling(model, sharded=False):
         assert all(layer.merged for layer in lora_layers(model)) and lora_layers(model)
+        # The weights sampled with are the merged export's, bit for bit (same float32 arithmetic as the writer).
+        live = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if not lora.is_adapter_key(k)}
+        assert_same(live, export)
         merged = sample_all(model, prompts, seed, temperature)
     assert not any(layer.merged for layer in lora_layers(model))
     reference = sample_all(exported, prompts, seed, temperature)
