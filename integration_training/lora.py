@@ -10,8 +10,9 @@ How the stages use it (`model.lora` set; `None` leaves every path below unused):
 - `Adapters.reference()` is the RL reference model: the same modules with the adapters switched off (peft's
   `disable_adapter`), so a KL term costs no second copy of the weights.
 - sampling (RL rollouts and RL's evaluations) runs with the adapters merged: `merged_for_sampling(model)`. Decoding
-  with unmerged adapters pays two extra small matmuls per adapted linear layer per token, which on CPU cost more than
-  the merge (benchmarks/bench_lora.py, BENCHMARKS.md). peft merges each layer with `safe_merge=True`, which writes
+  with unmerged adapters pays two extra small matmuls per adapted linear layer per token: one RL rollout of
+  configs/03_offline_lora.py measured 1.12x slower unmerged than merged (merge included; benchmarks/bench_lora.py,
+  BENCHMARKS.md), and the merged weights are bit for bit the final export's, so RL samples what it exports. peft merges each layer with `safe_merge=True`, which writes
   the merged weight into a new tensor; the original base tensor is held aside and put back after peft's unmerge,
   so the frozen base is the very same tensor, bit for bit, after every rollout (an in-place merge/unmerge would
   round: (W + Δ) − Δ ≠ W in float). The merged tensors live only while sampling. FSDP2 shards sample unmerged.
