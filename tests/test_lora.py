@@ -360,7 +360,7 @@ def test_merged_for_sampling_restores_the_base_when_sampling_fails_and_is_a_no_o
 
 
 def test_rl_rollouts_and_evaluations_sample_with_merged_adapters(tmp_path, monkeypatch):
-    """Through run_rl: every sampling call (baseline eval, rollouts, final eval) sees the adapters merged, every
+    """Through run_rl: every sampling call (rollouts, evaluations during RL) sees the adapters merged, every
     training forward sees them live."""
     from integration_training import rollout
 
@@ -381,10 +381,10 @@ def test_rl_rollouts_and_evaluations_sample_with_merged_adapters(tmp_path, monke
 
     monkeypatch.setattr(rl, "train_on_rows", train_spy)
     model_dir = save_tiny_model_dir(tmp_path / "tiny_model")
-    config = make_config(tmp_path, model=dict(lora=lora_config()), rl=dict(num_iterations=2), evaluation=dict(num_problems=2),
+    config = make_config(tmp_path, model=dict(lora=lora_config()), rl=dict(num_iterations=2), evaluation=dict(num_problems=2, every_rl_steps=1),
                          output=dict(mode="rl", source_checkpoint=str(model_dir)))
     rl.run_rl(config, tmp_path / "run", str(model_dir), resume=False)
-    assert len(seen) >= 4 and all(seen), seen  # baseline eval, 2 rollouts, final eval
+    assert len(seen) >= 3 and all(seen), seen  # 2 rollouts + the evaluations during RL
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
