@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import arithmetic, make_config, replace_nested, save_tiny_model_dir, tiny_model
+from helpers import arithmetic, make_config, optimization, replace_nested, save_tiny_model_dir, tiny_model
 from integration_training import lora, optim, rl, sft
 from integration_training.config import ConfigError, LoRAConfig, ModelConfig, from_json, to_json, validate
 from integration_training.errors import UserError
@@ -216,8 +216,8 @@ def test_sft_steps_change_only_adapter_tensors(tmp_path, targets, gradient_check
         labels = torch.roll(ids, -1, dims=1)
         batch = Batch(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids),
                       position_ids=torch.arange(12).expand(2, 12))
-        sft.train_step(sft.SupervisedTokenLoss(model, "float32", True), optimizer, held, [batch], 24, 1.0, 1.0,
-                       SINGLE, None)
+        sft.train_step(sft.SupervisedTokenLoss(model, "float32", True), optimization(optimizer, 1.0), [batch],
+                       tokens=24, lr_multiplier=1.0)
     base_after, adapter_after = lora_state(model)
     assert base_after.keys() == base_before.keys()
     assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
@@ -271,7 +271,7 @@ def test_rl_with_lora_and_kl_loads_no_second_model(tmp_path, monkeypatch, with_l
 def test_sampling_with_adapters_equals_sampling_the_merged_model(tmp_path, seed):
     from transformers import AutoModelForCausalLM
 
-    from integration_training.rollout import sample
+    from integration_training.rollout import SamplingSettings, SpecialTokens, sample
 
     adapters = adapted(seed)
     adapters.writer(final=True, dtype="float32").save_pretrained(str(tmp_path))
@@ -281,7 +281,8 @@ def test_sampling_with_adapters_equals_sampling_the_merged_model(tmp_path, seed)
     outputs = []
     for model in (adapters.model, merged):
         generator = torch.Generator().manual_seed(seed)
-        outputs.append(sample(model, prompts, 4, 12, 1.0, 0, frozenset(), 0, generator, 6, greedy_first=True))
+        outputs.append(sample(model, prompts, num_samples=4, settings=SamplingSettings(max_new_tokens=12, temperature=1.0, top_k=0, batch_size=6),
+                              special=SpecialTokens(stop_ids=frozenset(), pad_id=0), generator=generator, greedy_first=True))
     for unmerged_group, merged_group in zip(*outputs, strict=True):
         for a, b in zip(unmerged_group, merged_group, strict=True):
             assert a.token_ids == b.token_ids
@@ -514,7 +515,8 @@ def rl_update(tmp_path: Path, dist, parallelism: str) -> tuple[dict[str, torch.T
     mine = [row for i, row in enumerate(rows) if (i // 2) % dist.world_size == dist.rank]  # whole groups per rank
     model = distributed.wrap_model(policy, target, dist, "float32")
     optimizer = optim.build_optimizer(policy, config.rl.optimizer)
-    rl.train_on_rows(model, adapters.reference(), optimizer, mine, config.rl, 0, dist, config.model, None)
+    rl.train_on_rows(rl.PolicyModels.of(model, adapters.reference(), config.model),
+                     optimization(optimizer, config.rl.optimizer.grad_clip, dist), mine, rl=config.rl, pad_id=0)
     if distributed.is_sharded(target, dist):
         after = lora.adapter_state(distributed.full_model_state(policy, prefix=""))
     else:
