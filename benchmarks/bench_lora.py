@@ -80,7 +80,8 @@ def rl_peak_rss(with_lora: bool) -> dict:
     """Runs in a fresh process: load policy (+ reference), one RL step with kl_coef > 0; peak RSS in MiB."""
     from integration_training.distributed import Dist
     from integration_training.optim import build_optimizer
-    from integration_training.rl import load_reference, train_on_rows
+    from integration_training.rl import PolicyModels, load_reference, train_on_rows
+    from integration_training.stage import Optimization
 
     import dataclasses
 
@@ -94,14 +95,15 @@ def rl_peak_rss(with_lora: bool) -> dict:
     optimizer = build_optimizer(model, stage.optimizer)
     dist = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
     start = time.perf_counter()
-    train_on_rows(model, reference, optimizer, rows(16), stage, 0, dist, model_config(None), None)
+    train_on_rows(PolicyModels.of(model, reference, model_config(None)),
+                  Optimization(optimizer, grad_clip=stage.optimizer.grad_clip, dist=dist), rows(16), rl=stage, pad_id=0)
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "step_seconds": time.perf_counter() - start}
 
 
 def sampling_seconds() -> dict:
     from integration_training import lora as lora_module
-    from integration_training.rollout import sample
+    from integration_training.rollout import SamplingSettings, SpecialTokens, sample
     from transformers import AutoModelForCausalLM
 
     model, adapters = load(LORA)
@@ -118,8 +120,9 @@ def sampling_seconds() -> dict:
     for _ in range(2):  # alternated, best of 2: the machine is shared, load changes minute to minute
         for name, m in (("unmerged", model), ("merged", merged)):
             start = time.perf_counter()
-            outputs[name] = sample(m, prompts, 4, 24, 1.0, 0, frozenset(), 0, torch.Generator().manual_seed(0), 64,
-                                   greedy_first=True)
+            outputs[name] = sample(m, prompts, num_samples=4, settings=SamplingSettings(max_new_tokens=24, temperature=1.0, top_k=0, batch_size=64),
+                                   special=SpecialTokens(stop_ids=frozenset(), pad_id=0),
+                                   generator=torch.Generator().manual_seed(0), greedy_first=True)
             timings[name] = min(timings[name], time.perf_counter() - start)
     same = sum(a.token_ids == b.token_ids for ga, gb in zip(outputs["unmerged"], outputs["merged"]) for a, b in zip(ga, gb))
     return timings | {"same_completions": same, "completions": 8 * 4}
