@@ -126,3 +126,14 @@ def test_a_non_finite_update_is_not_applied_and_is_reported(poison):
     outcome = steps.step(float(loss.detach()))
     assert not outcome.diverged and math.isfinite(outcome.grad_norm)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_rollout_engine_imports_neither_the_config_nor_a_trainer():
+    """rollout.py sees token ids and a SamplingSettings; the trainers build those from their config sections."""
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "integration_training" / "rollout.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    forbidden = {f"integration_training.{name}" for name in ("config", "sft", "rl", "stage", "cli", "evaluate")}
+    assert not imported & forbidden, imported & forbidden
