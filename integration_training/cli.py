@@ -329,7 +329,11 @@ def _relaunch_under_torchrun(config: Config, args: argparse.Namespace) -> int:
                 child.terminate()  # the user insists: torchrun stops the ranks now
             elif not signals_seen:
                 print(f"{name} received: the ranks checkpoint at the next step boundary and stop", file=sys.stderr)
-                stop_file.write_text(name)
+                # Atomically: a rank polling between the file's creation and its write would read no reason
+                # ("stop file") while the other reads the signal's name, and the ranks would report two lines.
+                staging = stop_file.with_name(stop_file.name + ".tmp")
+                staging.write_text(name)
+                os.replace(staging, stop_file)
             signals_seen.append(name)
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
