@@ -82,7 +82,8 @@ def rl_peak_rss(with_lora: bool) -> dict:
     """Runs in a fresh process: load policy (+ reference), one RL step with kl_coef > 0; peak RSS in MiB."""
     from integration_training.distributed import Dist
     from integration_training.optim import build_optimizer
-    from integration_training.rl import load_reference, train_on_rows
+    from integration_training.rl import PolicyModels, load_reference, train_on_rows
+    from integration_training.stage import Optimization
 
     import dataclasses
 
@@ -96,7 +97,8 @@ def rl_peak_rss(with_lora: bool) -> dict:
     optimizer = build_optimizer(model, stage.optimizer)
     dist = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
     start = time.perf_counter()
-    train_on_rows(model, reference, optimizer, rows(16), stage, 0, dist, model_config(None), None)
+    train_on_rows(PolicyModels.of(model, reference, model_config(None)),
+                  Optimization(optimizer, grad_clip=stage.optimizer.grad_clip, dist=dist), rows(16), rl=stage, pad_id=0)
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "step_seconds": time.perf_counter() - start}
 
@@ -111,7 +113,7 @@ def sampling_seconds() -> dict:
     """Seconds per sampling call, adapters unmerged vs `lora.merged_for_sampling` (merge + restore included),
     alternated in one process, best of 3; and whether both give the same completions."""
     from integration_training import lora as lora_module
-    from integration_training.rollout import sample
+    from integration_training.rollout import SamplingSettings, SpecialTokens, sample
 
     model, adapters = load(LORA)
     generator = torch.Generator().manual_seed(1)
@@ -125,8 +127,10 @@ def sampling_seconds() -> dict:
 
         def run(merged: bool):
             with lora_module.merged_for_sampling(model, sharded=False) if merged else contextlib.nullcontext():
-                return sample(model, prompts, num_samples, 24, 1.0, 0, frozenset(), 0,
-                              torch.Generator().manual_seed(0), 500, greedy_first=greedy_first)
+                return sample(model, prompts, num_samples=num_samples,
+                              settings=SamplingSettings(max_new_tokens=24, temperature=1.0, top_k=0, batch_size=500),
+                              special=SpecialTokens(stop_ids=frozenset(), pad_id=0),
+                              generator=torch.Generator().manual_seed(0), greedy_first=greedy_first)
 
         run(False)  # warm-up (allocator, thread pool)
         timings, outputs = {"unmerged": float("inf"), "merged": float("inf")}, {}

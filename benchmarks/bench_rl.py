@@ -80,6 +80,8 @@ def run_ours(args) -> dict:
 
     from integration_training import distributed, optim, rl
     from integration_training import template
+    from integration_training.rollout import SpecialTokens
+    from integration_training.stage import Optimization, sampling_settings
     from integration_training.config import ModelConfig, OptimizerConfig, RLConfig, SamplingConfig, TargetConfig
 
     import dataclasses
@@ -98,19 +100,24 @@ def run_ours(args) -> dict:
                                   grad_clip=1.0),
         advantage="mean_std", kl_coef=0.0, clip_eps=0.2, updates_per_batch=1, checkpoint_every=10**9, log_every=1,
     )
-    optimizer = optim.build_optimizer(model, config.optimizer)
-    optim.apply_lr(optimizer, 1.0)
-    stop_ids = template.stop_token_ids(tokenizer)
+    optimization = Optimization(optim.build_optimizer(model, config.optimizer), grad_clip=config.optimizer.grad_clip,
+                                dist=dist)
+    optimization.set_lr(1.0)
+    model_config = ModelConfig(name="unused", dtype="float32", compile=False, attn_implementation="sdpa",
+                               gradient_checkpointing=False, lora=None)
+    rollouts = rl.Rollouts(tokenizer=tokenizer, special=SpecialTokens(stop_ids=template.stop_token_ids(tokenizer),
+                                                                      pad_id=tokenizer.pad_token_id),
+                           settings=sampling_settings(config.sampling), tools=None, dtype="float32")
     model.train()
     gen, train, tokens, rewards, skipped = [], [], [], [], []
     for step in range(args.warmup + args.steps):
         batch = examples[step * args.prompts : (step + 1) * args.prompts]
         generator = torch.Generator(device="cpu").manual_seed(1000 + step)
         t0 = time.perf_counter()
-        rows, stats = rl.rollout_step(model, tokenizer, batch, config, stop_ids, tokenizer.pad_token_id, generator, "float32")
+        rows, stats = rl.rollout_step(model, batch, generator, rollouts=rollouts, rl=config)
         t1 = time.perf_counter()
-        trained = rl.train_on_rows(model, None, optimizer, rows, config, tokenizer.pad_token_id, dist, ModelConfig(name="unused", dtype="float32", compile=False, attn_implementation="sdpa",
-                                             gradient_checkpointing=False, lora=None), None)
+        trained = rl.train_on_rows(rl.PolicyModels.of(model, None, model_config), optimization, rows, rl=config,
+                                   pad_id=tokenizer.pad_token_id)
         t2 = time.perf_counter()
         skipped.append(trained["skipped_frac"])
         if step >= args.warmup:

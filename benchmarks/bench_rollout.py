@@ -14,7 +14,7 @@ import time
 import torch
 
 from integration_training.models import load_model, load_tokenizer, provision_offline_model
-from integration_training.rollout import left_pad, sample
+from integration_training.rollout import SamplingSettings, SpecialTokens, left_pad, sample
 
 QUESTIONS = [
     "What is 12 + 35?", "Compute 7 * 8.", "What is 100 - 37?", "How many legs do 3 spiders have?",
@@ -40,7 +40,9 @@ def _time(fn) -> float:
 
 def _ours(model, prompts, samples, new_tokens, pad_id, device, batch_size):
     gen = torch.Generator(device=device).manual_seed(0)
-    return sample(model, prompts, samples, new_tokens, 1.0, 0, frozenset(), pad_id, gen, batch_size, greedy_first=False)
+    settings = SamplingSettings(max_new_tokens=new_tokens, temperature=1.0, top_k=0, batch_size=batch_size)
+    return sample(model, prompts, num_samples=samples, settings=settings,
+                  special=SpecialTokens(stop_ids=frozenset(), pad_id=pad_id), generator=gen, greedy_first=False)
 
 
 def _hf(model, prompts, samples, new_tokens, pad_id, device):

@@ -84,6 +84,7 @@ def run_ours(args) -> dict:
     import torch
 
     from integration_training import distributed, optim, sft, template
+    from integration_training.stage import Optimization
     from integration_training.config import OptimizerConfig, SFTConfig, TargetConfig
 
     examples = load_examples(args.data, args.rows)
@@ -101,8 +102,8 @@ def run_ours(args) -> dict:
                       packing=True, eval_every=10**9, eval_steps=1,
                       checkpoint_every=10**9, log_every=1)
     module = sft.SupervisedTokenLoss(model, "float32", True)
-    optimizer = optim.build_optimizer(model, stage.optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimization = Optimization(optim.build_optimizer(model, stage.optimizer), grad_clip=stage.optimizer.grad_clip,
+                                dist=dist)
     rendered, _ = template.render_examples(tokenizer, examples, args.max_length)
     stream = sft.SFTStream(rendered=rendered, seed=0, packing=True, max_length=args.max_length,
                            sequences_per_step=stage.examples_per_step)
@@ -117,7 +118,7 @@ def run_ours(args) -> dict:
         sequences = stream.step_sequences(step)
         micro = sft.rank_micro_batches(sequences, stage.batch_size, dist, True, tokenizer.pad_token_id, "sdpa")
         step_tokens = sum(len(r) for row in sequences for r in row)
-        result = sft.train_step(module, optimizer, params, micro, step_tokens, 1.0, stage.optimizer.grad_clip, dist, None)
+        result = sft.train_step(module, optimization, micro, tokens=step_tokens, lr_multiplier=1.0)
         losses.append(result.loss)
         if step == args.warmup - 1:
             start = time.perf_counter()

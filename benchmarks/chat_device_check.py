@@ -25,7 +25,7 @@ import urllib.request
 import torch
 
 from integration_training.models import load_model, load_tokenizer
-from integration_training.rollout import StreamCache, sample, stream
+from integration_training.rollout import SamplingSettings, SpecialTokens, StreamCache, sample, stream
 from integration_training.template import render_prompt, stop_token_ids
 
 CHAT = [sys.executable, "-m", "integration_training.chat"]
@@ -49,7 +49,10 @@ def engine_checks(model_dir: str, device: str) -> bool:
 
         for temperature in (0.0, 1.0):
             streamed = list(stream(model, prompt, 64, temperature, 0, stops, gen(1), StreamCache()))
-            batch = sample(model, [prompt], 1, 64, temperature, 0, stops, 0, gen(1), 1, False)[0][0].token_ids
+            settings = SamplingSettings(max_new_tokens=64, temperature=temperature, top_k=0, batch_size=1)
+            batch = sample(model, [prompt], num_samples=1, settings=settings,
+                           special=SpecialTokens(stop_ids=stops, pad_id=0), generator=gen(1),
+                           greedy_first=False)[0][0].token_ids
             ok &= check(f"{dtype} temperature {temperature}: stream draws what sample draws", streamed == batch)
         kept, conversation, same = StreamCache(), prompt, True
         for turn in range(4):

@@ -40,9 +40,12 @@ if str(REPO) not in sys.path:
 from integration_training import optim, precision, template  # noqa: E402
 from integration_training.distributed import Dist  # noqa: E402
 from integration_training.models import enable_activation_checkpointing  # noqa: E402
-from integration_training.rl import Sequence_, train_on_rows  # noqa: E402
-from integration_training.rollout import left_pad, sample  # noqa: E402
+from integration_training.rl import PolicyModels, Sequence_, train_on_rows  # noqa: E402
+from integration_training.rollout import SamplingSettings, SpecialTokens, left_pad, sample  # noqa: E402
 from integration_training.sft import SupervisedTokenLoss, train_step  # noqa: E402
+from integration_training.stage import Optimization  # noqa: E402
+
+NO_STOPS = SpecialTokens(stop_ids=frozenset(), pad_id=0)  # decode speed: every row runs to max_new_tokens
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}
 
@@ -178,7 +181,8 @@ def sft_throughput(profile: Profile, device: torch.device, attn: str, length: in
         tokens = sum(len(r) for rows in step_rows for row in rows for r in row)
         sync(device)
         start = time.perf_counter()
-        result = train_step(module, optimizer, params, micro, tokens, 1.0, 1.0, dist, None)
+        result = train_step(module, Optimization(optimizer, grad_clip=1.0, dist=dist), micro, tokens=tokens,
+                            lr_multiplier=1.0)
         sync(device)
         times.append(time.perf_counter() - start)
         losses.append(result.loss)
@@ -227,14 +231,14 @@ def curve(profile: Profile, device: torch.device, variant: str) -> list[float]:
         model = model.to(torch.bfloat16)
         compute = "float32"  # no autocast: the parameters themselves are bf16
     optimizer = optimizer_for(model, profile.curve_lr)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     module = SupervisedTokenLoss(model, compute, lm_head_shortcut=True)
     rng = random.Random(2)
     dist = single(device)
     losses = []
     for _ in range(profile.curve_steps):
         batch = copy_batch(profile, model.config.vocab_size, rng)
-        result = train_step(module, optimizer, params, [batch], 0, 1.0, 1.0, dist, None)
+        result = train_step(module, Optimization(optimizer, grad_clip=1.0, dist=dist), [batch], tokens=0,
+                            lr_multiplier=1.0)
         losses.append(result.loss)
     del model, optimizer, module
     return losses
@@ -264,10 +268,13 @@ def decode_speed(model, device: torch.device, prompts: list[list[int]], new_toke
     rows = len(prompts) * SAMPLES
     gen = torch.Generator(device=device).manual_seed(0)
     with precision.autocast(device, "bfloat16"):
-        sample(model, prompts[:1], 2, 2, 1.0, 0, frozenset(), 0, gen, rows, greedy_first=False)  # warm-up
+        warm = SamplingSettings(max_new_tokens=2, temperature=1.0, top_k=0, batch_size=rows)
+        sample(model, prompts[:1], num_samples=2, settings=warm, special=NO_STOPS, generator=gen, greedy_first=False)
         sync(device)
         start = time.perf_counter()
-        ours = sample(model, prompts, SAMPLES, new_tokens, 1.0, 0, frozenset(), 0, gen, rows, greedy_first=False)
+        settings = SamplingSettings(max_new_tokens=new_tokens, temperature=1.0, top_k=0, batch_size=rows)
+        ours = sample(model, prompts, num_samples=SAMPLES, settings=settings, special=NO_STOPS, generator=gen,
+                      greedy_first=False)
         sync(device)
         ours_s = time.perf_counter() - start
         ids, mask, _ = left_pad(prompts, 0, device)
@@ -304,7 +311,9 @@ def rl_train_step(model, device: torch.device, prompts, completions, checkpointi
     reset_peak(device)
     sync(device)
     start = time.perf_counter()
-    stats = train_on_rows(model, None, optimizer, rows, rl_cfg, 0, single(device), model_cfg, None)
+    stats = train_on_rows(PolicyModels.of(model, None, model_cfg),
+                          Optimization(optimizer, grad_clip=rl_cfg.optimizer.grad_clip, dist=single(device)), rows,
+                          rl=rl_cfg, pad_id=0)
     sync(device)
     seconds = time.perf_counter() - start
     del optimizer

@@ -350,7 +350,11 @@ def _relaunch_under_torchrun(config: Config, args: argparse.Namespace) -> int:
                 child.terminate()  # the user insists: torchrun stops the ranks now
             elif not signals_seen:
                 print(f"{name} received: the ranks checkpoint at the next step boundary and stop", file=sys.stderr)
-                stop_file.write_text(name)
+                # Atomically: a rank polling between the file's creation and its write would read no reason
+                # ("stop file") while the other reads the signal's name, and the ranks would report two lines.
+                staging = stop_file.with_name(stop_file.name + ".tmp")
+                staging.write_text(name)
+                os.replace(staging, stop_file)
             signals_seen.append(name)
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -437,19 +441,17 @@ def prepare_run_dir(config: Config, resume: bool, is_main: bool) -> Path:
     saying so; its files (metrics, baseline evaluation, logs) are moved to `stale_attempts/<time>/`, never reused.
     """
     from integration_training.checkpoint import clean_stale_staging, latest_checkpoint, verify_checkpoint
+    from integration_training.stage import STAGES, refuse_overwrite, stage_dir
 
     run_dir = _run_dir(config)
     snapshot = run_dir / "config.json"
     if is_main:  # first: a crash between a re-save's two renames left the good copy under .old-*
-        for stage in ("sft", "rl"):
-            clean_stale_staging(run_dir / "checkpoints" / stage)
-    latest = [latest_checkpoint(run_dir / "checkpoints" / s) for s in ("sft", "rl")]
+        for stage in STAGES:
+            clean_stale_staging(stage_dir(run_dir, stage))
+    stage_dirs = [stage_dir(run_dir, s) for s in STAGES]
+    refuse_overwrite(run_dir, stage_dirs, resume)
+    latest = [latest_checkpoint(d) for d in stage_dirs]
     has_checkpoints = any(latest)
-    if has_checkpoints and not resume:
-        raise UserError(
-            f"{run_dir} already holds checkpoints; pass --resume to continue that run, "
-            "or change output.experiment_name / remove the directory to start over"
-        )
     if resume and not has_checkpoints:
         raise UserError(f"--resume: {run_dir} holds no checkpoints to resume from; run without --resume")
     if resume:
@@ -612,7 +614,9 @@ def dispatch(config: Config, run_dir: Path, resume: bool, stop=None) -> None:
         from integration_training.rl import run_rl
 
         assert init_model is not None, "validation guarantees a source for RL"
-        rl_resume = resume and _has_checkpoints(run_dir / "checkpoints" / "rl")
+        from integration_training.stage import stage_dir
+
+        rl_resume = resume and _has_checkpoints(stage_dir(run_dir, "rl"))
         with _timed(run_dir, "RL (with its evaluations)"):
             final = run_rl(config, run_dir, init_model, rl_resume, stop=stop)
         if stop.stopped_at is not None:
@@ -631,9 +635,9 @@ def _agreed_stop(config: Config, stop) -> bool:
     """Whether any rank saw a stop request; every rank gets the same answer (they must leave together)."""
     if world_size(config.target) == 1:
         return stop.requested
-    from integration_training.distributed import any_rank, init_distributed
+    from integration_training.distributed import init_distributed
 
-    return any_rank(stop.requested, init_distributed(config.target))
+    return stop.agree(init_distributed(config.target))
 
 
 @contextlib.contextmanager

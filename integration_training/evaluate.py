@@ -164,7 +164,7 @@ def score_problems(model, tokenizer, examples: Sequence[Example], indices: Seque
     from integration_training.tools import tool_calls, tool_runner
     from integration_training.template import render_prompt, stop_token_ids
     from integration_training.rewards import resolve_reward
-    from integration_training.rollout import sample
+    from integration_training.rollout import SamplingSettings, SpecialTokens, sample
 
     assert len(examples) == len(indices)
     assert k >= 1 and batch_size >= 1
@@ -181,9 +181,11 @@ def score_problems(model, tokenizer, examples: Sequence[Example], indices: Seque
     # One prefill per prompt: with `greedy` the first row of each prompt is argmax, the other k rows sample.
     rows_per_problem = k + int(greedy)
     on_rows = None if progress is None else (lambda rows: progress(rows / rows_per_problem))
-    out = sample(model, prompts, rows_per_problem, max_new_tokens, temperature, top_k, stops, pad,
-                 torch.Generator(device=device).manual_seed(seed), batch_size, greedy_first=greedy,
-                 tools=tool_runner(tokenizer, tools), progress=on_rows)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                batch_size=batch_size)
+    out = sample(model, prompts, num_samples=rows_per_problem, settings=settings,
+                 special=SpecialTokens(stop_ids=stops, pad_id=pad), generator=torch.Generator(device=device).manual_seed(seed),
+                 greedy_first=greedy, tools=tool_runner(tokenizer, tools), progress=on_rows)
     greedy_out = [row[:1] for row in out] if greedy else None
     sampled = [row[int(greedy):] for row in out]
     letters = _letter_choices(model, tokenizer, examples, prompts, batch_size)

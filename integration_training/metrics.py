@@ -123,12 +123,13 @@ class MetricsLogger:
         if not self.is_main:
             return
         assert self._file is not None
+        lines = _parsed_lines(self.path)
+        kept = [line for line, row in lines
+                if not (row.get("stage") == self.stage and isinstance(row.get("step"), int) and row["step"] > step)]
+        raw = sum(1 for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
+        if len(kept) == raw:
+            return  # nothing to drop (no later step, no unreadable line): the file stays as it is, and open
         self._file.close()
-        kept = []
-        for line, row in _parsed_lines(self.path):
-            if row.get("stage") == self.stage and isinstance(row.get("step"), int) and row["step"] > step:
-                continue
-            kept.append(line)
         staging = self.path.with_name(self.path.name + ".tmp")
         staging.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(staging, self.path)

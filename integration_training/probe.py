@@ -168,7 +168,8 @@ def _longest_sft_micro_batches(config: Config, tokenizer, dist):
 
 def probe_sft(config: Config, dist, tokenizer) -> tuple[Stage, float]:
     """One SFT optimizer step on the longest micro-batches; (stage, seconds per validation batch)."""
-    from integration_training import distributed, optim, precision, sft
+    from integration_training import distributed, sft
+    from integration_training.stage import Optimization
 
     model = sft._prepare_model(config, _base_path(config), dist)
     _check_positions(config, model)
@@ -177,26 +178,25 @@ def probe_sft(config: Config, dist, tokenizer) -> tuple[Stage, float]:
     shortcut = sft.lm_head_shortcut_exact(model, micro[0], config.model.dtype)  # as the run decides it
     loss_module = sft.SupervisedTokenLoss(model, config.model.dtype, shortcut)
     module = distributed.wrap_model(loss_module, config.target, dist, config.model.dtype)
-    optimizer = optim.build_optimizer(model, config.sft.optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    scaler = precision.grad_scaler(dist.device, config.model.dtype)
+    optimization = Optimization.build(model, config.sft, name="sft", config=config, dist=dist, gather_from=loss_module)
     with _Measure(dist.device, "sft step"):  # warm-up and the worst-case memory check
-        sft.train_step(module, optimizer, params, micro, tokens, 1.0, config.sft.optimizer.grad_clip, dist, scaler)
+        sft.train_step(module, optimization, micro, tokens=tokens, lr_multiplier=1.0)
     with _Measure(dist.device, "sft step") as timed:
-        sft.train_step(module, optimizer, params, micro, tokens, 1.0, config.sft.optimizer.grad_clip, dist, scaler)
+        sft.train_step(module, optimization, micro, tokens=tokens, lr_multiplier=1.0)
     with _Measure(dist.device, "sft step") as val:
         sft.validation_loss(module, micro[:1], dist)
     # step 0, every eval_every steps, and the last step (see sft.run_sft); each over eval_steps batches
     validations = (1 + steps // config.sft.eval_every + int(steps % config.sft.eval_every != 0)) * config.sft.eval_steps
     stage = Stage("sft step", timed.seconds, steps, False, timed.device_peak, timed.host_peak)
-    del module, loss_module, model, optimizer
+    del module, loss_module, model, optimization
     return stage, val.seconds * validations
 
 
 def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, Stage]:
     """One worst-case rollout (no stop ids) and one training update on its rows (every row trained)."""
-    from integration_training import distributed, optim, precision, rl as rl_module
-    from integration_training.rollout import sample
+    from integration_training import distributed, precision, rl as rl_module
+    from integration_training.rollout import SpecialTokens, sample
+    from integration_training.stage import Optimization, sampling_settings
     from integration_training.template import render_prompt
 
     rl = config.rl
@@ -204,25 +204,24 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     _check_positions(config, policy)
     ref = rl_module.load_reference(init_model, config.model, dist.device) if rl.kl_coef > 0 else None
     model = distributed.wrap_model(policy, config.target, dist, config.model.dtype)
-    optimizer = optim.build_optimizer(policy, rl.optimizer)
-    scaler = precision.grad_scaler(dist.device, config.model.dtype)
+    optimization = Optimization.build(policy, rl, name="rl", config=config, dist=dist, gather_from=policy)
     examples = _longest_prompts(config, tokenizer, "rl", rl.examples_per_step // world_size(config.target))
     prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
     generator = torch.Generator(device=dist.device).manual_seed(0)
     with _Measure(dist.device, "rl rollout") as rollout, precision.autocast(dist.device, config.model.dtype):
-        sampling = rl.sampling
-        completions = sample(policy, prompts, rl.num_samples, sampling.max_new_tokens, sampling.temperature,
-                             sampling.top_k, frozenset(), tokenizer.pad_token_id, generator, sampling.batch_size,
-                             greedy_first=False)
+        completions = sample(policy, prompts, num_samples=rl.num_samples, settings=sampling_settings(rl.sampling),
+                             special=SpecialTokens(stop_ids=frozenset(), pad_id=tokenizer.pad_token_id),
+                             generator=generator, greedy_first=False)
     count = len(prompts) * rl.num_samples
     signs = torch.tensor([[1.0 if (p * rl.num_samples + s) % 2 else -1.0 for s in range(rl.num_samples)]
                           for p in range(len(prompts))])
     rows = rl_module.make_rows(prompts, completions, signs.clamp(min=0), signs)
     assert len(rows) == count
     with _Measure(dist.device, "rl train") as train:
-        rl_module.train_on_rows(model, ref, optimizer, rows, rl, tokenizer.pad_token_id, dist, config.model, scaler)
+        rl_module.train_on_rows(rl_module.PolicyModels.of(model, ref, config.model), optimization, rows, rl=rl,
+                                pad_id=tokenizer.pad_token_id)
     steps = _rl_steps(config)
-    del model, policy, optimizer, ref
+    del model, policy, optimization, ref
     return (Stage("rl rollout", rollout.seconds, steps, True, rollout.device_peak, rollout.host_peak),
             Stage("rl train", train.seconds, steps, False, train.device_peak, train.host_peak))
 
@@ -246,7 +245,8 @@ def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float,
     """(model load seconds, eval chunk stage with units = chunks per evaluation × evaluations)."""
     from integration_training import models, precision
     from integration_training.evaluate import held_out_problems
-    from integration_training.rollout import sample
+    from integration_training.rollout import SpecialTokens, sample
+    from integration_training.stage import sampling_settings
     from integration_training.template import render_prompt
 
     evaluation, sampling = config.evaluation, config.evaluation.sampling
@@ -273,9 +273,9 @@ def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float,
     start = time.perf_counter()
     with _Measure(dist.device, "eval chunk") as chunk, precision.autocast(dist.device, config.model.dtype):
         try:
-            sample(model, prompts, rows_per_problem, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
-                   frozenset(), tokenizer.pad_token_id, generator, sampling.batch_size, greedy_first=True,
-                   progress=on_rows)
+            sample(model, prompts, num_samples=rows_per_problem, settings=sampling_settings(sampling),
+                   special=SpecialTokens(stop_ids=frozenset(), pad_id=tokenizer.pad_token_id), generator=generator,
+                   greedy_first=True, progress=on_rows)
         except _Enough:
             pass
     forwards = max(sampling.max_new_tokens - 1, 0)  # decode forwards in a full chunk (the last token needs none)

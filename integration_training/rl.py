@@ -13,6 +13,9 @@ applied only at positions that predict a completion token (`logits_to_keep` with
 
 Determinism: the sampling generator is seeded from (shuffle_seed, step, rank), and the prompts of a step are a
 pure function of the step number, so a resumed run replays exactly what an uninterrupted run would have done.
+
+What RL shares with SFT (checkpoint directory, resume, the guarded optimizer step, saving, stop requests, metrics)
+is `stage.py`; this module keeps the RL maths, rollouts → tensors, and the loop body (`_one_step`).
 """
 
 from __future__ import annotations
@@ -24,15 +27,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from integration_training import evaluate
-from integration_training.config import Config, RLConfig, to_dict
+from integration_training.config import Config, RLConfig
 from integration_training.data.types import Example
-from integration_training.errors import TrainingDiverged, UserError
 from integration_training.models import load_policy
 from integration_training.problems import drop_overlong, rl_steps as total_steps, verified_problems
+from integration_training.stage import Optimization, Weights, sampling_settings
+
+if TYPE_CHECKING:  # the engine (and transformers) load when sampling starts, not when the CLI imports this module
+    from integration_training.rollout import SamplingSettings, SpecialTokens
 
 logger = logging.getLogger(__name__)
 
@@ -67,24 +74,29 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1.0
 
 
+@dataclass(frozen=True)
+class PolicyLossInputs:
+    """One micro-batch's tensors for `policy_loss`, flat over its completion tokens."""
+
+    logprobs: torch.Tensor  # the policy's, with gradient
+    old_logprobs: torch.Tensor  # the sampler's (REINFORCE) or the trainer's before the first update (PPO)
+    advantages: torch.Tensor  # each completion's advantage repeated over its tokens
+    ref_logprobs: torch.Tensor | None = None  # the frozen reference's (KL term); None without one
+    drawn: torch.Tensor | None = None  # 1 = drawn, 0 = forced by a tool; None = all drawn
+
+
 def policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor | None,
-    advantages: torch.Tensor,
-    normaliser: float,
-    kl_coef: float,
-    clip_eps: float,
-    use_ratio: bool,
-    drawn: torch.Tensor | None = None,
+    inputs: PolicyLossInputs, *, normaliser: float, kl_coef: float, clip_eps: float, use_ratio: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of one micro-batch; all tensors are flat over its completion tokens.
+    """Loss of one micro-batch.
 
     `normaliser` is the number of drawn completion tokens of the whole step (all micro-batches, all ranks), so
-    summing the micro-batch losses gives the token-level mean. `drawn` (1 = drawn, 0 = forced by a tool; None = all
-    drawn) removes forced tokens from the objective, the KL term and the statistics: their log-probs carry no
-    gradient. Returns (loss, detached sums for logging).
+    summing the micro-batch losses gives the token-level mean. `inputs.drawn` removes forced tokens from the
+    objective, the KL term and the statistics: their log-probs carry no gradient. Returns (loss, detached sums for
+    logging).
     """
+    logprobs, old_logprobs, advantages = inputs.logprobs, inputs.old_logprobs, inputs.advantages
+    ref_logprobs, drawn = inputs.ref_logprobs, inputs.drawn
     assert logprobs.shape == old_logprobs.shape == advantages.shape and logprobs.ndim == 1
     assert normaliser > 0
     if drawn is not None:
@@ -331,75 +343,110 @@ def load_reference(init_model: str | Path, model_config, device: torch.device):
 
 
 @dataclass(frozen=True)
-class StepStats:
-    reward_sum: float
-    num_completions: int
-    num_tokens: int
-    groups_with_correct: int
-    uniform_groups: int
-    num_groups: int
-    loss: float
-    kl: float
-    entropy: float
-    clip_frac: float
-    grad_norm: float
+class PolicyModels:
+    """The models an RL update runs. `model`: the policy as it trains (wrapped by DDP / FSDP2); `reference`: the
+    frozen KL reference (None without one); `dtype`: the compute dtype of every forward (autocast); `full_rows`:
+    score whole prompt+completion rows (needed under gradient checkpointing, see `completion_logits`)."""
+
+    model: torch.nn.Module
+    reference: torch.nn.Module | None
+    dtype: str
+    full_rows: bool
+
+    @classmethod
+    def of(cls, model, reference, model_config) -> PolicyModels:
+        return cls(model=model, reference=reference, dtype=model_config.dtype,
+                   full_rows=model_config.gradient_checkpointing)
+
+    def score(self, batch: TrainBatch, with_entropy: bool = False):
+        return completion_logprobs(self.model, batch, self.full_rows, self.dtype, with_entropy=with_entropy)
+
+    def score_reference(self, batch: TrainBatch) -> torch.Tensor:
+        assert self.reference is not None
+        return completion_logprobs(self.reference, batch, False, self.dtype)[0]
+
+
+@dataclass(frozen=True)
+class _MicroBatches:
+    """An update's micro-batches: the `real` first ones hold this rank's rows, the rest are zero-weight padding."""
+
+    batches: list[TrainBatch]
+    real: int
+    global_tokens: float  # drawn completion tokens of the step, all ranks (the normaliser's numerator)
+    trained_tokens: float  # drawn tokens of the rows actually run, all ranks
+    global_rows: float
+    skipped_rows: float
+
+
+def _micro_batches(rows: Sequence[Sequence_], trained: Sequence[Sequence_], batch_size: int, pad_id: int,
+                   dist) -> _MicroBatches:
+    from integration_training.distributed import all_reduce_max, all_reduce_sum
+    from integration_training.precision import accum_dtype
+
+    device = dist.device
+    batches = [build_batch(trained[i : i + batch_size], pad_id, device) for i in range(0, len(trained), batch_size)]
+    real = len(batches)
+    # Every rank runs the same number of forward/backward passes, at least one: FSDP2 all-gathers parameters in
+    # every forward and DDP reduces gradients in the last backward, collectives all ranks must join. Ranks with
+    # fewer rows left pad with a zero-advantage row whose loss is multiplied by 0 (its KL term too).
+    most = int(all_reduce_max(torch.tensor([float(max(real, 1))], device=device), dist).item())
+    batches += [build_batch([replace(rows[0], advantage=0.0)], pad_id, device) for _ in range(most - real)]
+    # Token counts are of drawn tokens: tokens a tool forced are context, not actions (no gradient, no statistics).
+    counts = torch.tensor([float(sum(r.num_drawn for r in rows)), sum(float(b.drawn.sum()) for b in batches[:real]),
+                           float(len(rows)), float(len(rows) - len(trained))], dtype=accum_dtype(device), device=device)
+    all_reduce_sum(counts, dist)
+    global_tokens, trained_tokens, global_rows, skipped_rows = (float(c) for c in counts)
+    return _MicroBatches(batches=batches, real=real, global_tokens=global_tokens, trained_tokens=trained_tokens,
+                         global_rows=global_rows, skipped_rows=skipped_rows)
 
 
 def train_on_rows(
-    model,
-    ref_model,
-    optimizer,
-    rows: Sequence[Sequence_],
-    rl: RLConfig,
-    pad_id: int,
-    dist,
-    model_config,
-    scaler,
+    models: PolicyModels, optimization: Optimization, rows: Sequence[Sequence_], *, rl: RLConfig, pad_id: int,
 ) -> dict[str, float]:
     """Forward/backward over micro-batches of `rl.batch_size` rows, `updates_per_batch` optimizer steps.
 
     Without a reference model, rows whose advantage is 0 (every row of a group with uniform rewards) add exactly
     nothing to the loss: they are left out of the forward/backward and only their tokens count in the
     normaliser, so the gradient is the same as training on every row.
-    `model_config`: the compute dtype (forwards under autocast) and gradient checkpointing (which needs the
-    full-row scoring layout); `scaler`: the float16 loss scale or None.
     Returns step-level means (over tokens of all ranks): loss, kl, clip_frac and grad_norm over every completion
     token; entropy and logprob_mismatch (mean |trainer − sampler| log-prob) over the tokens trained on;
     skipped_frac, the share of rows left out; diverged (1.0 when a non-finite update was skipped on every rank).
     """
-    from integration_training.distributed import all_reduce_max, all_reduce_sum, gradient_sync
-    from integration_training.precision import accum_dtype, backward, optimizer_step, unscale
+    from integration_training.distributed import all_reduce_sum
 
-    device = dist.device
-    acc = accum_dtype(device)
-    trained = [r for r in rows if r.advantage != 0.0] if ref_model is None else list(rows)
-    batches = [build_batch(trained[i : i + rl.batch_size], pad_id, device)
-               for i in range(0, len(trained), rl.batch_size)]
-    real_batches = len(batches)
-    # Every rank runs the same number of forward/backward passes, at least one: FSDP2 all-gathers parameters in
-    # every forward and DDP reduces gradients in the last backward, collectives all ranks must join. Ranks with
-    # fewer rows left pad with a zero-advantage row whose loss is multiplied by 0 (its KL term too).
-    most = int(all_reduce_max(torch.tensor([float(max(real_batches, 1))], device=device), dist).item())
-    batches += [build_batch([replace(rows[0], advantage=0.0)], pad_id, device)
-                for _ in range(most - real_batches)]
-    # Token counts are of drawn tokens: tokens a tool forced are context, not actions (no gradient, no statistics).
-    local_tokens = sum(r.num_drawn for r in rows)
-    trained_tokens_here = sum(float(b.drawn.sum()) for b in batches[:real_batches])
-    counts = torch.tensor([float(local_tokens), float(trained_tokens_here), float(len(rows)),
-                           float(len(rows) - len(trained))], dtype=acc, device=device)
-    all_reduce_sum(counts, dist)
-    global_tokens, trained_tokens, global_rows, skipped_rows = (float(c) for c in counts)
+    dist = optimization.dist
+    trained = [r for r in rows if r.advantage != 0.0] if models.reference is None else list(rows)
+    micro = _micro_batches(rows, trained, rl.batch_size, pad_id, dist)
+    global_tokens = micro.global_tokens
     # DDP averages gradients over ranks; multiplying by world size turns that average back into the global sum.
     normaliser = global_tokens / dist.world_size
+    sums, diverged = _updates(models, optimization, micro, rl, normaliser)
+    all_reduce_sum(sums, dist)
+    trained_tokens = micro.trained_tokens
+    return {
+        "loss": float(sums[0]) / dist.world_size,  # each rank's loss already is a share of the global mean
+        "kl": float(sums[1]) / global_tokens,
+        "entropy": float(sums[2]) / trained_tokens if trained_tokens else 0.0,
+        "logprob_mismatch": float(sums[5]) / trained_tokens if trained_tokens else 0.0,
+        "clip_frac": float(sums[3]) / global_tokens,
+        "grad_norm": float(sums[4]) / dist.world_size,
+        "skipped_frac": micro.skipped_rows / micro.global_rows,
+        "diverged": float(diverged),
+    }
 
-    def score(module, batch, full_rows: bool, with_entropy: bool = False):
-        return completion_logprobs(module, batch, full_rows, model_config.dtype, with_entropy=with_entropy)
 
-    full_rows = model_config.gradient_checkpointing
+def _updates(models: PolicyModels, optimization: Optimization, micro: _MicroBatches, rl: RLConfig,
+             normaliser: float) -> tuple[torch.Tensor, bool]:
+    """The `updates_per_batch` optimizer updates; (this rank's sums: loss, kl, entropy, clip, grad_norm,
+    |trainer − sampler|), whether an update was non-finite (then it and the later ones are not applied)."""
+    from integration_training.distributed import gradient_sync
+    from integration_training.precision import accum_dtype
+
+    batches, acc = micro.batches, accum_dtype(optimization.dist.device)
     ref_logprobs: list[torch.Tensor | None] = [None] * len(batches)
-    if ref_model is not None:
+    if models.reference is not None:
         with torch.no_grad():
-            ref_logprobs = [score(ref_model, b, False)[0] for b in batches]
+            ref_logprobs = [models.score_reference(b) for b in batches]
     use_ratio = rl.updates_per_batch > 1
     # PPO's denominator is the trainer's own no-grad forward before any update, not the sampler's log-probs: those
     # come from other batch shapes and kernels (and inference mode), which in bf16 differ enough that the ratio
@@ -407,20 +454,21 @@ def train_on_rows(
     old_logprobs = [b.old_logprobs for b in batches]
     if use_ratio:
         with torch.no_grad():
-            old_logprobs = [score(model, b, full_rows)[0] for b in batches]
-    sums = torch.zeros(6, dtype=acc, device=device)  # loss, kl, entropy, clip, grad_norm, |trainer − sampler|
-    diverged = False
+            old_logprobs = [models.score(b)[0] for b in batches]
+    sums = torch.zeros(6, dtype=acc, device=optimization.dist.device)
     for update in range(rl.updates_per_batch):
-        optimizer.zero_grad(set_to_none=True)
+        optimization.zero_grad()
         update_loss = 0.0
         for i, batch in enumerate(batches):
-            real = i < real_batches
-            with gradient_sync(model, enabled=i == len(batches) - 1):
-                logprobs, entropy = score(model, batch, full_rows, with_entropy=update == 0)
-                loss, parts = policy_loss(logprobs, old_logprobs[i], ref_logprobs[i], batch.advantages, normaliser,
-                                          rl.kl_coef, rl.clip_eps, use_ratio, drawn=batch.drawn)
+            real = i < micro.real
+            with gradient_sync(models.model, enabled=i == len(batches) - 1):
+                logprobs, entropy = models.score(batch, with_entropy=update == 0)
+                inputs = PolicyLossInputs(logprobs=logprobs, old_logprobs=old_logprobs[i], advantages=batch.advantages,
+                                          ref_logprobs=ref_logprobs[i], drawn=batch.drawn)
+                loss, parts = policy_loss(inputs, normaliser=normaliser, kl_coef=rl.kl_coef, clip_eps=rl.clip_eps,
+                                          use_ratio=use_ratio)
                 loss = loss if real else loss * 0.0
-                backward(loss, scaler)
+                optimization.backward(loss)
             update_loss += float(loss.detach())
             sums[0] += loss.detach().to(acc) / rl.updates_per_batch
             if update == 0 and real:
@@ -429,58 +477,41 @@ def train_on_rows(
                 sums[5] += ((logprobs.detach() - batch.old_logprobs).abs() * batch.drawn).sum().to(acc)
             if real:
                 sums[3] += parts["clip_count"].to(acc) / rl.updates_per_batch
-        unscale(optimizer, scaler)
-        grad_norm = _clip_gradients(model, rl.optimizer.grad_clip)
-        sums[4] += grad_norm / rl.updates_per_batch
-        overflow = scaler is not None and math.isfinite(update_loss) and not math.isfinite(grad_norm)
-        # Every rank must agree: a rank that stepped while another did not would leave the replicas apart.
-        bad = not math.isfinite(update_loss) or (not math.isfinite(grad_norm) and not overflow)
-        if float(all_reduce_sum(torch.tensor([float(bad)], dtype=acc, device=device), dist)[0]) > 0:
-            diverged = True
-            break
-        optimizer_step(optimizer, scaler)
-    optimizer.zero_grad(set_to_none=True)
-    all_reduce_sum(sums, dist)
-    loss_mean = float(sums[0]) / dist.world_size  # each rank's loss already is a share of the global mean
-    return {
-        "loss": loss_mean,
-        "kl": float(sums[1]) / global_tokens,
-        "entropy": float(sums[2]) / trained_tokens if trained_tokens else 0.0,
-        "logprob_mismatch": float(sums[5]) / trained_tokens if trained_tokens else 0.0,
-        "clip_frac": float(sums[3]) / global_tokens,
-        "grad_norm": float(sums[4]) / dist.world_size,
-        "skipped_frac": skipped_rows / global_rows,
-        "diverged": float(diverged),
-    }
+        outcome = optimization.step(update_loss)
+        sums[4] += outcome.grad_norm / rl.updates_per_batch
+        if outcome.diverged:
+            return sums, True
+    return sums, False
 
 
-def _clip_gradients(model, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+@dataclass(frozen=True)
+class Rollouts:
+    """What sampling needs besides the model: the tokenizer (prompts, decoding for the verifiers), its special ids,
+    the sampling settings (from `rl.sampling`), the tool runner (None = tools off) and the compute dtype (autocast)."""
+
+    tokenizer: Any
+    special: SpecialTokens
+    settings: SamplingSettings
+    tools: Any  # tools.ToolRunner | None
+    dtype: str
 
 
-def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, stop_ids: frozenset[int], pad_id: int,
-                 generator: torch.Generator, dtype: str, tools=None) -> tuple[list[Sequence_], dict[str, float]]:
-    """Sample (under autocast to the compute dtype `dtype`), reward and compute advantages for this rank's prompts.
+def rollout_step(model, examples: Sequence[Example], generator: torch.Generator, *, rollouts: Rollouts,
+                 rl: RLConfig) -> tuple[list[Sequence_], dict[str, float]]:
+    """Sample `rl.num_samples` completions per prompt, reward them and compute advantages for this rank's prompts.
 
-    `tools`: the engine's `tools.ToolRunner` (None = tools off). Forced tool tokens are counted apart
-    ("forced_tokens"); "tokens" and the sampled NLL cover drawn tokens only."""
+    Forced tool tokens are counted apart ("forced_tokens"); "tokens" and the sampled NLL cover drawn tokens only."""
     from integration_training.template import render_prompt
     from integration_training.evaluate import decode
     from integration_training.rewards import resolve_reward
     from integration_training.precision import autocast
     from integration_training.rollout import sample
 
+    tokenizer = rollouts.tokenizer
     prompt_ids = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
-    with autocast(_model_device(model), dtype):
-        sampling = rl.sampling
-        completions = sample(model, prompt_ids, rl.num_samples, sampling.max_new_tokens, sampling.temperature,
-                             sampling.top_k, stop_ids, pad_id, generator, sampling.batch_size, greedy_first=False,
-                             tools=tools)
+    with autocast(_model_device(model), rollouts.dtype):
+        completions = sample(model, prompt_ids, num_samples=rl.num_samples, settings=rollouts.settings,
+                             special=rollouts.special, generator=generator, greedy_first=False, tools=rollouts.tools)
     rewards = torch.tensor([
         [float(resolve_reward(e.reward).strict(decode(tokenizer, c.token_ids), e.reference)) for c in group]
         for e, group in zip(examples, completions, strict=True)
@@ -508,187 +539,145 @@ def rollout_step(model, tokenizer, examples: Sequence[Example], rl: RLConfig, st
 # ---------------------------------------------------------------------------------------------------- the stage
 
 
+@dataclass(frozen=True)
+class RLRun:
+    """Everything one RL step reads that stays fixed for the run."""
+
+    rl: RLConfig
+    seed: int  # data.shuffle_seed: prompts per step and sampling generators derive from it
+    total: int  # steps
+    examples: list[Example]  # the RL mixture (prompts that fit)
+    policy: torch.nn.Module  # the HF model: sampling and saving
+    models: PolicyModels  # what the update runs (wrapped policy, reference)
+    optimization: Optimization
+    rollouts: Rollouts
+    target: Any  # config.target: FSDP2's lockstep sampling needs it
+
+
 def run_rl(config: Config, run_dir: Path, init_model: str | Path, resume: bool, stop=None) -> Path:
     """Run the RL stage from `init_model`; return the final (or, when stopped, the latest) RL checkpoint directory.
 
     `stop`: the run's StopRequest (cli passes one for the whole run); when a stop makes the loop return before its
     last step it calls `stop.mark_stopped`, so the caller can tell an interruption from completion.
     """
-    from integration_training.checkpoint import (
-        capture_rng_state,
-        latest_checkpoint,
-        load_train_state,
-        restore_rng_state,
-        save_checkpoint,
-        step_dir_name,
-    )
-    from integration_training.template import stop_token_ids
-    from integration_training.tools import tool_runner
-    from integration_training.distributed import (
-        any_rank,
-        barrier,
-        full_model_state,
-        full_optimizer_state,
-        init_distributed,
-        is_sharded,
-        load_full_optimizer_state,
-        lockstep,
-        wrap_model,
-    )
-    from integration_training.metrics import MetricsLogger, Progress
-    from integration_training.optim import apply_lr, build_optimizer, lr_multiplier
-    from integration_training.precision import grad_scaler
-    from integration_training.signals import StopRequest
+    from integration_training.stage import Stage
 
-    rl, seed = config.rl, config.data.shuffle_seed
-    run_dir = Path(run_dir)
-    stage_dir = run_dir / "checkpoints" / STAGE
-    dist = init_distributed(config.target)
-    latest = latest_checkpoint(stage_dir) if resume else None
-    if not resume and latest_checkpoint(stage_dir) is not None:
-        raise UserError(f"{stage_dir} already has RL checkpoints; pass --resume to continue, or use a new "
-                        "output.experiment_name")
-    sharded = is_sharded(config.target, dist)
-    if sharded and rl.optimizer.name == "muon":
-        raise UserError(
-            "rl.optimizer.name: 'muon' orthogonalises whole matrices but target.parallelism='fsdp2' shards them; "
-            "use parallelism='ddp' or optimizer='adamw'"
-        )
-    from integration_training import lora
-
-    # LoRA: the base is always init_model (fresh adapters on it, or the resumed checkpoint's adapter).
-    full_resume = latest is not None and config.model.lora is None
-    policy, tokenizer = load_policy(latest if full_resume else init_model, config.model, dist.device, training=True)
-    adapters = lora.prepare(policy, config.model, latest, seed)
-    ref_model = None
-    if rl.kl_coef > 0:  # with LoRA the reference is the policy with its adapters off: no second copy
-        ref_model = load_reference(init_model, config.model, dist.device) if adapters is None else adapters.reference()
-    stop_ids = stop_token_ids(tokenizer)
-    runner = tool_runner(tokenizer, config.data.tools)  # None when tools are off: the plain sampler
-    pad_id = tokenizer.pad_token_id
-    assert pad_id is not None  # load_tokenizer guarantees one
-
-    train_examples = drop_overlong(verified_problems(config.data.rl_mixture, seed, "data.rl_mixture", config.data.tools),
-                                   tokenizer, config.data.max_length, rl.sampling, "rl")
-    # The problems RL's own evaluations score (evaluation.every_rl_steps), built once for all of them.
-    eval_examples = evaluate.held_out_problems(config, tokenizer) if config.evaluation.every_rl_steps > 0 else []
-    from integration_training import provenance  # environment.json; a resume refuses changed data (exit 2)
-
-    provenance.record_stage(
-        run_dir, STAGE, seed, provenance.data_fingerprints(tokenizer, train_examples, eval_examples, config.data.max_length),
-        latest is not None, provenance.local_paths([*config.data.rl_mixture, *config.evaluation.mixture]), dist.is_main,
-    )
-    steps = total_steps(rl, len(train_examples))
-    model = wrap_model(policy, config.target, dist, config.model.dtype)
-    optimizer = build_optimizer(policy, rl.optimizer)
-    scaler = grad_scaler(dist.device, config.model.dtype)
-    start = 0
-    if latest is not None:
-        state = load_train_state(latest)
-        _check_same_layout(latest, state, dist.world_size, config.target.parallelism)
-        if sharded:  # saved gathered (keyed by name); rank 0 scatters it into the shards
-            load_full_optimizer_state(policy, optimizer, state["optimizer"] if dist.is_main else {})
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("grad_scaler") is not None:
-            scaler.load_state_dict(state["grad_scaler"])
-        restore_rng_state(state["rng"])
-        start = int(state["step"])
-        assert start == int(latest.name.removeprefix("step_")), f"{latest}: train_state step {start} != dir name"
-        logger.info("RL: resuming from %s (step %d of %d)", latest, start, steps)
-    metrics = MetricsLogger(run_dir, STAGE, dist.is_main, config.output.use_wandb, config.output.wandb_project,
-                            config.output.experiment_name, to_dict(config))
-    metrics.truncate_after(start if latest is not None else -1)
-    per_rank = rl.examples_per_step // dist.world_size
-    logger.info("RL: %d steps × %d prompts × %d samples (%d prompts per rank), %d train / %d eval prompts",
-                steps, rl.examples_per_step, rl.num_samples, per_rank, len(train_examples), len(eval_examples))
+    stage = Stage(STAGE, config, run_dir, resume, stop)
+    run, weights, eval_examples = _build_run(config, stage, init_model)
+    start = stage.restore(run.optimization, examples_per_step=run.rl.examples_per_step,
+                          per_step_field="rl.examples_per_step", total=run.total)
+    logger.info("RL: %d steps × %d prompts × %d samples (%d prompts per rank), %d train / %d eval prompts", run.total,
+                run.rl.examples_per_step, run.rl.num_samples, run.rl.examples_per_step // stage.dist.world_size,
+                len(run.examples), len(eval_examples))
 
     def save(step: int) -> Path:
-        weights = None
-        if sharded:  # every rank takes part in gathering the shards; rank 0 writes a full HF directory
-            weights = full_model_state(policy, prefix="")
-            optimizer_state = full_optimizer_state(policy, optimizer)
-        else:
-            optimizer_state = optimizer.state_dict()
-        state = {"step": step, "optimizer": optimizer_state, "rng": capture_rng_state(),
-                 "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                 "data_position": step * rl.examples_per_step, "total_steps": steps,
-                 "world_size": dist.world_size, "parallelism": config.target.parallelism}
-        path = stage_dir / step_dir_name(step)
-        if dist.is_main:
-            if adapters is None:
-                path = save_checkpoint(stage_dir, step, policy, tokenizer, state, state_dict=weights,
-                                       dtype=config.model.dtype)
-            else:  # adapter (float32) + merged export: the writer handles the compute dtype itself
-                path = save_checkpoint(stage_dir, step, adapters.writer(final=step == steps, dtype=config.model.dtype),
-                                       tokenizer, state, state_dict=weights, dtype="float32")
-        barrier(dist)
-        return path
+        return stage.save(step, final=step == run.total, weights=weights, notes={"total_steps": run.total})
 
-    final: Path | None = None
-    stop = stop if stop is not None else StopRequest()
-    progress = None
-    try:
-        with stop.handle_signals():
-            progress = Progress(total=steps, initial=start, is_main=dist.is_main, description="rl")
-            for step in range(start, steps):
-                values = _one_step(model, policy, ref_model, optimizer, tokenizer, train_examples, rl, seed, step,
-                                   steps, stop_ids, pad_id, dist, apply_lr, lr_multiplier, config.target, config.model,
-                                   scaler, runner)
-                if values.pop("diverged"):
-                    raise TrainingDiverged(STAGE, step + 1, values["loss"], values["grad_norm"], final or latest)
-                done = step + 1
-                progress.update({"reward": f"{values['reward']:.3f}", "loss": f"{values['loss']:.4f}"})
-                if evaluate.due_during_rl(config.evaluation, done, steps):
-                    with lora.merged_for_sampling(policy, sharded), lockstep(policy, config.target, dist) as sampler:
-                        values |= evaluate.run(config, run_dir, STAGE, done, model=sampler, tokenizer=tokenizer,
-                                               dist=dist, problems=eval_examples)
-                if done % rl.log_every == 0 or done == steps or "eval/pass@1_strict" in values:
-                    metrics.log(done, values)
-                    logger.info("RL step %d/%d: %s", done, steps, _brief(values))
-                stopping = any_rank(stop.requested, dist)
-                if done % rl.checkpoint_every == 0 or done == steps or stopping:
-                    final = save(done)
-                if stopping and done < steps:
-                    stop.mark_stopped(f"RL step {done}/{steps}")
-                if stopping:
-                    logger.warning("RL: stopped at step %d (%s); resume with --resume", done, stop.reason)
-                    return final
-            if final is None:  # resumed at the very end: the final checkpoint already exists
-                final = latest_checkpoint(stage_dir)
-    finally:
-        if progress is not None:
-            progress.close()
-        metrics.close()
-    assert final is not None
-    return final
+    def evaluate_policy(step: int) -> dict[str, float]:
+        """The evaluation stage on the policy in memory (every evaluation.every_rl_steps; the CLI evaluates the
+        starting model and the final checkpoint by loading them)."""
+        from integration_training import lora
+        from integration_training.distributed import lockstep
+
+        with lora.merged_for_sampling(run.policy, stage.sharded), \
+                lockstep(run.policy, config.target, stage.dist) as sampler:
+            return evaluate.run(config, stage.run_dir, STAGE, step, model=sampler, tokenizer=run.rollouts.tokenizer,
+                                dist=stage.dist, problems=eval_examples)
+
+    with stage.running():
+        metrics = stage.open_metrics(start)
+        progress = stage.open_progress(run.total, start)
+        for step in range(start, run.total):
+            values = _one_step(run, dist=stage.dist, step=step)
+            if values.pop("diverged"):
+                raise stage.diverged(step + 1, values["loss"], values["grad_norm"])
+            done = step + 1
+            progress.update({"reward": f"{values['reward']:.3f}", "loss": f"{values['loss']:.4f}"})
+            if evaluate.due_during_rl(config.evaluation, done, run.total):
+                values |= evaluate_policy(done)
+            if done % run.rl.log_every == 0 or done == run.total or "eval/pass@1_strict" in values:
+                metrics.log(done, values)
+                logger.info("RL step %d/%d: %s", done, run.total, _brief(values))
+            if stage.step_boundary(done, run.total, checkpoint_every=run.rl.checkpoint_every, save=save):
+                break
+    return stage.latest()
 
 
-def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed, step, steps, stop_ids, pad_id, dist,
-              apply_lr, lr_multiplier, target, model_config, scaler, runner) -> dict[str, float]:
+def _build_run(config: Config, stage, init_model: str | Path) -> tuple[RLRun, Weights, list[Example]]:
+    """Models, data and optimizer of an RL run: (the run, how its weights are saved, the evaluation problems)."""
+    from integration_training import lora, provenance
+    from integration_training.distributed import wrap_model
+    from integration_training.rollout import SpecialTokens
+    from integration_training.template import stop_token_ids
+    from integration_training.tools import tool_runner
+
+    rl, seed, latest = config.rl, config.data.shuffle_seed, stage.resume_from
+    # LoRA: the base is always init_model (fresh adapters on it, or the resumed checkpoint's adapter).
+    full_resume = latest is not None and config.model.lora is None
+    policy, tokenizer = load_policy(latest if full_resume else init_model, config.model, stage.dist.device, training=True)
+    adapters = lora.prepare(policy, config.model, latest, seed)
+    reference = None
+    if rl.kl_coef > 0:  # with LoRA the reference is the policy with its adapters off: no second copy
+        reference = (load_reference(init_model, config.model, stage.dist.device) if adapters is None
+                     else adapters.reference())
+    assert tokenizer.pad_token_id is not None  # load_tokenizer guarantees one
+    train_examples = drop_overlong(verified_problems(config.data.rl_mixture, seed, "data.rl_mixture", config.data.tools),
+                                   tokenizer, config.data.max_length, rl.sampling, "rl")
+    evaluation = config.evaluation
+    # The problems RL's own evaluations score (evaluation.every_rl_steps), built once for all of them.
+    eval_examples = evaluate.held_out_problems(config, tokenizer) if evaluation.every_rl_steps > 0 else []
+    provenance.record_stage(  # environment.json; a resume refuses changed data (exit 2)
+        stage.run_dir, STAGE, seed,
+        provenance.data_fingerprints(tokenizer, train_examples, eval_examples, config.data.max_length),
+        latest is not None, provenance.local_paths([*config.data.rl_mixture, *evaluation.mixture]),
+        stage.dist.is_main,
+    )
+    model = wrap_model(policy, config.target, stage.dist, config.model.dtype)
+    optimization = Optimization.build(policy, rl, name=STAGE, config=config, dist=stage.dist, gather_from=policy)
+    rollouts = Rollouts(tokenizer=tokenizer,
+                        special=SpecialTokens(stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id),
+                        settings=sampling_settings(rl.sampling), tools=tool_runner(tokenizer, config.data.tools),
+                        dtype=config.model.dtype)
+    run = RLRun(rl=rl, seed=seed, total=total_steps(rl, len(train_examples)), examples=train_examples, policy=policy,
+                models=PolicyModels.of(model, reference, config.model), optimization=optimization,
+                rollouts=rollouts, target=config.target)
+    weights = Weights(model=policy, tokenizer=tokenizer, gather_from=policy if stage.sharded else None, prefix="",
+                      adapters=adapters, dtype=config.model.dtype)
+    return run, weights, eval_examples
+
+
+def _one_step(run: RLRun, *, dist, step: int) -> dict[str, float]:
+    """RL step `step + 1` (0-based `step`): rollouts on this rank's prompts, the update, the step's statistics."""
     from integration_training import lora
     from integration_training.distributed import all_reduce_sum, is_sharded, lockstep, shard
+    from integration_training.optim import lr_multiplier
     from integration_training.precision import accum_dtype
 
-    global_indices = step_prompt_indices(step, rl.examples_per_step, len(examples), seed)
-    mine = [examples[i] for i in shard(global_indices, dist)]
-    generator = torch.Generator(device=dist.device).manual_seed(sampling_seed(seed, step, dist.rank))
+    rl = run.rl
+    global_indices = step_prompt_indices(step, rl.examples_per_step, len(run.examples), run.seed)
+    mine = [run.examples[i] for i in shard(global_indices, dist)]
+    generator = torch.Generator(device=dist.device).manual_seed(sampling_seed(run.seed, step, dist.rank))
     t0 = time.perf_counter()
     # Rows stop at different decode steps on different ranks; under FSDP2 the lockstep proxy pairs the forwards.
     # LoRA: sampling runs with the adapters merged (faster on CPU; the base comes back bit for bit): lora.py.
-    with lora.merged_for_sampling(policy, is_sharded(target, dist)), lockstep(policy, target, dist) as sampler:
-        rows, stats = rollout_step(sampler, tokenizer, mine, rl, stop_ids, pad_id, generator, model_config.dtype,
-                                   tools=runner)
+    with lora.merged_for_sampling(run.policy, is_sharded(run.target, dist)), \
+            lockstep(run.policy, run.target, dist) as sampler:
+        rows, stats = rollout_step(sampler, mine, generator, rollouts=run.rollouts, rl=rl)
     t1 = time.perf_counter()
-    multiplier = lr_multiplier(step, steps, rl.optimizer)
-    apply_lr(optimizer, multiplier)
-    train = train_on_rows(model, ref_model, optimizer, rows, rl, pad_id, dist, model_config, scaler)
+    multiplier = lr_multiplier(step, run.total, rl.optimizer)
+    run.optimization.set_lr(multiplier)
+    train = train_on_rows(run.models, run.optimization, rows, rl=rl, pad_id=run.rollouts.special.pad_id)
     t2 = time.perf_counter()
     keys = sorted(stats)
     reduced = all_reduce_sum(torch.tensor([stats[k] for k in keys], dtype=accum_dtype(dist.device), device=dist.device),
                              dist)
     s = dict(zip(keys, reduced.tolist(), strict=True))
-    gen_seconds, train_seconds = t1 - t0, t2 - t1
+    return _step_values(s, train, rl, multiplier=multiplier, gen_seconds=t1 - t0, train_seconds=t2 - t1)
+
+
+def _step_values(s: dict[str, float], train: dict[str, float], rl: RLConfig, *, multiplier: float,
+                 gen_seconds: float, train_seconds: float) -> dict[str, float]:
+    """One step's logged values from the rollout sums over ranks `s` and the update's statistics `train`."""
     return {
         "reward": s["reward_sum"] / s["completions"],
         f"train_pass@{rl.num_samples}": s["groups_any_correct"] / s["groups"],
@@ -710,16 +699,6 @@ def _one_step(model, policy, ref_model, optimizer, tokenizer, examples, rl, seed
         "train_seconds": train_seconds,
         "tokens_per_s": s["tokens"] / max(gen_seconds + train_seconds, 1e-9),
     }
-
-
-def _check_same_layout(path: Path, state: dict, world_size: int, parallelism: str) -> None:
-    """Resuming needs the world size and parallelism the checkpoint was written with (data shards, RNG per rank)."""
-    saved = (state.get("world_size", 1), state.get("parallelism", "none"))
-    if saved != (world_size, parallelism):
-        raise UserError(
-            f"{path}: saved with (world_size, parallelism) = {saved}, this run has {(world_size, parallelism)}; "
-            "resume with the same target (processes_per_node × num_nodes and parallelism)"
-        )
 
 
 def _brief(values: dict[str, float]) -> str:

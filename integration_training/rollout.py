@@ -47,24 +47,45 @@ class Completion:
     forced: list[bool]  # per token: forced by a tool (context, not drawn: no log-prob, no gradient)
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to draw: built by the caller from its config section (the engine sees token ids and these numbers)."""
+
+    max_new_tokens: int  # ≥ 0
+    temperature: float  # 0 = greedy
+    top_k: int  # 0 = no top-k filter
+    batch_size: int  # rows per sampling forward
+
+    def __post_init__(self) -> None:
+        assert self.max_new_tokens >= 0, self.max_new_tokens
+        assert self.temperature >= 0.0, self.temperature
+        assert self.top_k >= 0, self.top_k
+        assert self.batch_size >= 1, self.batch_size
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The tokenizer's ids the engine needs: generation stops at any of `stop_ids`; `pad_id` fills rows."""
+
+    stop_ids: frozenset[int]
+    pad_id: int
+
+
 def sample(
     model,
     prompts: Sequence[Sequence[int]],
+    *,
     num_samples: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    stop_ids: frozenset[int],
-    pad_id: int,
+    settings: SamplingSettings,
+    special: SpecialTokens,
     generator: torch.Generator,
-    batch_size: int,
     greedy_first: bool,
     tools: "ToolRunner | None" = None,
     progress: Callable[[float], None] | None = None,
 ) -> list[list[Completion]]:
     """Sample `num_samples` completions per prompt; result indexed `[prompt][sample]`.
 
-    temperature == 0 (or top_k == 1) is greedy; top_k == 0 disables the top-k filter. `greedy_first=True` makes
+    `settings.temperature == 0` (or top_k == 1) is greedy; top_k == 0 disables the top-k filter. `greedy_first=True` makes
     sample 0 of every prompt greedy (argmax) while the others sample: evaluation gets its greedy answer and its
     k samples from one shared prefill instead of two. `generator` must live
     on the model's device (sampling happens there). The model is put in eval mode for the call and its
@@ -78,35 +99,25 @@ def sample(
     a progress bar's ETA then moves during a chunk, not once per chunk.
     """
     assert num_samples >= 1, num_samples
-    assert max_new_tokens >= 0, max_new_tokens
-    assert temperature >= 0.0, temperature
-    assert top_k >= 0, top_k
-    assert batch_size >= 1, batch_size
     assert all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
     device = _model_device(model)
     assert generator.device.type == device.type, f"generator on {generator.device}, model on {device}"
 
     rows = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
     results: list[list[Completion | None]] = [[None] * num_samples for _ in prompts]
-    stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    context = _ChunkContext(settings=settings, stop_tensor=torch.tensor(sorted(special.stop_ids), dtype=torch.long,
+                                                                        device=device),
+                            pad_id=special.pad_id, generator=generator, device=device, tools=tools, progress=progress)
     with torch.inference_mode(), _eval_mode(model):
-        for chunk in _chunks(rows, batch_size):
+        for chunk in _chunks(rows, settings.batch_size):
             prompt_order = list(dict.fromkeys(p for p, _ in chunk))  # distinct prompts, first-seen order
             slot = {p: i for i, p in enumerate(prompt_order)}
             completions = _sample_chunk(
                 model,
+                context,
                 unique_prompts=[list(prompts[p]) for p in prompt_order],
                 row_prompt=[slot[p] for p, _ in chunk],
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                stop_tensor=stop_tensor,
-                pad_id=pad_id,
-                generator=generator,
-                device=device,
                 greedy_rows=torch.tensor([greedy_first and s == 0 for _, s in chunk], device=device),
-                tools=tools,
-                progress=progress,
             )
             for (p, s), completion in zip(chunk, completions, strict=True):
                 results[p][s] = completion
@@ -114,21 +125,29 @@ def sample(
     return results  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class _ChunkContext:
+    """What every chunk of one `sample` call shares."""
+
+    settings: SamplingSettings
+    stop_tensor: torch.Tensor
+    pad_id: int
+    generator: torch.Generator
+    device: torch.device
+    tools: "ToolRunner | None"
+    progress: Callable[[float], None] | None
+
+
 def _sample_chunk(
-    model,
-    unique_prompts: list[list[int]],
-    row_prompt: list[int],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    stop_tensor: torch.Tensor,
-    pad_id: int,
-    generator: torch.Generator,
-    device: torch.device,
-    greedy_rows: torch.Tensor,
-    tools: "ToolRunner | None",
-    progress: Callable[[float], None] | None,
+    model, context: _ChunkContext, *, unique_prompts: list[list[int]], row_prompt: list[int], greedy_rows: torch.Tensor,
 ) -> list[Completion]:
+    """Prefill and decode one chunk of rows. One function (~85 lines) on purpose: the decode loop's state (cache,
+    masks, positions, the live/active maps and the output buffers) changes together at every step and at every
+    compaction; split up, each piece would take and return most of it."""
+    max_new_tokens, temperature, top_k = (context.settings.max_new_tokens, context.settings.temperature,
+                                          context.settings.top_k)
+    pad_id, generator, device = context.pad_id, context.generator, context.device
+    stop_tensor, tools, progress = context.stop_tensor, context.tools, context.progress
     num_rows = len(row_prompt)
     reported = 0.0
     if max_new_tokens == 0:

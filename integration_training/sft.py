@@ -18,13 +18,15 @@ last epoch's partial step is left out (logged with its size). The position saved
 number, from which (epoch, step within epoch) follows in O(1); so a resumed run sees exactly the data an
 uninterrupted one would. Conversations are tokenised once per machine into a memory-mapped cache
 (`data/prepared.py`); `environment.json` records what ran and makes `--resume` refuse changed data.
+
+What SFT shares with RL (checkpoint directory, resume, the guarded optimizer step, saving, stop requests, metrics)
+is `stage.py`; this module keeps the SFT loss, its data, and the loop body (`_sft_step`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,13 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from integration_training import checkpoint, distributed, lora, metrics, models, optim, precision, provenance, template
-from integration_training.template import IGNORE_INDEX, Batch, Rendered
-from integration_training.config import Config, SFTConfig, to_dict
+from integration_training import distributed, lora, models, optim, precision, provenance, template
+from integration_training.config import Config, SFTConfig
 from integration_training.data.prepared import PreparedConversations, prepare
 from integration_training.data.stream import SFTStream
-from integration_training.errors import TrainingDiverged, UserError
+from integration_training.errors import UserError
 from integration_training.signals import StopRequest
+from integration_training.stage import Optimization, Stage, Weights
+from integration_training.template import IGNORE_INDEX, Batch, Rendered
 
 logger = logging.getLogger(__name__)
 
@@ -201,17 +204,6 @@ def validation_loss(module: nn.Module, batches: Sequence[Batch], dist: distribut
     return float(totals[0] / totals[1].clamp_min(1))
 
 
-def _grad_norm_and_clip(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Global L2 grad norm (always reported); clip to `max_norm` when > 0."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
-
-
 @dataclasses.dataclass(frozen=True)
 class StepResult:
     loss: float
@@ -219,29 +211,18 @@ class StepResult:
     supervised_tokens: int
     tokens: int
     overflow: bool  # float16: the scaled gradients overflowed; GradScaler skipped this update and lowered the scale
-
-    @property
-    def diverged(self) -> bool:
-        """Non-finite loss, or non-finite gradients that no loss scale explains: nothing was applied."""
-        return not math.isfinite(self.loss) or (not math.isfinite(self.grad_norm) and not self.overflow)
+    diverged: bool  # non-finite loss or gradients that no loss scale explains: no rank applied the update
 
 
 def train_step(
-    module: nn.Module,
-    optimizer,
-    params: list[nn.Parameter],
-    micro_batches: Sequence[Batch],
-    tokens: int,
+    module: nn.Module, optimization: Optimization, micro_batches: Sequence[Batch], *, tokens: int,
     lr_multiplier: float,
-    grad_clip: float,
-    dist: distributed.Dist,
-    scaler: torch.amp.GradScaler | None,
 ) -> StepResult:
     """One optimizer update over this rank's micro-batches; the update is skipped when it would be non-finite.
 
     `tokens`: conversation tokens (no padding) of the whole step over all ranks, for throughput only.
-    `scaler`: the float16 loss scale (None otherwise); see `precision`.
     """
+    dist = optimization.dist
     accum = precision.accum_dtype(dist.device)
     counts = torch.tensor([sum(b.num_supervised for b in micro_batches)], dtype=accum, device=dist.device)
     supervised = int(distributed.all_reduce_sum(counts, dist)[0])
@@ -251,26 +232,17 @@ def train_step(
     for index, batch in enumerate(micro_batches):
         with distributed.gradient_sync(module, enabled=index == len(micro_batches) - 1):
             micro_sum = batch_loss_sum(module, batch, dist.device)
-            precision.backward(micro_sum * scale, scaler)
+            optimization.backward(micro_sum * scale)
         loss_sum += micro_sum.detach().to(accum)
     distributed.all_reduce_sum(loss_sum, dist)
     loss = float(loss_sum) / max(supervised, 1)
-    precision.unscale(optimizer, scaler)
-    grad_norm = float(_grad_norm_and_clip(params, grad_clip))
-    result = StepResult(loss=loss, grad_norm=grad_norm, supervised_tokens=supervised, tokens=tokens,
-                        overflow=scaler is not None and not math.isfinite(grad_norm))
-    if not result.diverged:
-        optim.apply_lr(optimizer, lr_multiplier)
-        precision.optimizer_step(optimizer, scaler)
-    optimizer.zero_grad(set_to_none=True)
-    return result
+    optimization.set_lr(lr_multiplier)
+    outcome = optimization.step(loss)
+    return StepResult(loss=loss, grad_norm=outcome.grad_norm, supervised_tokens=supervised, tokens=tokens,
+                      overflow=outcome.overflow, diverged=outcome.diverged)
 
 
 # ---------------------------------------------------------------------------------------------------- the run
-
-
-def _stage_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints" / STAGE
 
 
 def _mixture(specs, config: Config):
@@ -303,24 +275,86 @@ def _prepare_model(config: Config, path: str, dist: distributed.Dist) -> nn.Modu
     return model
 
 
-def _train_state(
-    step: int, stream: SFTStream, optimizer_state: dict, dist: distributed.Dist, total: int, parallelism: str,
-    scaler: torch.amp.GradScaler | None,
-) -> dict[str, Any]:
-    epoch, epoch_step = stream.locate(step) if step < total else (None, None)
-    return {
-        "stage": STAGE,
-        "step": step,
-        "total_steps": total,
-        "epoch": epoch,  # informative; the data position is derived from `step`
-        "epoch_step": epoch_step,
-        "sequences_per_step": stream.sequences_per_step,
-        "world_size": dist.world_size,
-        "parallelism": parallelism,  # FSDP2 saves the optimizer state keyed by parameter name, others by index
-        "optimizer": optimizer_state,
-        "grad_scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": checkpoint.capture_rng_state(),
-    }
+@dataclasses.dataclass(frozen=True)
+class SFTData:
+    """What the loop reads: the training stream, this rank's validation batches, the step count."""
+
+    stream: SFTStream
+    val: list[Batch]
+    total: int
+    pad_id: int
+
+
+def _load_data(config: Config, tokenizer, run: Stage) -> SFTData:
+    """Data first: a changed source must stop a resume before the model loads, and ranks map one prepared copy."""
+    stage, dist = config.sft, run.dist
+    train_examples, val_examples = _mixture(config.data.sft_mixture, config), _mixture(config.data.sft_val_mixture, config)
+    provenance.record_stage(
+        run.run_dir, STAGE, config.data.shuffle_seed,
+        provenance.data_fingerprints(tokenizer, train_examples, val_examples, config.data.max_length),
+        run.resume_from is not None, provenance.local_paths([*config.data.sft_mixture, *config.data.sft_val_mixture]),
+        dist.is_main,
+    )
+    train_data = _prepare(tokenizer, train_examples, config, "sft_mixture")
+    val_data = _prepare(tokenizer, val_examples, config, "sft_val_mixture")
+    del train_examples, val_examples  # the prepared arrays are all training reads from here on
+    stream = SFTStream(rendered=train_data, seed=config.data.shuffle_seed, packing=stage.packing,
+                       max_length=config.data.max_length, sequences_per_step=stage.examples_per_step)
+    if stream.rows_per_epoch < stream.sequences_per_step:
+        raise UserError(
+            f"sft.examples_per_step: {stage.examples_per_step} sequences per step, but the SFT data "
+            f"gives only {stream.rows_per_epoch} sequences per epoch (packing={stage.packing}); add data or lower it"
+        )
+    val = validation_batches(val_data, stage, config.data.max_length, dist, tokenizer.pad_token_id,
+                             config.model.attn_implementation)
+    return SFTData(stream=stream, val=val, total=total_steps(stage, stream), pad_id=tokenizer.pad_token_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTModel:
+    """The model as SFT trains it: the HF model, the loss module around it, what the loop calls, its optimizer."""
+
+    model: nn.Module
+    loss_module: SupervisedTokenLoss
+    train_module: nn.Module  # loss_module wrapped by DDP / FSDP2 / torch.compile
+    optimization: Optimization
+    weights: Weights
+
+
+def _build_model(config: Config, run: Stage, tokenizer, data: SFTData, base_path: str) -> SFTModel:
+    dist = run.dist
+    # LoRA: the base is always model.name; a resumed run reloads its adapter from the checkpoint.
+    weights_from = str(run.resume_from) if run.resume_from and config.model.lora is None else base_path
+    model = _prepare_model(config, weights_from, dist)
+    adapters = lora.prepare(model, config.model, run.resume_from, config.data.shuffle_seed)
+    shortcut = lm_head_shortcut_exact(model, batch_to(data.val[0], dist.device), config.model.dtype)
+    logger.info("SFT loss: LM head %s", "only at supervised positions (checked equal to the model's own logits)"
+                if shortcut else "over every position: this model's logits are not plain lm_head(hidden) (full path)")
+    loss_module = SupervisedTokenLoss(model, config.model.dtype, shortcut)
+    train_module = distributed.wrap_model(loss_module, config.target, dist, config.model.dtype)
+    # After wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold.
+    optimization = Optimization.build(model, config.sft, name=STAGE, config=config, dist=dist, gather_from=loss_module)
+    if config.model.compile:
+        train_module = torch.compile(train_module, dynamic=True)
+    weights = Weights(model=model, tokenizer=tokenizer, gather_from=loss_module if run.sharded else None,
+                      prefix="model.", adapters=adapters, dtype=config.model.dtype)
+    return SFTModel(model=model, loss_module=loss_module, train_module=train_module, optimization=optimization,
+                    weights=weights)
+
+
+def _log_plan(stage: SFTConfig, data: SFTData, world: int) -> None:
+    logger.info(
+        "SFT: %d steps, %d sequences/step (batch_size %d × accumulation %d × world %d), packing=%s, %d conversations",
+        data.total, stage.examples_per_step, stage.batch_size, gradient_accumulation(stage, world), world,
+        stage.packing, len(data.stream.rendered),
+    )
+    if stage.num_iterations == -1:
+        stream = data.stream
+        logger.info(
+            "SFT data: %d sequences per epoch; epoch tails carry into the next step; after %d epochs %d sequences "
+            "(%s of a step) are left untrained", stream.rows_per_epoch, stage.num_epochs,
+            stream.partial_rows(stage.num_epochs), f"{stream.partial_rows(stage.num_epochs)}/{stream.sequences_per_step}",
+        )
 
 
 def run_sft(
@@ -333,195 +367,69 @@ def run_sft(
 ) -> Path:
     """Train per `config.sft`; return the final (or, when stopped, the latest) SFT checkpoint directory.
 
-    `stop`: set by SIGTERM/SIGINT while this runs (installed here); the loop checkpoints at the next step boundary
-    and returns — the caller checks `stop.requested` to tell a stop from completion. `after_step(step)` is called
-    after every completed step, before that step's checkpoint (tests use it to stop or crash at a given step).
+    `stop`: the run's StopRequest (SIGTERM/SIGINT set it while this runs); the loop checkpoints at the next step
+    boundary and returns — the caller checks `stop.stopped_at` to tell a stop from completion. `after_step(step)` is
+    called after every completed step, before that step's checkpoint (tests use it to stop or crash at a step).
     """
-    stop = stop if stop is not None else StopRequest()
-    stage = config.sft
-    run_dir = Path(run_dir)
-    dist = distributed.init_distributed(config.target)
-    stage_dir = _stage_dir(run_dir)
-    resume_from = checkpoint.latest_checkpoint(stage_dir) if resume else None
-    if not resume and checkpoint.latest_checkpoint(stage_dir) is not None:
-        raise UserError(f"{stage_dir} already has checkpoints; pass --resume to continue, or pick a new experiment_name")
-
+    run = Stage(STAGE, config, run_dir, resume, stop)
     torch.manual_seed(config.data.shuffle_seed)  # anything stochastic in the model (dropout) starts reproducibly
     base_path = models.resolve_model_path(config.model.name)
     tokenizer = models.load_tokenizer(base_path)
-    # Data first: a changed source must stop a resume before the model loads, and ranks map one prepared copy.
-    accumulation = gradient_accumulation(stage, dist.world_size)
-    train_examples, val_examples = _mixture(config.data.sft_mixture, config), _mixture(config.data.sft_val_mixture, config)
-    provenance.record_stage(
-        run_dir, STAGE, config.data.shuffle_seed,
-        provenance.data_fingerprints(tokenizer, train_examples, val_examples, config.data.max_length),
-        resume_from is not None, provenance.local_paths([*config.data.sft_mixture, *config.data.sft_val_mixture]),
-        dist.is_main,
-    )
-    train_data = _prepare(tokenizer, train_examples, config, "sft_mixture")
-    val_data = _prepare(tokenizer, val_examples, config, "sft_val_mixture")
-    del train_examples, val_examples  # the prepared arrays are all training reads from here on
-    stream = SFTStream(
-        rendered=train_data,
-        seed=config.data.shuffle_seed,
-        packing=stage.packing,
-        max_length=config.data.max_length,
-        sequences_per_step=stage.examples_per_step,
-    )
-    if stream.rows_per_epoch < stream.sequences_per_step:
-        raise UserError(
-            f"sft.examples_per_step: {stage.examples_per_step} sequences per step, but the SFT data "
-            f"gives only {stream.rows_per_epoch} sequences per epoch (packing={stage.packing}); add data or lower it"
-        )
-    total = total_steps(stage, stream)
-    attn = config.model.attn_implementation
-    val = validation_batches(val_data, stage, config.data.max_length, dist, tokenizer.pad_token_id, attn)
-    # LoRA: the base is always model.name; a resumed run reloads its adapter from the checkpoint.
-    weights_from = str(resume_from) if resume_from and config.model.lora is None else base_path
-    model = _prepare_model(config, weights_from, dist)
-    adapters = lora.prepare(model, config.model, resume_from, config.data.shuffle_seed)
-    sharded = distributed.is_sharded(config.target, dist)
-    if sharded and stage.optimizer.name == "muon":
-        raise UserError(
-            "sft.optimizer.name: 'muon' orthogonalises whole matrices but target.parallelism='fsdp2' shards them; "
-            "use parallelism='ddp' or optimizer.name='adamw'"
-        )
-    shortcut = lm_head_shortcut_exact(model, batch_to(val[0], dist.device), config.model.dtype)
-    logger.info("SFT loss: LM head %s", "only at supervised positions (checked equal to the model's own logits)"
-                if shortcut else "over every position: this model's logits are not plain lm_head(hidden) (full path)")
-
-    loss_module = SupervisedTokenLoss(model, config.model.dtype, shortcut)
-    train_module = distributed.wrap_model(loss_module, config.target, dist, config.model.dtype)
-    # After wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold.
-    optimizer = optim.build_optimizer(model, stage.optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    scaler = precision.grad_scaler(dist.device, config.model.dtype)
-    if config.model.compile:
-        train_module = torch.compile(train_module, dynamic=True)
-
-    step = 0
-    if resume_from is not None:
-        state = checkpoint.load_train_state(resume_from)
-        saved = (state["world_size"], state["parallelism"], state["sequences_per_step"])
-        now = (dist.world_size, config.target.parallelism, stream.sequences_per_step)
-        if saved != now:
-            raise UserError(
-                f"{resume_from}: saved with (world_size, parallelism, sequences/step) = {saved}, this run has {now}; "
-                "resume with the same target and sft.examples_per_step"
-            )
-        if sharded:
-            distributed.load_full_optimizer_state(train_module, optimizer, state["optimizer"] if dist.is_main else {})
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("grad_scaler") is not None:
-            scaler.load_state_dict(state["grad_scaler"])
-        step = int(state["step"])
-        checkpoint.restore_rng_state(state["rng"])
-        logger.info("resuming SFT from %s (step %d of %d)", resume_from, step, total)
-
-    logger.info(
-        "SFT: %d steps, %d sequences/step (batch_size %d × accumulation %d × world %d), packing=%s, %d conversations",
-        total, stage.examples_per_step, stage.batch_size, accumulation, dist.world_size, stage.packing, len(stream.rendered),
-    )
-    if stage.num_iterations == -1:
-        logger.info(
-            "SFT data: %d sequences per epoch; epoch tails carry into the next step; after %d epochs %d sequences "
-            "(%s of a step) are left untrained", stream.rows_per_epoch, stage.num_epochs,
-            stream.partial_rows(stage.num_epochs), f"{stream.partial_rows(stage.num_epochs)}/{stream.sequences_per_step}",
-        )
-    metric_log = metrics.MetricsLogger(
-        run_dir, STAGE, dist.is_main, config.output.use_wandb, config.output.wandb_project,
-        config.output.experiment_name, to_dict(config),
-    )
-    if resume_from is not None:
-        metric_log.truncate_after(step)
-    progress = metrics.Progress(total=total, initial=step, is_main=dist.is_main, description="sft")
-    last_saved = resume_from
+    data = _load_data(config, tokenizer, run)
+    built = _build_model(config, run, tokenizer, data, base_path)
+    step = run.restore(built.optimization, examples_per_step=data.stream.sequences_per_step,
+                       per_step_field="sft.examples_per_step", total=data.total)
+    _log_plan(config.sft, data, run.dist.world_size)
 
     def save(at_step: int) -> Path:
-        weights = None
-        if sharded:  # every rank takes part in gathering the shards; rank 0 writes
-            weights = distributed.full_model_state(loss_module, prefix="model.")
-            optimizer_state = distributed.full_optimizer_state(loss_module, optimizer)
-        else:
-            optimizer_state = optimizer.state_dict()
-        state = _train_state(at_step, stream, optimizer_state, dist, total, config.target.parallelism, scaler)
-        path = _stage_dir(run_dir) / checkpoint.step_dir_name(at_step)
-        if dist.is_main:
-            if adapters is None:
-                path = checkpoint.save_checkpoint(stage_dir, at_step, model, tokenizer, state, state_dict=weights,
-                                                  dtype=config.model.dtype)
-            else:  # adapter (float32) + merged export: the writer handles the compute dtype itself
-                writer = adapters.writer(final=at_step == total, dtype=config.model.dtype)
-                path = checkpoint.save_checkpoint(stage_dir, at_step, writer, tokenizer, state, state_dict=weights,
-                                                  dtype="float32")
-            logger.info("saved checkpoint %s", path)
-        distributed.barrier(dist)
-        return path
+        epoch, epoch_step = data.stream.locate(at_step) if at_step < data.total else (None, None)
+        return run.save(at_step, final=at_step == data.total, weights=built.weights,
+                        notes={"total_steps": data.total, "epoch": epoch, "epoch_step": epoch_step})
 
-    try:
-        with stop.handle_signals():
-            if step == 0:
-                val_loss = validation_loss(train_module, val, dist)
-                metric_log.log(0, {"val_loss": val_loss})
-                logger.info("step 0: val_loss %.4f", val_loss)
-            while step < total:
-                started = time.perf_counter()
-                multiplier = optim.lr_multiplier(step, total, stage.optimizer)
-                sequences = stream.step_sequences(step)
-                micro = rank_micro_batches(sequences, stage.batch_size, dist, stage.packing, tokenizer.pad_token_id, attn)
-                assert len(micro) == accumulation
-                tokens = sum(len(r) for row in sequences for r in row)
-                result = train_step(train_module, optimizer, params, micro, tokens, multiplier, stage.optimizer.grad_clip, dist,
-                                    scaler)
-                if result.diverged:
-                    raise TrainingDiverged(STAGE, step + 1, result.loss, result.grad_norm, last_saved)
-                if result.overflow:
-                    logger.warning("step %d: float16 gradients overflowed; update skipped, loss scale now %g",
-                                   step + 1, scaler.get_scale())
-                step += 1
-                elapsed = time.perf_counter() - started
-                last = step == total
-                values: dict[str, Any] = {}
-                if step % stage.log_every == 0 or last:
-                    epoch, _ = stream.locate(step - 1)
-                    values.update(
-                        loss=result.loss,
-                        lr=_matrix_lr(optimizer),
-                        lr_multiplier=multiplier,
-                        grad_norm=result.grad_norm,
-                        supervised_tokens=result.supervised_tokens,
-                        tokens=result.tokens,
-                        tokens_per_s=result.tokens / max(elapsed, 1e-9),
-                        epoch=epoch,
-                    )
-                if step % stage.eval_every == 0 or last:
-                    values["val_loss"] = validation_loss(train_module, val, dist)
-                if values:
-                    metric_log.log(step, values)
-                    logger.info("step %d/%d: %s", step, total, " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
-                progress.update({"loss": f"{result.loss:.4f}", "tok/s": f"{result.tokens / max(elapsed, 1e-9):.0f}"})
-                if after_step is not None:
-                    after_step(step)
-                stopping = distributed.any_rank(stop.requested, dist)
-                if last or stopping or step % stage.checkpoint_every == 0:
-                    last_saved = save(step)
-                if stopping and not last:
-                    stop.mark_stopped(f"SFT step {step}/{total}")
-                    logger.warning("stopped at step %d/%d (%s); continue with --resume", step, total, stop.reason)
-                    return last_saved
-            if last_saved is None or checkpoint.checkpoint_step(last_saved) != total:
-                last_saved = save(total)  # resumed exactly at the end: make sure the final step exists
-            return last_saved
-    finally:
-        progress.close()
-        metric_log.close()
+    with run.running():
+        metric_log = run.open_metrics(step)
+        if step == 0:
+            val_loss = validation_loss(built.train_module, data.val, run.dist)
+            metric_log.log(0, {"val_loss": val_loss})
+            logger.info("step 0: val_loss %.4f", val_loss)
+        run.open_progress(data.total, step)
+        while step < data.total:
+            step = _sft_step(config.sft, run, built, data, step)
+            if after_step is not None:
+                after_step(step)
+            if run.step_boundary(step, data.total, checkpoint_every=config.sft.checkpoint_every, save=save):
+                break
+    return run.latest()
 
 
-def _matrix_lr(optimizer) -> float:
-    """The LR of the `matrix` group (the bulk of the weights); the others follow the same multiplier."""
-    groups = {g["name"]: g for g in optimizer.param_groups}
-    return float(groups.get("matrix", optimizer.param_groups[0])["lr"])
+def _sft_step(stage: SFTConfig, run: Stage, built: SFTModel, data: SFTData, step: int) -> int:
+    """Step `step + 1`: the update, its metrics and progress; the step number done (raises TrainingDiverged)."""
+    started = time.perf_counter()
+    multiplier = optim.lr_multiplier(step, data.total, stage.optimizer)
+    sequences = data.stream.step_sequences(step)
+    micro = rank_micro_batches(sequences, stage.batch_size, run.dist, stage.packing, data.pad_id,
+                               run.config.model.attn_implementation)
+    assert len(micro) == gradient_accumulation(stage, run.dist.world_size)
+    tokens = sum(len(r) for row in sequences for r in row)
+    result = train_step(built.train_module, built.optimization, micro, tokens=tokens, lr_multiplier=multiplier)
+    if result.diverged:
+        raise run.diverged(step + 1, result.loss, result.grad_norm)
+    step += 1
+    elapsed = time.perf_counter() - started
+    last = step == data.total
+    values: dict[str, Any] = {}
+    if step % stage.log_every == 0 or last:
+        epoch, _ = data.stream.locate(step - 1)
+        values.update(loss=result.loss, lr=built.optimization.matrix_lr(), lr_multiplier=multiplier,
+                      grad_norm=result.grad_norm, supervised_tokens=result.supervised_tokens, tokens=result.tokens,
+                      tokens_per_s=result.tokens / max(elapsed, 1e-9), epoch=epoch)
+    if step % stage.eval_every == 0 or last:
+        values["val_loss"] = validation_loss(built.train_module, data.val, run.dist)
+    if values:
+        run.metrics.log(step, values)
+        logger.info("step %d/%d: %s", step, data.total, " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+    run.progress.update({"loss": f"{result.loss:.4f}", "tok/s": f"{result.tokens / max(elapsed, 1e-9):.0f}"})
+    return step
 
 
 def _fmt(value: Any) -> str:

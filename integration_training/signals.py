@@ -9,6 +9,11 @@ Under deploy.py's own torchrun the parent process receives the user's Ctrl-C / S
 file* whose path is in $INTEGRATION_TRAINING_STOP_FILE; every rank polls it at the same step boundaries (the
 ranks run in their own session, so the terminal's signal never reaches them or torchrun directly).
 
+Ranks must stop at the *same* step: each polls its own flag, and the stop file can appear between two ranks' polls
+(or a signal reach one rank only). So loops never act on `requested` directly but on `agree(dist)`, one all-reduce
+at the step boundary: when any rank has a request, every rank records it, with the same reason (the first
+requesting rank's), and they checkpoint, stop and report the same line together.
+
 A second SIGINT while a stop is pending restores Python's default behaviour (KeyboardInterrupt), so a user who
 really wants out is never stuck waiting for a checkpoint.
 """
@@ -52,6 +57,23 @@ class StopRequest:
         if not self._event.is_set():
             self.reason = reason
             self._event.set()
+
+    def agree(self, dist) -> bool:
+        """Whether any rank has a stop request; every rank gets the same answer and, when True, the same reason.
+
+        Call on every rank at the same point (a step boundary): it is a collective. A rank that had not seen the
+        request yet records it here, so its loop may `mark_stopped` like the rank that saw it.
+        """
+        from integration_training.distributed import all_gather_objects, any_rank
+
+        mine = self.requested
+        if dist.world_size == 1 or not any_rank(mine, dist):
+            return mine
+        reasons = all_gather_objects([self.reason] if mine else [], dist)
+        assert reasons, "any_rank said a rank has a request"
+        self.reason = reasons[0]
+        self._event.set()
+        return True
 
     def mark_stopped(self, where: str) -> None:
         """Called by a training loop that checkpointed and returned before its last step."""

@@ -191,3 +191,14 @@ def write_gsm8k_like(path: Path, count: int, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def optimization(optimizer, grad_clip: float = 0.0, dist=None, scaler=None):
+    """`stage.Optimization` around `optimizer` (a real one or a stand-in with `param_groups`, `step`, `zero_grad`)
+    for one CPU process unless `dist` says otherwise."""
+    from integration_training.distributed import Dist
+    from integration_training.stage import Optimization
+
+    dist = dist if dist is not None else Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"),
+                                              is_main=True)
+    return Optimization(optimizer, grad_clip=grad_clip, dist=dist, scaler=scaler)

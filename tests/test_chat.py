@@ -30,7 +30,7 @@ import torch
 from helpers import make_config, save_tiny_model_dir, smollm2_tokenizer, tiny_model
 from integration_training import chat
 from integration_training.errors import UserError
-from integration_training.rollout import StreamCache, sample, stream
+from integration_training.rollout import SamplingSettings, SpecialTokens, StreamCache, sample, stream
 
 REPO = Path(__file__).resolve().parents[1]
 STOPS = frozenset({5, 6})
@@ -55,7 +55,9 @@ def test_stream_draws_what_sample_draws_for_one_row(temperature, top_k):
     for trial in range(3):
         prompt = random_prompt(rng, 300, rng.randrange(1, 30))
         streamed = list(stream(model, prompt, 24, temperature, top_k, STOPS, generator(trial), StreamCache()))
-        batch = sample(model, [prompt], 1, 24, temperature, top_k, STOPS, 0, generator(trial), 1, False)[0][0]
+        settings = SamplingSettings(max_new_tokens=24, temperature=temperature, top_k=top_k, batch_size=1)
+        batch = sample(model, [prompt], num_samples=1, settings=settings, special=SpecialTokens(stop_ids=STOPS, pad_id=0),
+                       generator=generator(trial), greedy_first=False)[0][0]
         assert streamed == batch.token_ids
         assert (streamed[-1] in STOPS) == batch.finished
 
@@ -189,8 +191,10 @@ def greedy_completion(model_dir: Path, message: str, max_new_tokens: int):
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), "float32", "sdpa", torch.device("cpu"), training=False).eval()
     prompt = render_prompt(tokenizer, [{"role": "user", "content": message}])
-    completion = sample(model, [prompt], 1, max_new_tokens, 0.0, 0, stop_token_ids(tokenizer), 0, generator(0), 1,
-                        False)[0][0]
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, top_k=0, batch_size=1)
+    completion = sample(model, [prompt], num_samples=1, settings=settings,
+                        special=SpecialTokens(stop_ids=stop_token_ids(tokenizer), pad_id=0), generator=generator(0),
+                        greedy_first=False)[0][0]
     return completion, tokenizer.decode(completion.token_ids, skip_special_tokens=True)
 
 

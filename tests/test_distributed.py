@@ -20,12 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import arithmetic, make_config, save_tiny_model_dir, smollm2_tokenizer
+from helpers import arithmetic, make_config, optimization, save_tiny_model_dir, smollm2_tokenizer
 from integration_training import distributed
 from integration_training import template
 from integration_training.config import Config, ModelConfig, to_json
 from integration_training.data import build_mixture
-from integration_training.rl import Sequence_, step_prompt_indices, train_on_rows
+from integration_training.rl import PolicyModels, Sequence_, step_prompt_indices, train_on_rows
 from integration_training.sft import SFTStream, SupervisedTokenLoss, rank_micro_batches, train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,13 +174,14 @@ def one_update(model_dir: Path, config: Config, dist: distributed.Dist, kind: st
         optimizer = build_optimizer(model, stage.optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         micro = rank_micro_batches(sft_sequences(), GLOBAL_BATCH // dist.world_size, dist, False, 0, "sdpa")
-        grad_norm = train_step(wrapped, optimizer, params, micro, 0, 1.0, stage.optimizer.grad_clip, dist, None).grad_norm
+        grad_norm = train_step(wrapped, optimization(optimizer, stage.optimizer.grad_clip, dist), micro, tokens=0,
+                               lr_multiplier=1.0).grad_norm
         state_of, prefix = loss_module, "model."
     else:
         wrapped = distributed.wrap_model(model, config.target, dist, "float32")
         optimizer = build_optimizer(model, stage.optimizer)
-        grad_norm = train_on_rows(wrapped, None, optimizer, rank_rl_rows(rl_rows(), dist), stage, 0, dist, F32,
-                                  None)["grad_norm"]
+        grad_norm = train_on_rows(PolicyModels.of(wrapped, None, F32), optimization(optimizer, stage.optimizer.grad_clip, dist),
+                                  rank_rl_rows(rl_rows(), dist), rl=stage, pad_id=0)["grad_norm"]
         state_of, prefix = model, ""
     if distributed.is_sharded(config.target, dist):
         weights = distributed.full_model_state(state_of, prefix)
@@ -203,14 +204,16 @@ def lockstep_sampling(model_dir: Path, config: Config, dist: distributed.Dist) -
     """FSDP2 greedy sampling where the ranks make different numbers of forward calls (more prompts on rank 0,
     rank 1 stopping after its first token); returns this rank's completions and call counts."""
     from integration_training.models import load_model
-    from integration_training.rollout import sample
+    from integration_training.rollout import SamplingSettings, SpecialTokens, sample
 
     model = load_model(str(model_dir), "float32", "sdpa", dist.device, training=True)
     distributed.wrap_model(model, config.target, dist, "float32")
     prompts = [[11, 12, 13], [21, 22], [31, 32, 33, 34]] if dist.rank == 0 else [[41, 42]]
     stops = frozenset() if dist.rank == 0 else frozenset(range(model.config.vocab_size))
     proxy = distributed.LockstepModel(model, dist)
-    out = sample(proxy, prompts, 1, 4, 0.0, 0, stops, 0, torch.Generator().manual_seed(0), 2, greedy_first=False)
+    out = sample(proxy, prompts, num_samples=1, settings=SamplingSettings(max_new_tokens=4, temperature=0.0, top_k=0, batch_size=2),
+                 special=SpecialTokens(stop_ids=stops, pad_id=0), generator=torch.Generator().manual_seed(0),
+                 greedy_first=False)
     calls = proxy.forward_calls
     dummies = proxy.drain()
     return {"prompts": prompts, "stops": sorted(stops)[:1], "tokens": [c[0].token_ids for c in out],
@@ -261,12 +264,14 @@ def test_ddp_and_fsdp2_updates_equal_one_process_with_the_same_global_batch(tmp_
     assert ranks[0]["calls"] > ranks[1]["calls"]
     assert ranks[1]["dummies"] == ranks[0]["calls"] - ranks[1]["calls"] and ranks[0]["dummies"] == 0
     from integration_training.models import load_model
-    from integration_training.rollout import sample
+    from integration_training.rollout import SamplingSettings, SpecialTokens, sample
 
     model = load_model(str(model_dir), "float32", "sdpa", torch.device("cpu"), training=True)
     for r in ranks:
         stops = frozenset(range(model.config.vocab_size)) if r["stops"] else frozenset()
-        out = sample(model, r["prompts"], 1, 4, 0.0, 0, stops, 0, torch.Generator().manual_seed(0), 2, greedy_first=False)
+        out = sample(model, r["prompts"], num_samples=1, settings=SamplingSettings(max_new_tokens=4, temperature=0.0, top_k=0, batch_size=2),
+                     special=SpecialTokens(stop_ids=stops, pad_id=0), generator=torch.Generator().manual_seed(0),
+                     greedy_first=False)
         assert [c[0].token_ids for c in out] == r["tokens"]
 
 
@@ -316,13 +321,14 @@ def test_fsdp2_resume_at_world_size_two_matches_an_uninterrupted_run(tmp_path):
 
 def test_resuming_with_another_world_size_or_parallelism_is_a_user_error():
     from integration_training.errors import UserError
-    from integration_training.rl import _check_same_layout
+    from integration_training.stage import Layout
 
-    state = {"world_size": 2, "parallelism": "fsdp2"}
-    _check_same_layout(Path("step_000001"), state, 2, "fsdp2")
+    saved = Layout(world_size=2, parallelism="fsdp2", examples_per_step=4, per_step_field="rl.examples_per_step")
+    saved.check(saved.state_dict(), Path("step_000001"))
     for world, parallelism in ((1, "none"), (4, "fsdp2"), (2, "ddp")):
+        now = Layout(world_size=world, parallelism=parallelism, examples_per_step=4, per_step_field="rl.examples_per_step")
         with pytest.raises(UserError, match="world_size"):
-            _check_same_layout(Path("step_000001"), state, world, parallelism)
+            now.check(saved.state_dict(), Path("step_000001"))
 
 
 @pytest.mark.slow  # two torchrun nodes: 50-180 s on 2 loaded cores

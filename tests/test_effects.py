@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_config, smollm2_tokenizer, tiny_model
+from helpers import make_config, optimization, smollm2_tokenizer, tiny_model
 from integration_training import cli, models, rl
 from integration_training.config import ModelConfig, to_json
 from integration_training.distributed import Dist
@@ -85,6 +85,7 @@ class NoStep:
 
     def __init__(self, model) -> None:
         self.model, self.grads = model, []
+        self.param_groups = [{"params": list(model.parameters())}]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.model.zero_grad(set_to_none=set_to_none)
@@ -100,7 +101,7 @@ def test_kl_is_zero_against_itself_and_grows_with_divergence():
     rows = on_policy_rows(model)
     kls = []
     for scale in (0.0, 0.02, 0.1):
-        stats = rl.train_on_rows(model, perturbed(model, scale), NoStep(model), rows, rl_config(kl_coef=0.1), 0, CPU, F32, None)
+        stats = rl.train_on_rows(rl.PolicyModels.of(model, perturbed(model, scale), F32), optimization(NoStep(model)), rows, rl=rl_config(kl_coef=0.1), pad_id=0)
         kls.append(stats["kl"])
     assert kls[0] == pytest.approx(0.0, abs=1e-6), kls
     assert 0.0 < kls[1] < kls[2], kls
@@ -115,7 +116,7 @@ def test_kl_coef_adds_the_gradient_of_the_penalty():
     grads = {}
     for coef in (0.0, 0.5):
         optimizer = NoStep(model)
-        rl.train_on_rows(model, ref, optimizer, rows, rl_config(kl_coef=coef), 0, CPU, F32, None)
+        rl.train_on_rows(rl.PolicyModels.of(model, ref, F32), optimization(optimizer), rows, rl=rl_config(kl_coef=coef), pad_id=0)
         grads[coef] = optimizer.grads[0]
     difference = max(float((grads[0.0][n] - grads[0.5][n]).abs().max()) for n in grads[0.0])
     assert difference > 1e-6, "kl_coef changed nothing in the gradient"
@@ -127,14 +128,14 @@ def test_clip_fraction_is_zero_inside_the_band_and_positive_outside():
     # Without a weight change the ratio stays exactly 1: nothing is clipped over two updates.
     model = tiny_llama(VOCAB)
     rows = on_policy_rows(model)
-    inside = rl.train_on_rows(model, None, NoStep(model), rows, rl_config(updates_per_batch=2, clip_eps=0.2), 0, CPU, F32, None)
+    inside = rl.train_on_rows(rl.PolicyModels.of(model, None, F32), optimization(NoStep(model)), rows, rl=rl_config(updates_per_batch=2, clip_eps=0.2), pad_id=0)
     assert inside["clip_frac"] == 0.0
     # A big SGD step after the first update pushes ratios out of [0.8, 1.2]: the second update clips some tokens.
     fractions = {}
     for eps in (0.2, 1e6):
         model = tiny_llama(VOCAB)
         optimizer = torch.optim.SGD(model.parameters(), lr=20.0)
-        stats = rl.train_on_rows(model, None, optimizer, rows, rl_config(updates_per_batch=2, clip_eps=eps), 0, CPU, F32, None)
+        stats = rl.train_on_rows(rl.PolicyModels.of(model, None, F32), optimization(optimizer), rows, rl=rl_config(updates_per_batch=2, clip_eps=eps), pad_id=0)
         fractions[eps] = stats["clip_frac"]
     assert fractions[0.2] > 0.0, fractions
     assert fractions[1e6] == 0.0, fractions  # the band, not the step, decides what is clipped
@@ -148,7 +149,8 @@ def test_rl_grad_clip_bounds_the_applied_gradient_and_reports_the_unclipped_norm
     norms = {}
     for clip in (0.0, 1e-3):
         optimizer = NoStep(model)
-        stats = rl.train_on_rows(model, None, optimizer, rows, rl_config(optimizer=dict(grad_clip=clip)), 0, CPU, F32, None)
+        stats = rl.train_on_rows(rl.PolicyModels.of(model, None, F32), optimization(optimizer, clip), rows,
+                                 rl=rl_config(optimizer=dict(grad_clip=clip)), pad_id=0)
         applied = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in optimizer.grads[0].values()]))
         norms[clip] = (stats["grad_norm"], float(applied))
     assert norms[0.0][0] == pytest.approx(norms[0.0][1], rel=1e-4) and norms[0.0][1] > 1e-2
@@ -229,13 +231,13 @@ def test_rl_run_takes_every_rl_field_from_the_rl_section(tmp_path, monkeypatch):
         built.append((stage, build(model, stage)))
         return built[-1][1]
 
-    def recording_sample(model, prompts, *args, **kwargs):
-        sampled.append((len(prompts), args[:4], args[7], kwargs))
-        return sample(model, prompts, *args, **kwargs)
+    def recording_sample(model, prompts, **kwargs):
+        sampled.append((len(prompts), kwargs["num_samples"], kwargs["settings"], kwargs))
+        return sample(model, prompts, **kwargs)
 
-    def recording_train(model, ref, optimizer, rows, *args, **kwargs):
+    def recording_train(models, optimization, rows, **kwargs):
         trained.append([(tuple(r.prompt_ids), r.advantage) for r in rows])
-        return train(model, ref, optimizer, rows, *args, **kwargs)
+        return train(models, optimization, rows, **kwargs)
 
     monkeypatch.setattr(optim, "build_optimizer", recording_build)
     monkeypatch.setattr(rollout, "sample", recording_sample)
@@ -250,12 +252,14 @@ def test_rl_run_takes_every_rl_field_from_the_rl_section(tmp_path, monkeypatch):
     # warmup W = round(0.5 × 4) = 2 steps up to init_lr_frac 0.5, then linear towards 0 over the other 2.
     assert [r["lr_multiplier"] for r in rows] == pytest.approx([0.25, 0.5, 0.5, 0.25])
 
-    # Sampling calls: (prompts, (samples per prompt, max_new_tokens, temperature, top_k), batch size, kwargs).
-    evals = [c for c in sampled if c[3].get("greedy_first")]
-    rollouts = [c for c in sampled if not c[3].get("greedy_first")]
+    # Sampling calls: (prompts, samples per prompt, SamplingSettings, keyword arguments).
+    evals = [c for c in sampled if c[3]["greedy_first"]]
+    rollouts = [c for c in sampled if not c[3]["greedy_first"]]
     assert [c[0] for c in evals] == [3, 3]  # evaluation.num_problems, at steps 2 and 4 (every_rl_steps=2)
-    assert all(c[1] == (2 + 1, 3, 0.9, 3) and c[2] == 7 for c in evals)  # num_samples + one greedy row
-    assert len(rollouts) == 4 and all(c[0] == 2 and c[1] == (3, 2, 0.7, 5) and c[2] == 5 for c in rollouts)
+    eval_settings = rollout.SamplingSettings(max_new_tokens=3, temperature=0.9, top_k=3, batch_size=7)
+    assert all(c[1] == 2 + 1 and c[2] == eval_settings for c in evals)  # num_samples + one greedy row
+    rollout_settings = rollout.SamplingSettings(max_new_tokens=2, temperature=0.7, top_k=5, batch_size=5)
+    assert len(rollouts) == 4 and all(c[0] == 2 and c[1] == 3 and c[2] == rollout_settings for c in rollouts)
     # Training: examples_per_step × num_samples rows per step, groups of num_samples sharing a prompt.
     assert [len(step) for step in trained] == [6, 6, 6, 6]
     for step in trained:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import arithmetic, make_config, replace_nested, save_tiny_model_dir, tiny_model
+from helpers import arithmetic, make_config, optimization, replace_nested, save_tiny_model_dir, tiny_model
 from integration_training import lora, optim, rl, sft
 from integration_training.config import ConfigError, LoRAConfig, ModelConfig, from_json, to_json, validate
 from integration_training.errors import UserError
@@ -216,8 +216,8 @@ def test_sft_steps_change_only_adapter_tensors(tmp_path, targets, gradient_check
         labels = torch.roll(ids, -1, dims=1)
         batch = Batch(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids),
                       position_ids=torch.arange(12).expand(2, 12))
-        sft.train_step(sft.SupervisedTokenLoss(model, "float32", True), optimizer, held, [batch], 24, 1.0, 1.0,
-                       SINGLE, None)
+        sft.train_step(sft.SupervisedTokenLoss(model, "float32", True), optimization(optimizer, 1.0), [batch],
+                       tokens=24, lr_multiplier=1.0)
     base_after, adapter_after = lora_state(model)
     assert base_after.keys() == base_before.keys()
     assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
@@ -274,9 +274,11 @@ def lora_layers(model: torch.nn.Module) -> list:
 
 
 def sample_all(model, prompts, seed: int, temperature: float):
-    from integration_training.rollout import sample
+    from integration_training.rollout import SamplingSettings, SpecialTokens, sample
 
-    return sample(model, prompts, 4, 12, temperature, 0, frozenset(), 0, torch.Generator().manual_seed(seed), 6,
+    return sample(model, prompts, num_samples=4,
+                  settings=SamplingSettings(max_new_tokens=12, temperature=temperature, top_k=0, batch_size=6),
+                  special=SpecialTokens(stop_ids=frozenset(), pad_id=0), generator=torch.Generator().manual_seed(seed),
                   greedy_first=True)
 
 
@@ -375,13 +377,15 @@ def test_rl_rollouts_and_evaluations_sample_with_merged_adapters(tmp_path, monke
     monkeypatch.setattr(rollout, "sample", spy)
     real_train = rl.train_on_rows
 
-    def train_spy(model, *args, **kwargs):
-        assert lora_layers(model) and not any(layer.merged for layer in lora_layers(model))
-        return real_train(model, *args, **kwargs)
+    def train_spy(models, *args, **kwargs):
+        policy = models.model
+        assert lora_layers(policy) and not any(layer.merged for layer in lora_layers(policy))
+        return real_train(models, *args, **kwargs)
 
     monkeypatch.setattr(rl, "train_on_rows", train_spy)
     model_dir = save_tiny_model_dir(tmp_path / "tiny_model")
-    config = make_config(tmp_path, model=dict(lora=lora_config()), rl=dict(num_iterations=2), evaluation=dict(num_problems=2, every_rl_steps=1),
+    config = make_config(tmp_path, model=dict(lora=lora_config()), rl=dict(num_iterations=2),
+                         evaluation=dict(num_problems=2, every_rl_steps=1),
                          output=dict(mode="rl", source_checkpoint=str(model_dir)))
     rl.run_rl(config, tmp_path / "run", str(model_dir), resume=False)
     assert len(seen) >= 3 and all(seen), seen  # 2 rollouts + the evaluations during RL
@@ -629,7 +633,8 @@ def rl_update(tmp_path: Path, dist, parallelism: str) -> tuple[dict[str, torch.T
     mine = [row for i, row in enumerate(rows) if (i // 2) % dist.world_size == dist.rank]  # whole groups per rank
     model = distributed.wrap_model(policy, target, dist, "float32")
     optimizer = optim.build_optimizer(policy, config.rl.optimizer)
-    rl.train_on_rows(model, adapters.reference(), optimizer, mine, config.rl, 0, dist, config.model, None)
+    rl.train_on_rows(rl.PolicyModels.of(model, adapters.reference(), config.model),
+                     optimization(optimizer, config.rl.optimizer.grad_clip, dist), mine, rl=config.rl, pad_id=0)
     if distributed.is_sharded(target, dist):
         after = lora.adapter_state(distributed.full_model_state(policy, prefix=""))
     else:

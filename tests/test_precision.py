@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_config, tiny_model
+from helpers import make_config, optimization, tiny_model
 from integration_training import precision
 from integration_training.config import ConfigError, to_json, validate
 from integration_training.distributed import Dist
@@ -164,12 +164,12 @@ def test_float16_loss_scale_skips_an_overflowing_step_and_lowers_the_scale():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hook = model.lm_head.weight.register_hook(lambda g: g * float("inf"))
-    result = train_step(module, optimizer, params, _batch(40), 0, 1.0, 1.0, SINGLE, scaler)
+    result = train_step(module, optimization(optimizer, 1.0, scaler=scaler), _batch(40), tokens=0, lr_multiplier=1.0)
     hook.remove()
     assert result.overflow and not result.diverged
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing applied
     assert scaler.get_scale() == 512.0
-    result = train_step(module, optimizer, params, _batch(40), 0, 1.0, 1.0, SINGLE, scaler)
+    result = train_step(module, optimization(optimizer, 1.0, scaler=scaler), _batch(40), tokens=0, lr_multiplier=1.0)
     assert not result.overflow and not result.diverged
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -189,8 +189,8 @@ def test_scaled_gradients_equal_unscaled_ones():
             def zero_grad(self, set_to_none=True):
                 model.zero_grad(set_to_none=set_to_none)
 
-        train_step(SupervisedTokenLoss(model, "float32", True), Capture(), list(model.parameters()), _batch(40), 0,
-                   1.0, 0.0, SINGLE, scaler)
+        train_step(SupervisedTokenLoss(model, "float32", True), optimization(Capture(), 0.0, scaler=scaler),
+                   _batch(40), tokens=0, lr_multiplier=1.0)
         grads.append(captured)
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-9, msg=name)

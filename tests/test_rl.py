@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import optimizer_config, replace_nested, smollm2_tokenizer  # also pins torch to one thread (tiny models)
+from helpers import optimization, optimizer_config, replace_nested, smollm2_tokenizer  # also pins torch to one thread
 from integration_training import rl
 from integration_training.models import enable_activation_checkpointing
 from integration_training.config import (
@@ -159,7 +159,8 @@ def test_mean_std_advantage_by_hand() -> None:
 def test_reinforce_loss_token_normalisation_by_hand() -> None:
     logprobs = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
     adv = torch.tensor([0.5, 0.5, -1.0])
-    loss, parts = rl.policy_loss(logprobs, logprobs.detach(), None, adv, normaliser=10.0, kl_coef=0.0, clip_eps=0.2,
+    loss, parts = rl.policy_loss(rl.PolicyLossInputs(logprobs=logprobs, old_logprobs=logprobs.detach(), advantages=adv),
+                                 normaliser=10.0, kl_coef=0.0, clip_eps=0.2,
                                  use_ratio=False)
     assert loss.item() == pytest.approx(-(-1.0 * 0.5 + -2.0 * 0.5 + -0.5 * -1.0) / 10.0)
     loss.backward()
@@ -171,7 +172,8 @@ def test_k3_kl_penalty_by_hand() -> None:
     logprobs = torch.tensor([-1.0, -3.0], requires_grad=True)
     ref = torch.tensor([-2.0, -3.0])
     adv = torch.zeros(2)
-    loss, parts = rl.policy_loss(logprobs, logprobs.detach(), ref, adv, normaliser=4.0, kl_coef=0.5, clip_eps=0.2,
+    loss, parts = rl.policy_loss(rl.PolicyLossInputs(logprobs=logprobs, old_logprobs=logprobs.detach(), advantages=adv,
+                                                     ref_logprobs=ref), normaliser=4.0, kl_coef=0.5, clip_eps=0.2,
                                  use_ratio=False)
     kl0 = math.exp(-1.0) + 1.0 - 1.0  # exp(ref−logp) − (ref−logp) − 1 with ref−logp = −1
     assert parts["kl_sum"].item() == pytest.approx(kl0)
@@ -186,7 +188,7 @@ def test_ppo_clipping_by_hand() -> None:
     old = torch.zeros(4)
     logprobs = torch.tensor([0.5, 0.5, math.log(0.5), math.log(1.1)], requires_grad=True)
     adv = torch.tensor([1.0, -1.0, 1.0, 1.0])
-    loss, parts = rl.policy_loss(logprobs, old, None, adv, normaliser=4.0, kl_coef=0.0, clip_eps=0.2, use_ratio=True)
+    loss, parts = rl.policy_loss(rl.PolicyLossInputs(logprobs=logprobs, old_logprobs=old, advantages=adv), normaliser=4.0, kl_coef=0.0, clip_eps=0.2, use_ratio=True)
     r = math.exp(0.5)
     # token 0: ratio 1.65 > 1.2 with A>0 → clipped (1.2, no gradient); token 1: A<0 → min picks −1.65 (gradient);
     # token 2: ratio 0.5 with A>0 → min is the unclipped 0.5; token 3: inside the band.
@@ -221,6 +223,7 @@ class _Capture:
 
     def __init__(self, model) -> None:
         self.model, self.grads = model, None
+        self.param_groups = [{"params": list(model.parameters())}]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.model.zero_grad(set_to_none=set_to_none)
@@ -245,7 +248,7 @@ def test_token_level_normalisation_across_micro_batches() -> None:
     grads = {}
     for micro in (1, 2, 6):
         capture = _Capture(model)
-        rl.train_on_rows(model, None, capture, rows, _rl_cfg(batch_size=micro), pad_id=0, dist=CPU, model_config=F32, scaler=None)
+        rl.train_on_rows(rl.PolicyModels.of(model, None, F32), optimization(capture), rows, rl=_rl_cfg(batch_size=micro), pad_id=0)
         grads[micro] = capture.grads
     # By hand: one batch, −Σ_all tokens logp·adv / total tokens.
     model.zero_grad()
@@ -265,7 +268,7 @@ def test_zero_advantage_rows_are_skipped_with_the_same_gradient(monkeypatch) -> 
     real_build = rl.build_batch
     monkeypatch.setattr(rl, "build_batch", lambda r, *a: built.append(len(r)) or real_build(r, *a))
     capture = _Capture(model)
-    stats = rl.train_on_rows(model, None, capture, rows, _rl_cfg(batch_size=9), pad_id=0, dist=CPU, model_config=F32, scaler=None)
+    stats = rl.train_on_rows(rl.PolicyModels.of(model, None, F32), optimization(capture), rows, rl=_rl_cfg(batch_size=9), pad_id=0)
     assert built == [3] and stats["skipped_frac"] == pytest.approx(6 / 9)
     # By hand over all 9 rows: the skipped rows' tokens still count in the token-level mean.
     model.zero_grad()
@@ -277,8 +280,8 @@ def test_zero_advantage_rows_are_skipped_with_the_same_gradient(monkeypatch) -> 
         torch.testing.assert_close(capture.grads[name], by_hand[name], rtol=1e-4, atol=1e-7, msg=name)
     # With a reference model (KL term) nothing may be skipped.
     built.clear()
-    rl.train_on_rows(model, tiny_llama(96, seed=1), _Capture(model), rows,
-                     _rl_cfg(batch_size=9, kl_coef=0.1), pad_id=0, dist=CPU, model_config=F32, scaler=None)
+    rl.train_on_rows(rl.PolicyModels.of(model, tiny_llama(96, seed=1), F32), optimization(_Capture(model)), rows,
+                     rl=_rl_cfg(batch_size=9, kl_coef=0.1), pad_id=0)
     assert built == [9]
 
 
@@ -303,7 +306,7 @@ def test_uniform_reward_groups_give_exactly_zero_gradient() -> None:
     assert all(r.advantage == 0.0 for r in rows)
     for cfg in (_rl_cfg(), _rl_cfg(advantage="mean_std"), _rl_cfg(updates_per_batch=2)):
         capture = _Capture(model)
-        rl.train_on_rows(model, None, capture, rows, cfg, pad_id=0, dist=CPU, model_config=F32, scaler=None)
+        rl.train_on_rows(rl.PolicyModels.of(model, None, F32), optimization(capture), rows, rl=cfg, pad_id=0)
         assert all(bool((g == 0).all()) for g in capture.grads.values())
 
 
@@ -311,11 +314,11 @@ def test_kl_penalty_gradient_when_policy_differs_from_reference() -> None:
     model, ref = tiny_llama(96, seed=0), tiny_llama(96, seed=1)
     rows = _rows(None, [[1.0, 1.0, 1.0]])  # no policy-gradient signal: only KL moves the weights
     capture = _Capture(model)
-    stats = rl.train_on_rows(model, ref, capture, rows, _rl_cfg(kl_coef=0.1), pad_id=0, dist=CPU, model_config=F32, scaler=None)
+    stats = rl.train_on_rows(rl.PolicyModels.of(model, ref, F32), optimization(capture), rows, rl=_rl_cfg(kl_coef=0.1), pad_id=0)
     assert stats["kl"] > 0
     assert any(bool((g != 0).any()) for g in capture.grads.values())
     same = _Capture(model)
-    stats_same = rl.train_on_rows(model, model, same, rows, _rl_cfg(kl_coef=0.1), pad_id=0, dist=CPU, model_config=F32, scaler=None)
+    stats_same = rl.train_on_rows(rl.PolicyModels.of(model, model, F32), optimization(same), rows, rl=_rl_cfg(kl_coef=0.1), pad_id=0)
     assert stats_same["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -397,7 +400,7 @@ def test_resume_is_bitwise_and_metrics_have_no_gaps(tmp_path: Path, digit_model_
 
     def one_step_then_stop(*args, **kw):
         values = real_one_step(*args, **kw)
-        if args[8] == 1:  # the 0-based step index: stop after step 2 has been trained
+        if kw["step"] == 1:  # the 0-based step index: stop after step 2 has been trained
             import os
             import signal
 
@@ -457,9 +460,9 @@ def test_sample_batch_size_sets_the_sampling_chunks_of_rollouts_and_evaluation(t
     chunks: list[int] = []
     real = rollout._sample_chunk
 
-    def spy(model, unique_prompts, row_prompt, **kwargs):
-        chunks.append(len(row_prompt))
-        return real(model, unique_prompts, row_prompt, **kwargs)
+    def spy(model, context, **kwargs):
+        chunks.append(len(kwargs["row_prompt"]))
+        return real(model, context, **kwargs)
 
     monkeypatch.setattr(rollout, "_sample_chunk", spy)
     data = write_digit_data(tmp_path, 8)
@@ -480,13 +483,13 @@ def test_a_rank_with_fewer_batches_pads_to_the_busiest_rank_with_zero_loss(monke
     model = tiny_llama(96)
     rows = _rows(None, [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # 3 rows to train, 3 skipped
     alone = _Capture(model)
-    stats_alone = rl.train_on_rows(model, None, alone, rows, _rl_cfg(batch_size=3), pad_id=0, dist=CPU, model_config=F32, scaler=None)
+    stats_alone = rl.train_on_rows(rl.PolicyModels.of(model, None, F32), optimization(alone), rows, rl=_rl_cfg(batch_size=3), pad_id=0)
     sizes: list[int] = []
     real_build = rl.build_batch
     monkeypatch.setattr(rl, "build_batch", lambda r, *a: sizes.append(len(r)) or real_build(r, *a))
     monkeypatch.setattr(distributed, "all_reduce_max", lambda tensor, dist: tensor.fill_(3.0))
     padded = _Capture(model)
-    stats = rl.train_on_rows(model, None, padded, rows, _rl_cfg(batch_size=3), pad_id=0, dist=CPU, model_config=F32, scaler=None)
+    stats = rl.train_on_rows(rl.PolicyModels.of(model, None, F32), optimization(padded), rows, rl=_rl_cfg(batch_size=3), pad_id=0)
     assert sizes == [3, 1, 1]  # the real micro-batch, then two one-row zero-advantage pads
     for name in alone.grads:
         torch.testing.assert_close(padded.grads[name], alone.grads[name], rtol=1e-5, atol=1e-8, msg=name)
@@ -574,8 +577,8 @@ def test_ppo_ratio_starts_at_one_with_the_trainers_old_logprobs() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     for group in optimizer.param_groups:
         group["base_lr"] = 0.0
-    stats = rl.train_on_rows(model, None, optimizer, shifted, _rl_cfg(updates_per_batch=2, batch_size=2),
-                             pad_id=0, dist=CPU, model_config=F32, scaler=None)
+    stats = rl.train_on_rows(rl.PolicyModels.of(model, None, F32), optimization(optimizer), shifted,
+                             rl=_rl_cfg(updates_per_batch=2, batch_size=2), pad_id=0)
     assert stats["clip_frac"] == 0.0
     assert stats["logprob_mismatch"] == pytest.approx(0.5, abs=1e-4)
     # The planted fault this guards against: the sampler's log-probs as the denominator clip where adv·ratio grows.
@@ -606,7 +609,7 @@ def test_non_finite_rl_update_is_not_applied_and_resume_continues(tmp_path: Path
     real_one_step = rl._one_step
 
     def one_step(*args, **kwargs):
-        if args[8] == 1:  # the 0-based step index: poison step 2
+        if kwargs["step"] == 1:  # the 0-based step index: poison step 2
             monkeypatch.setattr(rl, "completion_logprobs", poisoned)
         return real_one_step(*args, **kwargs)
 

@@ -8,6 +8,8 @@ import transformers
 
 from integration_training.rollout import (
     Completion,
+    SamplingSettings,
+    SpecialTokens,
     draw,
     left_pad,
     pick_tokens,
@@ -64,8 +66,10 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 def _run(model, prompts=PROMPTS, num_samples=3, max_new_tokens=12, temperature=1.0, top_k=0,
          stop_ids=frozenset(), seed=0, batch_size=64) -> list[list[Completion]]:
-    return sample(model, prompts, num_samples, max_new_tokens, temperature, top_k, stop_ids, PAD, _gen(seed),
-                  batch_size, greedy_first=False)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                batch_size=batch_size)
+    return sample(model, prompts, num_samples=num_samples, settings=settings,
+                  special=SpecialTokens(stop_ids=stop_ids, pad_id=PAD), generator=_gen(seed), greedy_first=False)
 
 
 def _recompute(model, prompt: list[int], completion: list[int]) -> list[float]:
@@ -212,7 +216,8 @@ def test_restores_training_mode(model):
 
 def test_greedy_first_row_is_greedy_and_the_rest_sample(model):
     greedy = _run(model, num_samples=1, temperature=0.0, max_new_tokens=8)
-    mixed = sample(model, PROMPTS, 4, 8, 1.0, 0, frozenset(), PAD, _gen(3), 64, greedy_first=True)
+    mixed = sample(model, PROMPTS, num_samples=4, settings=SamplingSettings(max_new_tokens=8, temperature=1.0, top_k=0, batch_size=64),
+                   special=SpecialTokens(stop_ids=frozenset(), pad_id=PAD), generator=_gen(3), greedy_first=True)
     for p in range(len(PROMPTS)):
         assert mixed[p][0].token_ids == greedy[p][0].token_ids
         torch.testing.assert_close(torch.tensor(mixed[p][0].logprobs), torch.tensor(greedy[p][0].logprobs),

@@ -12,19 +12,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers import arithmetic, make_config, smollm2_tokenizer, tiny_model
+from helpers import arithmetic, make_config, optimization, smollm2_tokenizer, tiny_model
 from integration_training import distributed
 from integration_training import template
 from integration_training.template import IGNORE_INDEX, Rendered
 from integration_training.config import DatasetSpec
 from integration_training.data import build_mixture
-from integration_training.errors import UserError
+from integration_training.errors import TrainingDiverged, UserError
 from integration_training.metrics import read_metrics
 from integration_training.optim import build_optimizer
 from integration_training.sft import (
     SFTStream,
     SupervisedTokenLoss,
-    TrainingDiverged,
     gradient_accumulation,
     rank_micro_batches,
     run_sft,
@@ -99,7 +98,7 @@ def grads_after(model, micro_batches, grad_clip=0.0):
 
     module = SupervisedTokenLoss(model, "float32", True)
     tokens = sum(len(b.input_ids.flatten()) for b in micro_batches)
-    result = train_step(module, Capture(), list(model.parameters()), micro_batches, tokens, 1.0, grad_clip, SINGLE, None)
+    result = train_step(module, optimization(Capture(), grad_clip), micro_batches, tokens=tokens, lr_multiplier=1.0)
     return result, captured
 
 
@@ -156,7 +155,8 @@ def test_accumulation_matches_one_big_micro_batch(rendered):
     for micro in (small, big):
         model = tiny_model(vocab(), 0)
         opt = build_optimizer(model, stage.optimizer)
-        train_step(SupervisedTokenLoss(model, "float32", True).train(), opt, list(model.parameters()), micro, 0, 1.0, 1.0, SINGLE, None)
+        train_step(SupervisedTokenLoss(model, "float32", True).train(), optimization(opt, 1.0), micro, tokens=0,
+                   lr_multiplier=1.0)
         updated.append(dict(model.named_parameters()))
     for name, p in updated[0].items():
         torch.testing.assert_close(p, updated[1][name], rtol=0, atol=1e-4)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from integration_training.rollout import left_pad, sample, sequence_logprobs
+from integration_training.rollout import SamplingSettings, SpecialTokens, left_pad, sample, sequence_logprobs
 from integration_training.tools import ToolRunner, forced_text, forced_token_ids, pending_call
 
 VOCAB = 96
@@ -56,8 +56,10 @@ def toy_model():
 
 def _sample(model, tools, num_samples=4, max_new_tokens=24, temperature=1.0, batch_size=64, seed=0,
             greedy_first=False, stop_ids=frozenset()):
-    return sample(model, PROMPTS, num_samples, max_new_tokens, temperature, 0, stop_ids, PAD,
-                  torch.Generator().manual_seed(seed), batch_size, greedy_first=greedy_first, tools=tools)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, batch_size=batch_size)
+    return sample(model, PROMPTS, num_samples=num_samples, settings=settings,
+                  special=SpecialTokens(stop_ids=stop_ids, pad_id=PAD), generator=torch.Generator().manual_seed(seed),
+                  greedy_first=greedy_first, tools=tools)
 
 
 def _expected_forced(tokenizer, tokens: list[int], forced: list[bool]) -> list[bool]:
@@ -198,7 +200,7 @@ def test_sft_mask_is_zero_exactly_on_forced_spans(answer):
 
 @pytest.mark.parametrize("use_ratio,kl_coef", [(False, 0.0), (True, 0.0), (False, 0.3), (True, 0.3)])
 def test_forced_tokens_carry_no_policy_gradient(use_ratio, kl_coef):
-    from integration_training.rl import policy_loss
+    from integration_training.rl import PolicyLossInputs, policy_loss
 
     torch.manual_seed(0)
     n = 40
@@ -211,10 +213,11 @@ def test_forced_tokens_carry_no_policy_gradient(use_ratio, kl_coef):
         shift = torch.zeros((), requires_grad=True)  # a parameter that only moves forced tokens' log-probs
         forced = drawn == 0
         logprobs = torch.where(forced, base - 1.0 + perturbation + shift * 50.0, base - 1.0)
-        loss, parts = policy_loss(logprobs, torch.where(forced, old + perturbation, old),
-                                  torch.where(forced, ref + 3 * perturbation, ref),
-                                  adv, normaliser=float(drawn.sum()), kl_coef=kl_coef, clip_eps=0.2,
-                                  use_ratio=use_ratio, drawn=drawn)
+        inputs = PolicyLossInputs(logprobs=logprobs, old_logprobs=torch.where(forced, old + perturbation, old),
+                                  advantages=adv, ref_logprobs=torch.where(forced, ref + 3 * perturbation, ref),
+                                  drawn=drawn)
+        loss, parts = policy_loss(inputs, normaliser=float(drawn.sum()), kl_coef=kl_coef, clip_eps=0.2,
+                                  use_ratio=use_ratio)
         base.grad = None
         loss.backward()
         return loss.detach(), base.grad.clone(), shift.grad, {k: v.clone() for k, v in parts.items()}
@@ -245,9 +248,11 @@ def test_train_on_rows_excludes_forced_tokens_from_normaliser_and_statistics():
     batch = build_batch(rows, 0, torch.device("cpu"))
     assert batch.drawn.tolist() == [1, 1, 0, 0, 1, 1, 1, 1]
     logprobs, _ = completion_logprobs(model, batch, False, "float32")
-    from integration_training.rl import policy_loss
+    from integration_training.rl import PolicyLossInputs, policy_loss
 
-    loss, _ = policy_loss(logprobs, batch.old_logprobs, None, batch.advantages, 6.0, 0.0, 0.2, False, drawn=batch.drawn)
+    inputs = PolicyLossInputs(logprobs=logprobs, old_logprobs=batch.old_logprobs, advantages=batch.advantages,
+                              drawn=batch.drawn)
+    loss, _ = policy_loss(inputs, normaliser=6.0, kl_coef=0.0, clip_eps=0.2, use_ratio=False)
     expected = -(logprobs * batch.advantages * batch.drawn).sum() / 6.0
     torch.testing.assert_close(loss, expected)
     assert rows[0].num_drawn == 3 and rows[1].num_drawn == 3

@@ -49,6 +49,7 @@ class Fault:
 
 SFT = "integration_training/sft.py"
 RL = "integration_training/rl.py"
+STAGE = "integration_training/stage.py"
 TEMPLATE = "integration_training/template.py"
 T_SFT = "tests/test_sft.py::"
 T_RL = "tests/test_rl.py::"
@@ -67,13 +68,15 @@ FAULTS: tuple[Fault, ...] = (
           "scale = dist.world_size / max(supervised, 1)", "scale = 1.0 / max(supervised, 1)",
           (EQUIVALENCE,), "SFT loss loses ×world_size: DDP's gradient average becomes a 1/world mean"),
     Fault("sft-mean-of-micro-means", SFT,
-          "precision.backward(micro_sum * scale, scaler)",
-          "precision.backward(micro_sum * dist.world_size / max(batch.num_supervised, 1) / len(micro_batches), scaler)",
+          "optimization.backward(micro_sum * scale)",
+          "optimization.backward(micro_sum * dist.world_size / max(batch.num_supervised, 1) / len(micro_batches))",
           (T_SFT + "test_token_normalisation_spans_the_whole_accumulated_step",
            T_SFT + "test_accumulation_matches_one_big_micro_batch"),
           "token mean per micro-batch, then mean of means (not one token mean over the step)"),
-    Fault("sft-no-grad-clip", SFT,
-          "        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)", "        pass",
+    # Both stages clip in stage.clip_gradients: the same planted fault, caught by each stage's test.
+    Fault("sft-no-grad-clip", STAGE,
+          "        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm)",
+          "        pass",
           (T_SFT + "test_grad_clip_reports_unclipped_norm_and_clips",), "sft.optimizer.grad_clip ignored"),
     Fault("sft-accumulation-count", SFT,
           "return stage.examples_per_step // per_pass",
@@ -134,12 +137,13 @@ FAULTS: tuple[Fault, ...] = (
           "normaliser = global_tokens / dist.world_size", "normaliser = global_tokens",
           (EQUIVALENCE,), "RL token normaliser loses ×world_size across ranks"),
     Fault("rl-micro-batch-normaliser", RL,
-          "batch.advantages, normaliser,", "batch.advantages, float(batch.num_tokens),",
+          "loss, parts = policy_loss(inputs, normaliser=normaliser,",
+          "loss, parts = policy_loss(inputs, normaliser=float(batch.num_tokens),",
           (T_RL + "test_token_level_normalisation_across_micro_batches",),
           "RL loss normalised per micro-batch instead of over the step's tokens"),
-    Fault("rl-no-grad-clip", RL,
-          "return float(torch.nn.utils.clip_grad_norm_(params, max_norm))",
-          "return float(torch.nn.utils.get_total_norm([p.grad for p in params]))",
+    Fault("rl-no-grad-clip", STAGE,
+          "        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm)",
+          "        pass",
           (T_EFFECTS + "test_rl_grad_clip_bounds_the_applied_gradient_and_reports_the_unclipped_norm",), "rl.optimizer.grad_clip ignored"),
     Fault("rl-overlong-boundary", "integration_training/problems.py",
           "<= budget]", "< budget]",
@@ -150,8 +154,8 @@ FAULTS: tuple[Fault, ...] = (
           "return every > 0 and done == steps and not evaluation.after_rl",
           (KNOBS,), "evaluation.every_rl_steps ignored"),
     Fault("rl-sampling-from-sft-section", RL,
-          "sampling.max_new_tokens, sampling.temperature,\n                             sampling.top_k, stop_ids",
-          "sampling.max_new_tokens, 1.0,\n                             0, stop_ids",
+          "settings=sampling_settings(rl.sampling),",
+          "settings=sampling_settings(replace(rl.sampling, temperature=1.0, top_k=0)),",
           (RL_RUN,), "rollouts ignore rl.sampling"),
     # ---- resume
     # Removing the stages' restore_rng_state call is an equivalent mutant today (sampling is seeded per step and
@@ -161,19 +165,20 @@ FAULTS: tuple[Fault, ...] = (
           ("tests/test_checkpoint.py::test_rng_state_round_trips_through_a_saved_file",),
           "resume does not restore torch's RNG state"),
     Fault("rl-resume-data-position", RL,
-          'start = int(state["step"])', 'start = max(0, int(state["step"]) - 1)',
+          "for step in range(start, run.total):", "for step in range(max(0, start - 1), run.total):",
           (T_RL + "test_resume_is_bitwise_and_metrics_have_no_gaps",),
           "a resumed RL run repeats the checkpoint's last step (prompts and update)"),
     Fault("sft-resume-data-position", SFT,
-          "sequences = stream.step_sequences(step)",
-          'sequences = stream.step_sequences(step if resume_from is None else step - int(state["step"]))',
+          "sequences = data.stream.step_sequences(step)",
+          "sequences = data.stream.step_sequences(step if run.resume_from is None else "
+          "step - int(run.resume_from.name.removeprefix('step_')))",
           (T_SFT + "test_resume_after_stop_or_crash_is_bitwise_identical",),
           "a resumed SFT run restarts its data stream at the beginning"),
-    Fault("sft-resume-optimizer", SFT,
-          '            optimizer.load_state_dict(state["optimizer"])', "            pass",
+    Fault("sft-resume-optimizer", STAGE,
+          '            self.optimizer.load_state_dict(state["optimizer"])', "            pass",
           (T_SFT + "test_resume_after_stop_or_crash_is_bitwise_identical",), "SFT resume drops the optimizer state"),
     Fault("metrics-truncate", "integration_training/metrics.py",
-          'row["step"] > step:', 'row["step"] >= step:',
+          'row["step"] > step)]', 'row["step"] >= step)]',
           ("tests/test_metrics.py::test_truncate_after_drops_only_this_stages_later_steps",),
           "resume truncation drops the checkpoint step's own metrics"),
     Fault("checkpoint-latest-by-name", "integration_training/checkpoint.py",
