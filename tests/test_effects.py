@@ -598,9 +598,9 @@ def test_rl_rows_carry_the_custom_reward_the_advantage_kind_and_the_seeded_promp
     trained: list[list[rl.Sequence_]] = []
     train = rl.train_on_rows
 
-    def recording_train(model, ref, optimizer, rows, *args, **kwargs):
+    def recording_train(models, optimization, rows, **kwargs):
         trained.append(list(rows))
-        return train(model, ref, optimizer, rows, *args, **kwargs)
+        return train(models, optimization, rows, **kwargs)
 
     monkeypatch.setattr(rl, "train_on_rows", recording_train)
     for seed, kind in ((1, "mean"), (2, "mean_std")):
