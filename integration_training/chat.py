@@ -253,8 +253,6 @@ def terminal_loop(engine: ChatEngine) -> None:
         import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
     except ImportError:
         pass
-    # Ctrl-C must stop a reply even when the launching process left SIGINT ignored (which a child inherits).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     print("/clear starts a new conversation, /exit (or Ctrl-D) quits; Ctrl-C stops a reply.", file=sys.stderr)
     turns: list[dict[str, str]] = []
     while True:
@@ -551,6 +549,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> int:
     args = _parse_args(argv)
     server = None
+    # Ctrl-C must stop a reply, and the web server, even when the launching process left SIGINT ignored (a child
+    # inherits an ignored signal across exec: seen when a test runner's earlier in-process run left it so).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         check_flags(args)
         if args.web:
