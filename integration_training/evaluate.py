@@ -344,17 +344,6 @@ def scoring_of(config) -> Scoring:
                    seed=config.data.shuffle_seed, greedy=True, tools=tuple(config.data.tools))
 
 
-def held_out_problems(config, tokenizer) -> list[Example]:
-    """The first `evaluation.num_problems` problems of `evaluation.mixture` that fit the generation budget."""
-    from integration_training.problems import drop_overlong, verified_problems
-
-    evaluation = config.evaluation
-    problems = verified_problems(evaluation.mixture, config.data.shuffle_seed, "evaluation.mixture",
-                                 config.data.tools)
-    problems = drop_overlong(problems, tokenizer, config.data.max_length, evaluation.sampling, "evaluation")
-    return problems[: evaluation.num_problems]
-
-
 def due_during_rl(evaluation, done: int, steps: int) -> bool:
     """Whether RL evaluates its policy after step `done` of `steps`: every `evaluation.every_rl_steps` (0 = never),
     except the final step when `evaluation.after_rl` is set — the CLI evaluates RL's final checkpoint then."""
@@ -386,6 +375,8 @@ def run(config, run_dir: Path, stage: str, step: int, *, source: str | Path | No
 
         model, tokenizer = models.load_policy(source, config.model, dist.device, training=False)
     if problems is None:
+        from integration_training.problems import held_out_problems
+
         problems = held_out_problems(config, tokenizer)
     result = _score_sharded(config, model, tokenizer, problems, dist, f"{stage} eval @ step {step}")
     values = result.summary(prefix="eval/")

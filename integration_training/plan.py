@@ -423,25 +423,22 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
 def _sampled_prompts(config: Config, tokenizer) -> dict[str, tuple[int, int | None]]:
     """{"rl" / "evaluation": (usable prompts, longest prompt in tokens or None)} for the sections that sample from
     local sources, through the checks their stage makes before it starts (verifiers, fit, RL's one step)."""
-    from integration_training.problems import drop_overlong, rl_steps, verified_problems
+    from integration_training.problems import held_out_problems, rl_problems, rl_steps, verified_problems
     from integration_training.template import render_prompt
 
     data, evaluation = config.data, config.evaluation
-    mixtures = []
+    mixtures = []  # (section, field, specs, what the stage itself takes from them once a tokenizer is known)
     if runs_rl(config) and all(not _is_hub_source(s) for s in data.rl_mixture):
-        mixtures.append(("rl", "data.rl_mixture", data.rl_mixture, config.rl.sampling))
+        mixtures.append(("rl", "data.rl_mixture", data.rl_mixture, rl_problems))
     if evaluations_on(evaluation) and all(not _is_hub_source(s) for s in evaluation.mixture):
-        mixtures.append(("evaluation", "evaluation.mixture", evaluation.mixture, evaluation.sampling))
+        mixtures.append(("evaluation", "evaluation.mixture", evaluation.mixture, held_out_problems))
     found = {}
-    for section, what, specs, sampling in mixtures:
-        examples = verified_problems(specs, data.shuffle_seed, what)
-        longest = None
-        if tokenizer is not None:
-            examples = drop_overlong(examples, tokenizer, data.max_length, sampling, section)
-            if section == "evaluation":
-                examples = examples[: evaluation.num_problems]
-            longest = max(len(render_prompt(tokenizer, list(e.messages[:-1]))) for e in examples)
-        found[section] = (len(examples), longest)
+    for section, what, specs, problems in mixtures:
+        if tokenizer is None:  # the verifier check only; the count is an upper bound
+            found[section] = (len(verified_problems(specs, data.shuffle_seed, what, data.tools)), None)
+            continue
+        examples = problems(config, tokenizer)
+        found[section] = (len(examples), max(len(render_prompt(tokenizer, list(e.messages[:-1]))) for e in examples))
     if "rl" in found:
         rl_steps(config.rl, found["rl"][0])
     return found

@@ -205,7 +205,7 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     ref = rl_module.load_reference(init_model, config.model, dist.device) if rl.kl_coef > 0 else None
     model = distributed.wrap_model(policy, config.target, dist, config.model.dtype)
     optimization = Optimization.build(policy, rl, name="rl", config=config, dist=dist, gather_from=policy)
-    examples = _longest_prompts(config, tokenizer, "rl", rl.examples_per_step // world_size(config.target))
+    examples = _longest_prompts(config, tokenizer, rl.examples_per_step // world_size(config.target))
     prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
     generator = torch.Generator(device=dist.device).manual_seed(0)
     with _Measure(dist.device, "rl rollout") as rollout, precision.autocast(dist.device, config.model.dtype):
@@ -226,15 +226,13 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
             Stage("rl train", train.seconds, steps, False, train.device_peak, train.host_peak))
 
 
-def _longest_prompts(config: Config, tokenizer, section: str, count: int):
-    """The `count` longest prompts of RL's mixture (section 'rl')."""
-    from integration_training.problems import drop_overlong, verified_problems
+def _longest_prompts(config: Config, tokenizer, count: int):
+    """The `count` longest of RL's training prompts (`problems.rl_problems`)."""
+    from integration_training.problems import rl_problems
     from integration_training.template import render_prompt
 
-    assert section == "rl", section  # the evaluation's problems: evaluate.held_out_problems
-    examples = verified_problems(config.data.rl_mixture, config.data.shuffle_seed, "data.rl_mixture")
-    examples = drop_overlong(examples, tokenizer, config.data.max_length, config.rl.sampling, section)
-    examples = sorted(examples, key=lambda e: len(render_prompt(tokenizer, list(e.messages[:-1]))), reverse=True)
+    examples = sorted(rl_problems(config, tokenizer), key=lambda e: len(render_prompt(tokenizer, list(e.messages[:-1]))),
+                      reverse=True)
     chosen = examples[:count]
     while len(chosen) < count:
         chosen.append(chosen[0])
@@ -244,7 +242,7 @@ def _longest_prompts(config: Config, tokenizer, section: str, count: int):
 def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float, Stage | None]:
     """(model load seconds, eval chunk stage with units = chunks per evaluation × evaluations)."""
     from integration_training import models, precision
-    from integration_training.evaluate import held_out_problems
+    from integration_training.problems import held_out_problems
     from integration_training.rollout import SpecialTokens, sample
     from integration_training.stage import sampling_settings
     from integration_training.template import render_prompt

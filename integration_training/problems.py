@@ -52,6 +52,22 @@ def drop_overlong(examples: list[Example], tokenizer, max_length: int, sampling,
     return kept
 
 
+def rl_problems(config, tokenizer) -> list[Example]:
+    """RL's training prompts: data.rl_mixture's verified problems that fit data.max_length with rl.sampling."""
+    problems = verified_problems(config.data.rl_mixture, config.data.shuffle_seed, "data.rl_mixture",
+                                 config.data.tools)
+    return drop_overlong(problems, tokenizer, config.data.max_length, config.rl.sampling, "rl")
+
+
+def held_out_problems(config, tokenizer) -> list[Example]:
+    """The first `evaluation.num_problems` problems of `evaluation.mixture` that fit the generation budget."""
+    evaluation = config.evaluation
+    problems = verified_problems(evaluation.mixture, config.data.shuffle_seed, "evaluation.mixture",
+                                 config.data.tools)
+    problems = drop_overlong(problems, tokenizer, config.data.max_length, evaluation.sampling, "evaluation")
+    return problems[: evaluation.num_problems]
+
+
 def rl_steps(rl, num_examples: int) -> int:
     """RL's step count: num_iterations, or (-1) enough steps to see the RL mixture num_epochs times.
 

@@ -35,7 +35,7 @@ from integration_training import evaluate
 from integration_training.config import Config, RLConfig
 from integration_training.data.types import Example
 from integration_training.models import load_policy
-from integration_training.problems import drop_overlong, rl_steps as total_steps, verified_problems
+from integration_training.problems import held_out_problems, rl_problems, rl_steps as total_steps
 from integration_training.stage import Optimization, Weights, sampling_settings
 
 if TYPE_CHECKING:  # the engine (and transformers) load when sampling starts, not when the CLI imports this module
@@ -621,11 +621,10 @@ def _build_run(config: Config, stage, init_model: str | Path) -> tuple[RLRun, We
         reference = (load_reference(init_model, config.model, stage.dist.device) if adapters is None
                      else adapters.reference())
     assert tokenizer.pad_token_id is not None  # load_tokenizer guarantees one
-    train_examples = drop_overlong(verified_problems(config.data.rl_mixture, seed, "data.rl_mixture", config.data.tools),
-                                   tokenizer, config.data.max_length, rl.sampling, "rl")
+    train_examples = rl_problems(config, tokenizer)
     evaluation = config.evaluation
     # The problems RL's own evaluations score (evaluation.every_rl_steps), built once for all of them.
-    eval_examples = evaluate.held_out_problems(config, tokenizer) if evaluation.every_rl_steps > 0 else []
+    eval_examples = held_out_problems(config, tokenizer) if evaluation.every_rl_steps > 0 else []
     provenance.record_stage(  # environment.json; a resume refuses changed data (exit 2)
         stage.run_dir, STAGE, seed,
         provenance.data_fingerprints(tokenizer, train_examples, eval_examples, config.data.max_length),

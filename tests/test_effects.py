@@ -182,6 +182,7 @@ def test_temperature_and_top_k_shape_what_is_drawn():
 
 
 def test_rl_max_length_drops_prompts_over_the_budget_and_keeps_the_boundary():
+    from integration_training import problems
     from integration_training.data import build_mixture
     from integration_training.template import render_prompt
     from helpers import arithmetic
@@ -193,12 +194,12 @@ def test_rl_max_length_drops_prompts_over_the_budget_and_keeps_the_boundary():
     max_new_tokens = 5
     sampling = types.SimpleNamespace(max_new_tokens=max_new_tokens)
     for budget in sorted(set(lengths))[:-1]:
-        kept = rl.drop_overlong(examples, tokenizer, budget + max_new_tokens, sampling, "rl")
+        kept = problems.drop_overlong(examples, tokenizer, budget + max_new_tokens, sampling, "rl")
         assert kept == [e for e, n in zip(examples, lengths) if n <= budget]
     from integration_training.errors import UserError
 
     with pytest.raises(UserError, match="max_length"):
-        rl.drop_overlong(examples, tokenizer, min(lengths) - 1 + max_new_tokens, sampling, "rl")
+        problems.drop_overlong(examples, tokenizer, min(lengths) - 1 + max_new_tokens, sampling, "rl")
 
 
 # ---------------------------------------------------------------------------------------------------- RL optimizer
