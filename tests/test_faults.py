@@ -502,7 +502,7 @@ def finish(process: subprocess.Popen, seen: list[str]) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, stage_line", [(signal.SIGTERM, "step 1/4"), (signal.SIGINT, "RL step 0")])
+@pytest.mark.parametrize("signum, stage_line", [(signal.SIGTERM, "step 1/4"), (signal.SIGINT, "INFO RL: ")])
 def test_external_signal_to_deploy_py(tmp_path, reference, signum, stage_line):
     """A real `python deploy.py` process; the signal goes to its process group, as Ctrl-C or a scheduler sends it."""
     config = write_config(tmp_path)
