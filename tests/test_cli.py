@@ -98,7 +98,7 @@ def test_dry_run_of_cuda_config_says_the_device_is_absent(tmp_path):
 def test_offline_dry_run_shows_counts_and_a_marked_example():
     result = deploy("configs/00_offline_cpu.py", "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert "arithmetic" in result.stdout and "64 selected" in result.stdout
+    assert "word_problems" in result.stdout and "64 selected" in result.stdout
     assert "«" in result.stdout and "»" in result.stdout
 
 

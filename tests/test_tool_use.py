@@ -323,12 +323,15 @@ def test_deploy_unknown_tool_exits_2_and_calculator_dry_run_plans(tmp_path):
     from test_cli import assert_one_line_user_error, config_text, deploy
 
     bad = tmp_path / "bad_tool.py"
-    bad.write_text(config_text(**{"tools=[]": 'tools=["python"]'}))
+    bad.write_text(config_text(**{'tools=["calculator"]': 'tools=["python"]'}))
     result = deploy(str(bad), "--dry-run")
     assert result.returncode == 2 and "Traceback" not in result.stderr and "data.tools" in result.stderr
-    good = tmp_path / "calc.py"
-    good.write_text(config_text(**{"tools=[]": 'tools=["calculator"]'}))
-    result = deploy(str(good), "--dry-run")
+    off = tmp_path / "no_tools.py"  # the shipped default has the calculator on; [] plans without it
+    off.write_text(config_text(**{'tools=["calculator"]': "tools=[]"}))
+    result = deploy(str(off), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "tools=[]" in result.stdout
+    result = deploy("configs/00_offline_cpu.py", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "tools=['calculator']" in result.stdout
     del assert_one_line_user_error
