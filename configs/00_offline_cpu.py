@@ -40,11 +40,11 @@ config = Config(
         lora=None,  # full fine-tune (configs/03_offline_lora.py trains LoRA adapters)
     ),
     data=DataConfig(
-        # A short SFT on purpose: 64 problems teach the worked-answer format (greedy 0 → ~0.15) but leave sampling at
-        # temperature 1 loose (sampled pass@1 ~0.05), which is what RL tightens within 10 steps. Measured: after
-        # 120-200 problems SFT was already sharp (after 160: sampled 0.13, greedy 0.18, token entropy ~0.1 nats)
-        # and 10-12 RL steps moved it by -0.04..+0.02; after 64, the same RL gave +0.05 (paired p < 0.001). It
-        # also costs 80 s of the 10-minute budget instead of 150.
+        # A short SFT on purpose: 64 word problems teach the calculator protocol and the worked-answer format
+        # (greedy 0 → ~0.58, measured) but leave sampling at temperature 1 loose (sampled pass@1 ~0.30), which is
+        # what RL tightens. The calculator makes the arithmetic exact (a 135M model's own sums are confidently
+        # wrong: 0.145 greedy on plain a + b − c), so what is left to learn is what word_problems makes hard: which
+        # numbers of the story, which operation, in which order (distractor numbers, "twice as many", "half").
         sft_mixture=[
             DatasetSpec(name="word_problems", split="train", subset=None, max_samples=64, repeat=1, path=None, reward=None),
             DatasetSpec(
@@ -94,7 +94,10 @@ config = Config(
     ),
     rl=RLConfig(
         num_epochs=1,
-        num_iterations=10,
+        # 6 steps is what fits in 10 minutes beside three evaluations. Measured from this SFT (seed 42, 2026-11-28):
+        # 6 steps × 64 rollouts took sampled pass@1 0.30 → 0.485 (greedy 0.58 → 0.66), 10 steps → 0.58 (in 316 s),
+        # 12 steps × 32 rollouts → 0.54 (in 242 s, more than 6 × 64's ~205 s).
+        num_iterations=6,
         examples_per_step=8,
         num_samples=8,
         batch_size=32,  # rows per backward: 64 rows × ~90 tokens predicted 9 GiB of activations, 32 half that
@@ -107,9 +110,8 @@ config = Config(
         ),
         optimizer=OptimizerConfig(
             name="adamw",
-            # RL at a tenth of SFT's LR, held constant: the run is too short for a decay to matter. Measured here from
-            # this SFT: 2e-5 collapsed within 6 steps (greedy 0.145 → 0.03); 1e-5 gained +0.03 to +0.05 sampled pass@1
-            # by step 10 (4 samples: 0.06 → 0.095, still 0.10 at step 20). 10 steps is what fits in 10 minutes.
+            # RL at a tenth of SFT's LR, held constant: the run is too short for a decay to matter. (On the earlier
+            # plain-arithmetic task 2e-5 collapsed within 6 steps, greedy 0.145 → 0.03; 1e-5 did not.)
             embedding_lr=1e-5,
             unembedding_lr=1e-5,
             matrix_lr=1e-5,
@@ -131,13 +133,15 @@ config = Config(
             DatasetSpec(name="word_problems", split="test", subset=None, max_samples=200, repeat=1, path=None, reward=None),
         ],
         num_problems=200,
-        # 3 samples + greedy per problem: with 4 the three evaluations alone took ~340 s of the 600.
-        num_samples=3,
+        # 1 sample + greedy per problem (400 rows): with 64-token answers 3 samples made each evaluation 104-166 s
+        # on this box (142-166 s for the start model, which writes all 64 tokens), three of them 60 % of the budget.
+        num_samples=1,
         sampling=SamplingConfig(
-            # Rows per sampling forward. CPU decode is memory-bound at 64 rows (139 tok/s here) and matmul-bound
-            # from ~256 (260 tok/s); a 200-problem evaluation took ~113 s in 500-row chunks, ~124 s in 250 and
-            # ~157 s in 1000.
-            batch_size=500,
+            # Rows per sampling forward: 200 problems × 2 rows in one chunk. CPU decode is memory-bound at 64 rows
+            # (139 tok/s here) and matmul-bound from ~256 (260 tok/s); on the plain-arithmetic task a 200-problem
+            # evaluation took ~113 s in 500-row chunks, ~124 s in 250 and ~157 s in 1000 (800 rows); here 600 rows
+            # in two chunks of 300 took as long as 800 in 500 + 300.
+            batch_size=400,
             max_new_tokens=64,  # the longest worked answer (4 calls, forced results included) is 59 tokens + end-of-turn
             temperature=1.0,
             top_k=0,

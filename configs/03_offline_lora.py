@@ -1,8 +1,9 @@
-"""Offline LoRA: the offline default's task (configs/00_offline_cpu.py) training LoRA adapters instead of every weight.
+"""Offline LoRA: SmolLM2-135M-Instruct training LoRA adapters instead of every weight, on 2 CPU cores.
 
-SmolLM2-135M-Instruct on 2 CPU cores, SFT then RL on procedural arithmetic (GSM8K format), ending with the same
-baseline → SFT → RL table. Only the adapters train (4.9M parameters, 3.6 % of the model); AdamW's state is 3.6 % of a
-full fine-tune's. Each stage's final checkpoint holds the adapter (checkpoints/<stage>/step_N/adapter, for
+SFT then RL on procedural arithmetic (GSM8K format, no tools: the offline default's task before it took the
+calculator and word problems; this config's settings were measured on it), ending with the same
+baseline → SFT → RL table as configs/00_offline_cpu.py. Only the adapters train (4.9M parameters, 3.6 % of the
+model); AdamW's state is 3.6 % of a full fine-tune's. Each stage's final checkpoint holds the adapter (checkpoints/<stage>/step_N/adapter, for
 peft.PeftModel.from_pretrained) and the merged model (a plain HF directory). RL starts from SFT's merged model with
 fresh adapters; with kl_coef > 0 its reference would be that same model with the adapters switched off (no copy).
 """

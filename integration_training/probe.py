@@ -4,7 +4,8 @@ Loads the model on the configured device and runs, at the configuration's real s
 1. one SFT optimizer step on the longest micro-batch the SFT data produces (packed rows or the longest
    conversations), with the configured gradient accumulation;
 2. one RL rollout of this rank's prompts × num_samples at worst-case length (no stop token: every row decodes
-   rl.sampling.max_new_tokens) and one RL training update on those rows (every row trained: advantages ±1);
+   rl.sampling.max_new_tokens; prefill and a few decode steps, extrapolated like 3.) and the RL update's largest
+   micro-batch at that length (every row trained: advantages ±1), cold and then warm;
 3. the first decode steps of one evaluation chunk of evaluation.sampling.batch_size rows (greedy + num_samples
    samples per problem)
    with its KV cache allocated for the full length, extrapolated to max_new_tokens (a full 500-row chunk is a
@@ -21,9 +22,13 @@ are the maximum over ranks (all_reduce_max), which is what the slowest / fullest
 (what `--dry-run` runs today: the probe is not relaunched under torchrun) world size is 1, so a multi-process
 config is probed at the per-rank shapes of rank 0 of its configured world size.
 
-Prediction: stage time = measured seconds per unit × units in the run (steps, evaluations, model loads). The
-interval's low end lets decode stages finish at 60 % of max_new_tokens (rows stop early) and the rest run 10 %
-faster; its high end is the worst case + 10 % (timing noise, checkpoints, data rendering).
+Prediction: stage time = measured seconds per unit × units in the run (steps, evaluations, model loads) × the
+stage's typical share of its worst case. Decoding is predicted at its worst case (a chunk runs until its longest
+row stops, and a sampled row at temperature 1 often runs long; at RL's row counts decode is memory-bound, so rows
+that stop early barely shorten it). RL's update is predicted at the reference answers' mean length (what SFT
+teaches), every row still trained (README has the offline default's predicted vs measured times). The interval's
+low end lets decode stages finish at 60 % of max_new_tokens and the rest run 10 % faster; its high end is the
+worst case + 10 % (timing noise, checkpoints, data rendering).
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from integration_training.config import Config, runs_rl, runs_sft, world_size
 from integration_training.errors import UserError
 
 CAP_ENV = "INTEGRATION_TRAINING_PROBE_MEMORY_CAP_MB"
-PROBE_DECODE_STEPS = 4  # decode steps of the eval chunk actually run (after prefill); the rest is extrapolated
+PROBE_WARMUP_STEPS = 3  # decode steps run untimed first (a fresh process is slow at new shapes)
+PROBE_DECODE_STEPS = 4  # decode steps then timed (after prefill and warm-up); the rest is extrapolated
 EARLY_STOP_FRACTION = 0.6  # interval low end: decode stops at 60 % of max_new_tokens on average
 NOISE = 0.1
 
@@ -54,10 +60,15 @@ class Stage:
     decode: bool  # decode-bound: rows stopping early make it faster (interval low end)
     device_peak: int | None  # bytes
     host_peak: int  # bytes
+    typical: float = 1.0  # the typical run's share of the measured worst case (RL's update: shorter completions)
+
+    @property
+    def worst(self) -> float:
+        return self.seconds_per_unit * self.units
 
     @property
     def total(self) -> float:
-        return self.seconds_per_unit * self.units
+        return self.worst * self.typical
 
 
 class _Enough(Exception):
@@ -193,45 +204,111 @@ def probe_sft(config: Config, dist, tokenizer) -> tuple[Stage, float]:
 
 
 def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, Stage]:
-    """One worst-case rollout (no stop ids) and one training update on its rows (every row trained)."""
+    """One worst-case rollout (no stop ids) and one training micro-batch at worst-case length (every row trained).
+
+    The rollout runs its prefill and PROBE_DECODE_STEPS decode steps, extrapolated to max_new_tokens like the
+    evaluation chunk (its KV cache is allocated for the full length, so its memory peak is already reached). The
+    update runs one micro-batch of `rl.batch_size` rows of max_new_tokens each — the largest forward/backward the
+    run can meet, so its memory peak — and an optimizer step; the step's time is that × the micro-batches a step
+    of this rank's rows needs. Its typical share (`typical`) scales the update's tokens through the layers to the
+    reference answers' mean length (what SFT teaches the model to write), keeping every row trained.
+    """
     from integration_training import distributed, precision, rl as rl_module
-    from integration_training.rollout import SpecialTokens, sample
+    from integration_training.rollout import Completion, SpecialTokens, sample
     from integration_training.stage import Optimization, sampling_settings
     from integration_training.template import render_prompt
 
-    rl = config.rl
+    rl, max_new = config.rl, config.rl.sampling.max_new_tokens
     policy, _ = rl_module.load_policy(init_model, config.model, dist.device, training=True)
     _check_positions(config, policy)
     ref = rl_module.load_reference(init_model, config.model, dist.device) if rl.kl_coef > 0 else None
     model = distributed.wrap_model(policy, config.target, dist, config.model.dtype)
     optimization = Optimization.build(policy, rl, name="rl", config=config, dist=dist, gather_from=policy)
-    examples = _longest_prompts(config, tokenizer, rl.examples_per_step // world_size(config.target))
+    from integration_training.problems import rl_problems
+
+    problems = rl_problems(config, tokenizer)
+    examples = _longest_prompts(problems, tokenizer, rl.examples_per_step // world_size(config.target))
     prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
     generator = torch.Generator(device=dist.device).manual_seed(0)
     with _Measure(dist.device, "rl rollout") as rollout, precision.autocast(dist.device, config.model.dtype):
-        completions = sample(policy, prompts, num_samples=rl.num_samples, settings=sampling_settings(rl.sampling),
-                             special=SpecialTokens(stop_ids=frozenset(), pad_id=tokenizer.pad_token_id),
-                             generator=generator, greedy_first=False)
+        rollout_seconds = _decode_extrapolated(
+            lambda progress: sample(policy, prompts, num_samples=rl.num_samples, settings=sampling_settings(rl.sampling),
+                                    special=SpecialTokens(stop_ids=frozenset(), pad_id=tokenizer.pad_token_id),
+                                    generator=generator, greedy_first=False, progress=progress), max_new)
     count = len(prompts) * rl.num_samples
+    filler = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Worst-case completions: max_new_tokens drawn tokens each (token values do not change the cost).
+    worst = Completion(token_ids=[filler] * max_new, logprobs=[-1.0] * max_new, finished=False, forced=[False] * max_new)
+    completions = [[worst] * rl.num_samples for _ in prompts]
     signs = torch.tensor([[1.0 if (p * rl.num_samples + s) % 2 else -1.0 for s in range(rl.num_samples)]
                           for p in range(len(prompts))])
     rows = rl_module.make_rows(prompts, completions, signs.clamp(min=0), signs)
     assert len(rows) == count
-    with _Measure(dist.device, "rl train") as train:
-        rl_module.train_on_rows(rl_module.PolicyModels.of(model, ref, config.model), optimization, rows, rl=rl,
-                                pad_id=tokenizer.pad_token_id)
+    micro_batches = math.ceil(count / rl.batch_size)
+    models = rl_module.PolicyModels.of(model, ref, config.model)
+    with _Measure(dist.device, "rl train") as train:  # the first (cold) micro-batch: the memory peak
+        rl_module.train_on_rows(models, optimization, rows[: rl.batch_size], rl=rl, pad_id=tokenizer.pad_token_id)
+    per_micro_batch, device_peak = train.seconds, train.device_peak
+    if micro_batches > 1:  # a warm one is what every later micro-batch of the run costs
+        with _Measure(dist.device, "rl train") as warm:
+            rl_module.train_on_rows(models, optimization, rows[rl.batch_size : 2 * rl.batch_size], rl=rl,
+                                    pad_id=tokenizer.pad_token_id)
+        per_micro_batch = warm.seconds
+        device_peak = max(device_peak, warm.device_peak) if device_peak is not None else None
+    prompt_tokens = sum(len(p) for p in prompts) / len(prompts)
+    typical = _typical_completion_tokens(config, tokenizer, problems)
+    share = _layer_tokens(prompt_tokens, typical, rl.num_samples) / _layer_tokens(prompt_tokens, max_new, rl.num_samples)
     steps = _rl_steps(config)
-    del model, policy, optimization, ref
-    return (Stage("rl rollout", rollout.seconds, steps, True, rollout.device_peak, rollout.host_peak),
-            Stage("rl train", train.seconds, steps, False, train.device_peak, train.host_peak))
+    del models, model, policy, optimization, ref
+    return (Stage("rl rollout", rollout_seconds, steps, True, rollout.device_peak, rollout.host_peak),
+            Stage("rl train", per_micro_batch * micro_batches, steps, False, device_peak, host_peak_bytes(),
+                  typical=share))
 
 
-def _longest_prompts(config: Config, tokenizer, count: int):
+def _layer_tokens(prompt_tokens: float, completion_tokens: float, samples: int) -> float:
+    """Tokens one group sends through the layers in RL's update: its prompt once, each sample's completion."""
+    return prompt_tokens + samples * completion_tokens
+
+
+def _typical_completion_tokens(config: Config, tokenizer, examples) -> float:
+    """Mean tokens of the data's reference answers + the end-of-turn token, capped at max_new_tokens."""
+    answers = [e.messages[-1]["content"] for e in examples if e.messages and e.messages[-1]["role"] == "assistant"]
+    if not answers:
+        return float(config.rl.sampling.max_new_tokens)
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers]
+    return min(sum(lengths) / len(lengths), float(config.rl.sampling.max_new_tokens))
+
+
+def _decode_extrapolated(run, max_new_tokens: int) -> float:
+    """Seconds `run(progress)` (one sampling call) would take to decode max_new_tokens: its prefill, then
+    PROBE_WARMUP_STEPS decode steps left untimed (a fresh process's first steps at new shapes run ~2× slower:
+    kernel selection, first-touch allocations) and PROBE_DECODE_STEPS timed ones, extrapolated (the per-step cost
+    is flat: the KV cache is pre-allocated for the full length)."""
+    stamps: list[float] = []
+
+    def on_rows(_rows: float) -> None:
+        stamps.append(time.perf_counter())
+        if len(stamps) > PROBE_WARMUP_STEPS + PROBE_DECODE_STEPS:
+            raise _Enough
+
+    start = time.perf_counter()
+    try:
+        run(on_rows)
+    except _Enough:
+        pass
+    forwards = max(max_new_tokens - 1, 0)  # decode forwards in a full chunk (the last token needs none)
+    timed = stamps[PROBE_WARMUP_STEPS:] if len(stamps) > PROBE_WARMUP_STEPS + 1 else stamps
+    if len(timed) >= 2:
+        per_step = (timed[-1] - timed[0]) / (len(timed) - 1)
+        return (stamps[0] - start) + per_step * max(forwards - 1, 0)
+    return time.perf_counter() - start  # a call this short ran to the end
+
+
+def _longest_prompts(problems, tokenizer, count: int):
     """The `count` longest of RL's training prompts (`problems.rl_problems`)."""
-    from integration_training.problems import rl_problems
     from integration_training.template import render_prompt
 
-    examples = sorted(rl_problems(config, tokenizer), key=lambda e: len(render_prompt(tokenizer, list(e.messages[:-1]))),
+    examples = sorted(problems, key=lambda e: len(render_prompt(tokenizer, list(e.messages[:-1]))),
                       reverse=True)
     chosen = examples[:count]
     while len(chosen) < count:
@@ -260,28 +337,12 @@ def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float,
     problems = sorted(problems, key=lambda e: len(render_prompt(tokenizer, list(e.messages[:-1]))), reverse=True)
     problems = problems[: max(1, sampling.batch_size // rows_per_problem)]
     prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in problems]
-    stamps: list[float] = []
-
-    def on_rows(_rows: float) -> None:
-        stamps.append(time.perf_counter())
-        if len(stamps) > PROBE_DECODE_STEPS:
-            raise _Enough
-
     generator = torch.Generator(device=dist.device).manual_seed(0)
-    start = time.perf_counter()
     with _Measure(dist.device, "eval chunk") as chunk, precision.autocast(dist.device, config.model.dtype):
-        try:
-            sample(model, prompts, num_samples=rows_per_problem, settings=sampling_settings(sampling),
-                   special=SpecialTokens(stop_ids=frozenset(), pad_id=tokenizer.pad_token_id), generator=generator,
-                   greedy_first=True, progress=on_rows)
-        except _Enough:
-            pass
-    forwards = max(sampling.max_new_tokens - 1, 0)  # decode forwards in a full chunk (the last token needs none)
-    if len(stamps) >= 2:
-        per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-        chunk_seconds = (stamps[0] - start) + per_step * max(forwards - 1, 0)
-    else:  # max_new_tokens ≤ 2: the chunk ran to the end
-        chunk_seconds = time.perf_counter() - start
+        chunk_seconds = _decode_extrapolated(
+            lambda progress: sample(model, prompts, num_samples=rows_per_problem, settings=sampling_settings(sampling),
+                                    special=SpecialTokens(stop_ids=frozenset(), pad_id=tokenizer.pad_token_id),
+                                    generator=generator, greedy_first=True, progress=progress), sampling.max_new_tokens)
     rows_per_eval = per_rank * rows_per_problem
     chunk_rows = len(prompts) * rows_per_problem
     units = evaluations * rows_per_eval / chunk_rows  # time scales with rows (decode is matmul-bound at this size)
@@ -351,25 +412,32 @@ class Estimate:
         return self.fixed_seconds + sum(s.total for s in self.stages)
 
     @property
+    def worst(self) -> float:
+        return self.fixed_seconds + sum(s.worst for s in self.stages)
+
+    @property
     def interval(self) -> tuple[float, float]:
         low = sum(s.total * (EARLY_STOP_FRACTION if s.decode else 1 - NOISE) for s in self.stages)
-        return low + self.fixed_seconds * (1 - NOISE), self.total * (1 + NOISE)
+        return low + self.fixed_seconds * (1 - NOISE), self.worst * (1 + NOISE)
 
     def lines(self) -> list[str]:
         out = ["probe (measured at the config's worst-case shapes):"]
         for s in self.stages:
             device = f"device peak {s.device_peak / 2**30:.2f} GiB, " if s.device_peak is not None else ""
-            out.append(f"  {s.name:<11} {s.seconds_per_unit:8.2f} s/unit × {s.units:8.1f} = {s.total:7.0f} s   "
-                       f"{device}host peak RSS {s.host_peak / 2**30:.2f} GiB")
+            typical = f" (typical {s.typical:.0%}: {s.total:.0f} s)" if s.typical != 1.0 else ""
+            out.append(f"  {s.name:<11} {s.seconds_per_unit:8.2f} s/unit × {s.units:8.1f} = {s.worst:7.0f} s   "
+                       f"{device}host peak RSS {s.host_peak / 2**30:.2f} GiB{typical}")
         low, high = self.interval
         out.append(f"  fixed (model loads, SFT validation): {self.fixed_seconds:.0f} s")
-        out.append(f"predicted time: {self.total:.0f} s (interval {low:.0f}–{high:.0f} s); probe took "
-                   f"{self.wall_seconds:.0f} s")
+        out.append(f"predicted time: {self.total:.0f} s (interval {low:.0f}–{high:.0f} s; worst case {self.worst:.0f} s); "
+                   f"probe took {self.wall_seconds:.0f} s")
         return out
 
     def to_json(self) -> dict:
         return {"predicted_seconds": self.total, "phases": self.phases, "interval": list(self.interval), "fixed_seconds": self.fixed_seconds,
+                "worst_seconds": self.worst,
                 "stages": {s.name: {"seconds_per_unit": s.seconds_per_unit, "units": s.units, "seconds": s.total,
+                                    "worst_seconds": s.worst, "typical": s.typical,
                                     "device_peak": s.device_peak, "host_peak": s.host_peak} for s in self.stages}}
 
 
@@ -428,7 +496,7 @@ def _max_over_ranks(stage: Stage, dist, all_reduce_max) -> Stage:
                           dtype=torch.float64, device=dist.device)
     seconds, device_peak, host_peak = all_reduce_max(values, dist).tolist()
     return Stage(stage.name, seconds, stage.units, stage.decode,
-                 int(device_peak) if stage.device_peak is not None else None, int(host_peak))
+                 int(device_peak) if stage.device_peak is not None else None, int(host_peak), typical=stage.typical)
 
 
 def write_estimate(estimate: Estimate, run_dir: Path) -> None:

@@ -94,7 +94,7 @@ def comparison_rows(evaluations: list[Evaluation]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     ks = sorted({r["k"] for r in rows})
-    samples = f"{ks[0]} samples/problem" if len(ks) == 1 else "samples"
+    samples = f"{ks[0]} sample{'' if ks[0] == 1 else 's'}/problem" if len(ks) == 1 else "samples"
     header = (
         f"| model | problems | sampled pass@1 strict ({samples}) | sampled pass@1 lenient | greedy strict | "
         "greedy lenient | p (paired, vs previous row) |"

@@ -46,10 +46,10 @@ def test_probe_prints_every_stage_and_a_prediction(tmp_path):
         assert re.search(rf"^  {stage} +\d+\.\d\d s/unit × +\d+\.\d = +\d+ s .*host peak RSS \d+\.\d\d GiB",
                          result.stdout, re.M), (stage, result.stdout[-2000:])
     low, total, high = None, None, None
-    match = re.search(r"predicted time: (\d+) s \(interval (\d+)–(\d+) s\)", result.stdout)
+    match = re.search(r"predicted time: (\d+) s \(interval (\d+)–(\d+) s; worst case (\d+) s\)", result.stdout)
     assert match, result.stdout[-2000:]
-    total, low, high = (int(match[i]) for i in (1, 2, 3))
-    assert low <= total <= high
+    total, low, high, worst = (int(match[i]) for i in (1, 2, 3, 4))
+    assert low <= total <= worst <= high
     assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr, result.stderr[-2000:]
     assert not (Path(config.output.save_dir) / "test").exists(), "a dry run writes nothing"
 
@@ -145,3 +145,39 @@ def test_plan_memory_line_is_within_30_percent_of_the_probe_peak_for_the_offline
     predicted = predicted_peak_bytes(result.stdout)
     measured = max(float(g) for g in re.findall(r"host peak RSS (\d+\.\d+) GiB", result.stdout)) * 1024**3
     assert 0.7 * measured <= predicted <= 1.3 * measured, (predicted / 2**30, measured / 2**30)
+
+
+def test_the_point_prediction_takes_each_stage_typical_share_and_the_worst_case_bounds_it():
+    from integration_training.probe import Estimate, Stage
+
+    stages = [Stage("rl rollout", 2.0, 10, True, None, 1), Stage("rl train", 4.0, 10, False, None, 1, typical=0.5)]
+    estimate = Estimate(stages, fixed_seconds=6.0, wall_seconds=1.0, phases={})
+    assert estimate.worst == 6.0 + 20.0 + 40.0
+    assert estimate.total == 6.0 + 20.0 + 20.0  # the update at half its worst case, decoding at its worst
+    low, high = estimate.interval
+    assert low < estimate.total < estimate.worst < high
+    assert estimate.to_json()["stages"]["rl train"] == {
+        "seconds_per_unit": 4.0, "units": 10, "seconds": 20.0, "worst_seconds": 40.0, "typical": 0.5,
+        "device_peak": None, "host_peak": 1}
+
+
+@pytest.mark.parametrize("answers,max_new,expected", [(["a b", "a b c d"], 64, None), (["word " * 200], 16, 16.0),
+                                                      ([], 24, 24.0)])
+def test_typical_completion_is_the_reference_answers_mean_plus_end_of_turn_capped(answers, max_new, expected):
+    from types import SimpleNamespace
+
+    from integration_training.data.types import Example
+    from integration_training.probe import _layer_tokens, _typical_completion_tokens
+
+    class Words:  # a tokenizer whose tokens are the words
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+    config = SimpleNamespace(rl=SimpleNamespace(sampling=SimpleNamespace(max_new_tokens=max_new)))
+    examples = [Example(messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": a}),
+                        reference="1", reward=None, source="test") for a in answers]
+    typical = _typical_completion_tokens(config, Words(), examples)
+    assert typical == (expected if expected is not None else ((2 + 1) + (4 + 1)) / 2)
+    # The update's share: the prompt once per group, every sample's completion.
+    assert _layer_tokens(80, typical, 8) / _layer_tokens(80, max_new, 8) <= 1.0
+    assert _layer_tokens(80, 40, 8) == 80 + 8 * 40

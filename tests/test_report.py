@@ -95,3 +95,11 @@ def test_paired_p_compares_the_recorded_per_problem_scores(tmp_path):
     assert before.paired_scores == [0.0] * 30 and after.paired_scores == pytest.approx([1 / 3] * 30)
     p = report.comparison_rows([before, after])[1]["p_vs_previous"]
     assert p == paired_p_value(before.paired_scores, after.paired_scores) < 1e-4
+
+
+def test_one_sample_per_problem_is_named_in_the_singular(tmp_path):
+    write_eval(tmp_path, "baseline", 0, [[0]] * 5)
+    write_eval(tmp_path, "sft", 7, [[1]] * 5)
+    write_metrics(tmp_path)
+    table = report.write_report(tmp_path)
+    assert "(1 sample/problem)" in table and "1 samples" not in table
