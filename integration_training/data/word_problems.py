@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 
 from integration_training.data.types import Example
+from integration_training.errors import UserError
 
 NAME = "word_problems"
 REWARD = "arithmetic"  # the numeric `#### N` verifier
@@ -114,9 +115,19 @@ def _numbers(story: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", story))
 
 
+# Generation draws stories until `count` distinct ones are found; the space of (template, numbers) is far larger than
+# this, but a bound keeps a typo (max_samples=10**9) an error instead of an hour of drawing.
+MAX_COUNT = 1_000_000
+
+
 def generate(split: str, count: int, seed: int, source: str, reward: str | None) -> list[Example]:
     """`count` distinct problems of `split` (calculator-annotated answers), deterministic in (split, seed)."""
     assert split in SPLITS and count >= 0
+    if count > MAX_COUNT:
+        raise UserError(
+            f"{source}: max_samples={count} asks for more distinct problems than word_problems generates per split "
+            f"({MAX_COUNT:,}); lower max_samples (use repeat to see problems more than once)"
+        )
     rng = random.Random(f"{NAME}/{split}/{seed}")
     seen: set[tuple[str, tuple[int, ...]]] = set()
     examples = []
