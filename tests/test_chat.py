@@ -585,6 +585,7 @@ def test_a_streamed_web_reply_is_the_sampler_s_reply(tiny_server, tiny_dir):
     assert second  # a follow-up turn on the kept cache
 
 
+@pytest.mark.slow  # 11 s; the default suite keeps the single-client streaming, stop and disconnect tests
 def test_fifty_concurrent_clients_half_leaving_mid_stream(tiny_server):
     """50 clients at once (bounded: each has a 240 s socket timeout, the whole test a 600 s budget); every odd one
     hangs up, some while queued and some after their first tokens. The server must stay up, serve every client
@@ -669,6 +670,7 @@ def browser_missing() -> str | None:
     return None
 
 
+@pytest.mark.slow  # 12 s with a real chromium (CI installs it); the page's protocol is tested without a browser
 @pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
 def test_real_browser_sends_sees_tokens_stops_and_starts_a_new_chat(tmp_path):
     """Headless Chromium on the page with the offline SmolLM2 (so the screenshot shows real text). Saves a

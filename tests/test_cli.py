@@ -99,6 +99,7 @@ def test_offline_dry_run_shows_counts_and_a_marked_example():
     result = deploy("configs/00_offline_cpu.py", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "word_problems" in result.stdout and "64 selected" in result.stdout
+    assert "tools=['calculator']" in result.stdout
     assert "«" in result.stdout and "»" in result.stdout
 
 

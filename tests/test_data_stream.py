@@ -234,6 +234,7 @@ def write_conversations(path: Path, count: int, salt: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # 29 s, three deploy.py runs; test_resume_compares_every_recorded_fingerprint is its unit test
 def test_resume_refuses_an_edited_custom_json_and_resumes_bitwise_when_unchanged(tmp_path):
     data = write_conversations(tmp_path / "mine.jsonl", 16, "")
     spec = DatasetSpec(name="custom_json", split="train", subset=None, max_samples=None, repeat=1, path=str(data),
@@ -271,6 +272,40 @@ def test_resume_refuses_an_edited_custom_json_and_resumes_bitwise_when_unchanged
     # The refused resume stopped before tokenising; the good one mapped the cache instead of tokenising again.
     uses = [line.split()[1] for path in (cache / "prepared").glob("*.uses") for line in path.read_text().splitlines()]
     assert uses.count("prepared") == 2 and "mapped" in uses
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (("sources", "mine", "b" * 64), "data source mine (/data/mine.jsonl) changed"),
+    (("sources", "new", "c" * 64), "data source new is new"),
+    (("val_sources", "held", None), "data source held is gone"),
+    (("tokenizer_sha256", None, "d" * 64), "tokenizer changed"),
+    (("chat_template_sha256", None, "e" * 64), "chat template changed"),
+    (("max_length", None, 512), "max length changed"),
+])
+def test_resume_compares_every_recorded_fingerprint(tmp_path, change, fragment):
+    """provenance.record_stage: a fresh start records; a resume with the same fingerprints passes; any change is
+    refused (UserError → exit 2) naming what changed, with the local file's path where there is one."""
+    import copy
+
+    from integration_training import provenance
+    from integration_training.errors import UserError
+
+    fingerprints = {"sources": {"mine": "a" * 64}, "val_sources": {"held": "f" * 64}, "tokenizer_sha256": "1" * 64,
+                    "chat_template_sha256": "2" * 64, "max_length": 256}
+    paths = {"mine": "/data/mine.jsonl"}
+    provenance.record_stage(tmp_path, "sft", 0, fingerprints, False, paths, True)
+    provenance.record_stage(tmp_path, "sft", 0, copy.deepcopy(fingerprints), True, paths, True)  # unchanged: resumes
+    changed = copy.deepcopy(fingerprints)
+    group, label, value = change
+    if label is None:
+        changed[group] = value
+    elif value is None:
+        del changed[group][label]
+    else:
+        changed[group][label] = value
+    with pytest.raises(UserError, match="--resume") as refused:
+        provenance.record_stage(tmp_path, "sft", 0, changed, True, paths, True)
+    assert fragment in str(refused.value), str(refused.value)
 
 
 def test_a_large_preparation_renders_in_a_process_pool_with_identical_output(tmp_path, monkeypatch):

@@ -474,6 +474,10 @@ def one_process(config):
     return dataclasses.replace(config, target=target)
 
 
+# Slow (39 s, four deploy.py processes): the default suite keeps LoRA's pieces at unit level (only adapters change,
+# merged export = peft logits, merged sampling restores the base, KL without a second model) and through the chat
+# command's LoRA step directories; CI's slow pass runs this whole path.
+@pytest.mark.slow
 def test_deploy_sft_then_rl_with_lora_writes_adapters_merged_exports_and_resumes_bitwise(tmp_path):
     """One process through deploy.py: layout, merged = base + adapters, SFT→RL hand-off, exact resume."""
     from peft import PeftModel

@@ -54,7 +54,9 @@ def test_probe_prints_every_stage_and_a_prediction(tmp_path):
     assert not (Path(config.output.save_dir) / "test").exists(), "a dry run writes nothing"
 
 
-@pytest.mark.parametrize("mode,field", [("sft+rl", "sft.batch_size"), ("rl", "rl.sampling.batch_size")])
+@pytest.mark.parametrize("mode,field", [
+    pytest.param("sft+rl", "sft.batch_size", marks=pytest.mark.slow),  # 7 s; the rl case runs the same cap check
+    ("rl", "rl.sampling.batch_size")])
 def test_a_worst_case_over_the_memory_cap_fails_in_the_probe_naming_the_field(tmp_path, mode, field):
     """A 1 MiB cap: the first stage probed (worst case first: SFT's longest batch, else the RL rollout) fails."""
     source = str(tmp_path / "tiny_model") if mode == "rl" else None
