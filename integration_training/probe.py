@@ -206,14 +206,16 @@ def probe_sft(config: Config, dist, tokenizer) -> tuple[Stage, float]:
 def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, Stage]:
     """One worst-case rollout (no stop ids) and one training micro-batch at worst-case length (every row trained).
 
-    The rollout runs its prefill and PROBE_DECODE_STEPS decode steps, extrapolated to max_new_tokens like the
-    evaluation chunk (its KV cache is allocated for the full length, so its memory peak is already reached). The
-    update runs one micro-batch of `rl.batch_size` rows of max_new_tokens each — the largest forward/backward the
-    run can meet, so its memory peak — and an optimizer step; the step's time is that × the micro-batches a step
-    of this rank's rows needs. Its typical share (`typical`) scales the update's tokens through the layers to the
-    reference answers' mean length (what SFT teaches the model to write), keeping every row trained.
+    The rollout runs its prefill, PROBE_WARMUP_STEPS untimed and PROBE_DECODE_STEPS timed decode steps,
+    extrapolated to max_new_tokens like the evaluation chunk (its KV cache is allocated for the full length, so its
+    memory peak is already reached). The update runs one micro-batch of `rl.batch_size` rows of max_new_tokens
+    each — the largest forward/backward the run can meet, so its memory peak — and an optimizer step, then (when a
+    step has more) a second, warm one; the step's time is the warm one's × the micro-batches a step of this rank's
+    rows needs. Its typical share (`typical`) scales the update's tokens through the layers to the reference
+    answers' mean length (what SFT teaches the model to write), keeping every row trained.
     """
     from integration_training import distributed, precision, rl as rl_module
+    from integration_training.problems import rl_problems
     from integration_training.rollout import Completion, SpecialTokens, sample
     from integration_training.stage import Optimization, sampling_settings
     from integration_training.template import render_prompt
@@ -224,8 +226,6 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     ref = rl_module.load_reference(init_model, config.model, dist.device) if rl.kl_coef > 0 else None
     model = distributed.wrap_model(policy, config.target, dist, config.model.dtype)
     optimization = Optimization.build(policy, rl, name="rl", config=config, dist=dist, gather_from=policy)
-    from integration_training.problems import rl_problems
-
     problems = rl_problems(config, tokenizer)
     examples = _longest_prompts(problems, tokenizer, rl.examples_per_step // world_size(config.target))
     prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
