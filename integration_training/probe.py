@@ -4,12 +4,14 @@ Loads the model on the configured device and runs, at the configuration's real s
 1. one SFT optimizer step on the longest micro-batch the SFT data produces (packed rows or the longest
    conversations), with the configured gradient accumulation;
 2. one RL rollout of this rank's prompts × num_samples at worst-case length (no stop token: every row decodes
-   rl.sampling.max_new_tokens; prefill and a few decode steps, extrapolated like 3.) and the RL update's largest
-   micro-batch at that length (every row trained: advantages ±1), cold and then warm;
+   rl.sampling.max_new_tokens; prefill and a few decode steps, extrapolated like 3.) and one micro-batch of the RL
+   update at that length (every row trained: advantages ±1), timed and scaled to the micro-batches of a step;
 3. the first decode steps of one evaluation chunk of evaluation.sampling.batch_size rows (greedy + num_samples
-   samples per problem)
-   with its KV cache allocated for the full length, extrapolated to max_new_tokens (a full 500-row chunk is a
-   minute on 2 CPU cores; the per-step cost is flat because the cache is pre-allocated).
+   samples per problem) with its KV cache allocated for the full length, extrapolated to max_new_tokens (a full
+   500-row chunk is a minute on 2 CPU cores; the per-step cost is flat because the cache is pre-allocated). Its
+   rows come from a quarter of the chunk's longest prompts with four times the samples each: the decode batch, the
+   padded width and the cache are the chunk's, and the prefill (which runs once per distinct prompt, and was
+   two thirds of this stage's probe time) is timed on a quarter of the prompts and scaled back up.
 Worst case first: the stage that needs the most memory (SFT's longest batch, then RL) runs before anything else, so
 an out-of-memory or an over-long sequence stops here with exit 2 and the field to change, not a hundred steps in.
 
@@ -48,6 +50,7 @@ from integration_training.errors import UserError
 CAP_ENV = "INTEGRATION_TRAINING_PROBE_MEMORY_CAP_MB"
 PROBE_WARMUP_STEPS = 3  # decode steps run untimed first (a fresh process is slow at new shapes)
 PROBE_DECODE_STEPS = 4  # decode steps then timed (after prefill and warm-up); the rest is extrapolated
+EVAL_PREFILL_SHARE = 4  # the eval chunk is probed with 1/EVAL_PREFILL_SHARE of its distinct prompts (see 3.)
 EARLY_STOP_FRACTION = 0.6  # interval low end: decode stops at 60 % of max_new_tokens on average
 NOISE = 0.1
 
@@ -209,10 +212,13 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     The rollout runs its prefill, PROBE_WARMUP_STEPS untimed and PROBE_DECODE_STEPS timed decode steps,
     extrapolated to max_new_tokens like the evaluation chunk (its KV cache is allocated for the full length, so its
     memory peak is already reached). The update runs one micro-batch of `rl.batch_size` rows of max_new_tokens
-    each — the largest forward/backward the run can meet, so its memory peak — and an optimizer step, then (when a
-    step has more) a second, warm one; the step's time is the warm one's × the micro-batches a step of this rank's
-    rows needs. Its typical share (`typical`) scales the update's tokens through the layers to the reference
-    answers' mean length (what SFT teaches the model to write), keeping every row trained.
+    each — the largest forward/backward the run can meet, so its memory peak, with the optimizer's state already
+    made by a one-row step — and an optimizer step; the step's
+    time is that × the micro-batches a step of this rank's rows needs. (A second, warm micro-batch was timed
+    here once: on the offline default it took 13.7 s against the first one's 12.1 s, so it bought no accuracy for
+    a fifth of the probe's time; the SFT step keeps its warm-up, where the first step ran 1.55× the second.) Its
+    typical share (`typical`) scales the update's tokens through the layers to the reference answers' mean length
+    (what SFT teaches the model to write), keeping every row trained.
     """
     from integration_training import distributed, precision, rl as rl_module
     from integration_training.problems import rl_problems
@@ -246,22 +252,19 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     assert len(rows) == count
     micro_batches = math.ceil(count / rl.batch_size)
     models = rl_module.PolicyModels.of(model, ref, config.model)
-    with _Measure(dist.device, "rl train") as train:  # the first (cold) micro-batch: the memory peak
+    # A one-row step first: it creates the optimizer's state (two fp32 moments per weight for AdamW), which every
+    # step of the run after its first holds during the forward/backward (without it the probe's peak read 6.87 GiB
+    # on the offline default, with it 8.0).
+    rl_module.train_on_rows(models, optimization, rows[:1], rl=rl, pad_id=tokenizer.pad_token_id)
+    with _Measure(dist.device, "rl train") as train:  # the largest micro-batch: the memory peak and the time
         rl_module.train_on_rows(models, optimization, rows[: rl.batch_size], rl=rl, pad_id=tokenizer.pad_token_id)
-    per_micro_batch, device_peak = train.seconds, train.device_peak
-    if micro_batches > 1:  # a warm one is what every later micro-batch of the run costs
-        with _Measure(dist.device, "rl train") as warm:
-            rl_module.train_on_rows(models, optimization, rows[rl.batch_size : 2 * rl.batch_size], rl=rl,
-                                    pad_id=tokenizer.pad_token_id)
-        per_micro_batch = warm.seconds
-        device_peak = max(device_peak, warm.device_peak) if device_peak is not None else None
     prompt_tokens = sum(len(p) for p in prompts) / len(prompts)
     typical = _typical_completion_tokens(config, tokenizer, problems)
     share = _layer_tokens(prompt_tokens, typical, rl.num_samples) / _layer_tokens(prompt_tokens, max_new, rl.num_samples)
     steps = _rl_steps(config)
     del models, model, policy, optimization, ref
     return (Stage("rl rollout", rollout_seconds, steps, True, rollout.device_peak, rollout.host_peak),
-            Stage("rl train", per_micro_batch * micro_batches, steps, False, device_peak, host_peak_bytes(),
+            Stage("rl train", train.seconds * micro_batches, steps, False, train.device_peak, train.host_peak,
                   typical=share))
 
 
@@ -279,11 +282,13 @@ def _typical_completion_tokens(config: Config, tokenizer, examples) -> float:
     return min(sum(lengths) / len(lengths), float(config.rl.sampling.max_new_tokens))
 
 
-def _decode_extrapolated(run, max_new_tokens: int) -> float:
-    """Seconds `run(progress)` (one sampling call) would take to decode max_new_tokens: its prefill, then
-    PROBE_WARMUP_STEPS decode steps left untimed (a fresh process's first steps at new shapes run ~2× slower:
+def _decode_extrapolated(run, max_new_tokens: int, prefill_scale: float = 1.0) -> float:
+    """Seconds `run(progress)` (one sampling call) would take to decode max_new_tokens: its prefill × prefill_scale,
+    then PROBE_WARMUP_STEPS decode steps left untimed (a fresh process's first steps at new shapes run ~2× slower:
     kernel selection, first-touch allocations) and PROBE_DECODE_STEPS timed ones, extrapolated (the per-step cost
-    is flat: the KV cache is pre-allocated for the full length)."""
+    is flat: the KV cache is pre-allocated for the full length). The first progress call comes after the prefill
+    and the first decode forward, so the prefill is that stamp less one step."""
+    assert prefill_scale >= 1.0, prefill_scale
     stamps: list[float] = []
 
     def on_rows(_rows: float) -> None:
@@ -300,8 +305,9 @@ def _decode_extrapolated(run, max_new_tokens: int) -> float:
     timed = stamps[PROBE_WARMUP_STEPS:] if len(stamps) > PROBE_WARMUP_STEPS + 1 else stamps
     if len(timed) >= 2:
         per_step = (timed[-1] - timed[0]) / (len(timed) - 1)
-        return (stamps[0] - start) + per_step * max(forwards - 1, 0)
-    return time.perf_counter() - start  # a call this short ran to the end
+        prefill = max(stamps[0] - start - per_step, 0.0)
+        return prefill * prefill_scale + per_step * forwards
+    return (time.perf_counter() - start) * prefill_scale  # a call this short ran to the end: scale it all
 
 
 def _longest_prompts(problems, tokenizer, count: int):
@@ -334,20 +340,32 @@ def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float,
     rows_per_problem = evaluation.num_samples + 1
     problems = held_out_problems(config, tokenizer)
     per_rank = math.ceil(len(problems) / world_size(config.target))
-    problems = sorted(problems, key=lambda e: len(render_prompt(tokenizer, list(e.messages[:-1]))), reverse=True)
-    problems = problems[: max(1, sampling.batch_size // rows_per_problem)]
-    prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in problems]
+    longest = sorted((render_prompt(tokenizer, list(e.messages[:-1])) for e in problems), key=len, reverse=True)
+    chunk_prompts = min(len(longest), max(1, sampling.batch_size // rows_per_problem))  # distinct prompts per chunk
+    prompts, samples = eval_probe_shape(chunk_prompts, rows_per_problem)
     generator = torch.Generator(device=dist.device).manual_seed(0)
     with _Measure(dist.device, "eval chunk") as chunk, precision.autocast(dist.device, config.model.dtype):
         chunk_seconds = _decode_extrapolated(
-            lambda progress: sample(model, prompts, num_samples=rows_per_problem, settings=sampling_settings(sampling),
+            lambda progress: sample(model, longest[:prompts], num_samples=samples, settings=sampling_settings(sampling),
                                     special=SpecialTokens(stop_ids=frozenset(), pad_id=tokenizer.pad_token_id),
-                                    generator=generator, greedy_first=True, progress=progress), sampling.max_new_tokens)
+                                    generator=generator, greedy_first=True, progress=progress), sampling.max_new_tokens,
+            prefill_scale=chunk_prompts / prompts)
     rows_per_eval = per_rank * rows_per_problem
-    chunk_rows = len(prompts) * rows_per_problem
+    chunk_rows = prompts * samples  # ≥ the chunk's rows (rounded up to whole prompts), time scales with rows
     units = evaluations * rows_per_eval / chunk_rows  # time scales with rows (decode is matmul-bound at this size)
     del model
     return load_seconds, Stage("eval chunk", chunk_seconds, units, True, chunk.device_peak, chunk.host_peak)
+
+
+def eval_probe_shape(chunk_prompts: int, rows_per_problem: int) -> tuple[int, int]:
+    """(distinct prompts, samples per prompt) for the eval chunk's probe: the longest 1/EVAL_PREFILL_SHARE of the
+    chunk's prompts, each sampled often enough that the decode batch has at least the chunk's rows (its prefill is
+    scaled back up by chunk_prompts / prompts; the padded width is the longest prompt's either way)."""
+    assert chunk_prompts >= 1 and rows_per_problem >= 1, (chunk_prompts, rows_per_problem)
+    prompts = math.ceil(chunk_prompts / EVAL_PREFILL_SHARE)
+    samples = math.ceil(chunk_prompts * rows_per_problem / prompts)
+    assert prompts * samples >= chunk_prompts * rows_per_problem
+    return prompts, samples
 
 
 def _evaluations(config: Config) -> int:

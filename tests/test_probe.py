@@ -183,3 +183,122 @@ def test_typical_completion_is_the_reference_answers_mean_plus_end_of_turn_cappe
     # The update's share: the prompt once per group, every sample's completion.
     assert _layer_tokens(80, typical, 8) / _layer_tokens(80, max_new, 8) <= 1.0
     assert _layer_tokens(80, 40, 8) == 80 + 8 * 40
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("prefill,step,max_new,scale", [(2.0, 0.5, 64, 1.0), (7.0, 0.25, 200, 4.0),
+                                                        (0.0, 1.0, 12, 1.0), (3.0, 0.1, 9, 2.5)])
+def test_decode_extrapolation_scales_only_the_prefill(monkeypatch, prefill, step, max_new, scale):
+    """A fake sampler on a fake clock: prefill seconds, then `step` seconds per decode forward, a progress call after
+    each. Warm-up steps run slower (they are left out); the estimate is prefill × scale + step × (max_new − 1)."""
+    from integration_training import probe
+
+    clock = _FakeClock()
+    monkeypatch.setattr(probe.time, "perf_counter", clock)
+
+    def run(progress) -> None:
+        clock.now += prefill
+        for forward in range(max_new - 1):
+            clock.now += step * (3.0 if forward < probe.PROBE_WARMUP_STEPS else 1.0)  # slow first steps
+            progress(1.0)
+        progress(0.0)  # the chunk's closing call
+
+    expected = prefill * scale + step * (max_new - 1)
+    # the first stamp holds the prefill and one (slow) warm-up forward: the estimate takes out one timed step only
+    slow_first = 2.0 * step
+    assert probe._decode_extrapolated(run, max_new, prefill_scale=scale) == pytest.approx(expected + slow_first * scale)
+
+
+def test_a_sampler_too_short_to_time_is_scaled_whole(monkeypatch):
+    from integration_training import probe
+
+    clock = _FakeClock()
+    monkeypatch.setattr(probe.time, "perf_counter", clock)
+
+    def run(progress) -> None:
+        clock.now += 3.0
+        progress(1.0)
+
+    assert probe._decode_extrapolated(run, 1, prefill_scale=4.0) == pytest.approx(12.0)
+    with pytest.raises(AssertionError):
+        probe._decode_extrapolated(run, 1, prefill_scale=0.5)
+
+
+@pytest.mark.parametrize("chunk_prompts", [1, 2, 3, 4, 5, 7, 50, 199, 200, 250, 1000])
+@pytest.mark.parametrize("rows_per_problem", [1, 2, 3, 9])
+def test_eval_probe_shape_keeps_the_chunks_rows_on_a_quarter_of_its_prompts(chunk_prompts, rows_per_problem):
+    from integration_training.probe import EVAL_PREFILL_SHARE, eval_probe_shape
+
+    prompts, samples = eval_probe_shape(chunk_prompts, rows_per_problem)
+    rows = chunk_prompts * rows_per_problem
+    assert prompts == -(-chunk_prompts // EVAL_PREFILL_SHARE)  # ceil: the longest quarter, at least one
+    assert rows <= prompts * samples < rows + prompts  # the chunk's rows, rounded up by less than a row per prompt
+    assert samples >= rows_per_problem
+
+
+def test_eval_probe_samples_the_longest_prompts_and_scales_their_prefill(tmp_path, monkeypatch):
+    """probe_eval hands the sampler the longest quarter of a chunk's prompts with the chunk's row count, and scales
+    the prefill by the prompts left out (the decode batch and the KV cache are the chunk's)."""
+    from integration_training import models, probe, rollout
+    from integration_training.distributed import init_distributed
+    from integration_training.problems import held_out_problems
+    from integration_training.template import render_prompt
+
+    config = make_config(tmp_path, evaluation={"num_problems": 8, "num_samples": 3,
+                                               "sampling": {"batch_size": 32, "max_new_tokens": 8}})
+    tokenizer = models.load_tokenizer(config.model.name)
+    calls, scales = [], []
+    real_sample, real_extrapolated = rollout.sample, probe._decode_extrapolated
+
+    def recording_sample(model, prompts, *, num_samples, **kwargs):
+        calls.append(([list(p) for p in prompts], num_samples))
+        return real_sample(model, prompts, num_samples=num_samples, **kwargs)
+
+    def recording_extrapolated(run, max_new_tokens, prefill_scale=1.0):
+        scales.append(prefill_scale)
+        return real_extrapolated(run, max_new_tokens, prefill_scale)
+
+    monkeypatch.setattr(rollout, "sample", recording_sample)
+    monkeypatch.setattr(probe, "_decode_extrapolated", recording_extrapolated)
+    _, stage = probe.probe_eval(config, init_distributed(config.target), tokenizer, config.model.name)
+    (prompts, samples), = calls
+    every = sorted((render_prompt(tokenizer, list(e.messages[:-1])) for e in held_out_problems(config, tokenizer)),
+                   key=len, reverse=True)
+    chunk_prompts = 32 // 4  # batch_size // (greedy + 3 samples)
+    assert len(prompts) == 2 and samples == 16  # a quarter of 8 prompts, 32 rows
+    assert sorted(map(len, prompts), reverse=True) == [len(p) for p in every[:2]]
+    assert scales == [chunk_prompts / 2]
+    evaluations = 2  # at start and after SFT
+    assert probe._evaluations(config) == evaluations
+    assert stage.units == pytest.approx(evaluations * len(every) * 4 / 32)  # every evaluation's rows over a chunk's
+
+
+def test_rl_update_is_timed_with_the_optimizer_state_already_made(tmp_path, monkeypatch):
+    """Every RL step after the run's first holds the optimizer's moments during its forward/backward; the probe's
+    measured micro-batch must too (its memory peak is the run's), so a one-row step runs before it."""
+    from integration_training import models, probe
+    from integration_training import rl as rl_module
+    from integration_training.distributed import init_distributed
+
+    config = make_config(tmp_path, output={"mode": "rl", "source_checkpoint": str(tmp_path / "tiny_model")},
+                         rl={"examples_per_step": 2, "num_samples": 4, "batch_size": 4})
+    seen = []
+    real = rl_module.train_on_rows
+
+    def recording(models_, optimization, rows, **kwargs):
+        seen.append((len(rows), sum(len(s) for s in optimization.optimizer.state.values())))
+        return real(models_, optimization, rows, **kwargs)
+
+    monkeypatch.setattr(rl_module, "train_on_rows", recording)
+    tokenizer = models.load_tokenizer(config.model.name)
+    _, train = probe.probe_rl(config, init_distributed(config.target), tokenizer, config.model.name)
+    assert [rows for rows, _ in seen] == [1, 4]
+    assert seen[0][1] == 0 and seen[1][1] > 0, seen  # no moments before the one-row step, moments before the timed one
+    assert train.units == config.rl.num_iterations

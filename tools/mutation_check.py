@@ -249,6 +249,18 @@ FAULTS: tuple[Fault, ...] = (
           ("tests/test_lora.py::test_merged_for_sampling_restores_the_base_when_sampling_fails_and_is_a_no_op_"
            "without_adapters_or_sharded",),
           "LoRA sampling relies on peft's unmerge: (W + Δ) − Δ rounds, the frozen base drifts every rollout"),
+    Fault("probe-prefill-unscaled", "integration_training/probe.py",
+          "return prefill * prefill_scale + per_step * forwards", "return prefill + per_step * forwards",
+          ("tests/test_probe.py::test_decode_extrapolation_scales_only_the_prefill",),
+          "the eval probe's prefill (a quarter of a chunk's prompts) is predicted as if it were the chunk's"),
+    Fault("probe-eval-full-prefill", "integration_training/probe.py",
+          "    prompts = math.ceil(chunk_prompts / EVAL_PREFILL_SHARE)\n", "    prompts = chunk_prompts\n",
+          ("tests/test_probe.py::test_eval_probe_shape_keeps_the_chunks_rows_on_a_quarter_of_its_prompts",),
+          "the eval probe prefills every prompt of the chunk again (its slowest part, the probe over a minute)"),
+    Fault("probe-rl-no-optimizer-state", "integration_training/probe.py",
+          "    rl_module.train_on_rows(models, optimization, rows[:1], rl=rl, pad_id=tokenizer.pad_token_id)\n", "",
+          ("tests/test_probe.py::test_rl_update_is_timed_with_the_optimizer_state_already_made",),
+          "the probe's RL micro-batch runs without the optimizer's moments: its memory peak is ~1 GiB short"),
 )
 
 
