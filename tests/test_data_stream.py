@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -323,6 +324,57 @@ def test_a_large_preparation_renders_in_a_process_pool_with_identical_output(tmp
     expected, report = template.render_examples(tokenizer, examples, 256)
     assert pooled.prepared_here and pooled.report == report and report.dropped == 1
     assert [pooled[i] for i in range(len(pooled))] == expected
+
+
+@pytest.mark.parametrize("chunks,in_flight", [(0, 1), (1, 1), (5, 1), (5, 3), (17, 8), (3, 8)])
+def test_the_pool_gets_a_bounded_number_of_chunks_ahead_and_results_come_in_order(chunks, in_flight):
+    """Pool.imap pickled and queued the whole input at once (500K conversations: 4.5 GiB peak RSS); submission is
+    now bounded: never more than `in_flight` chunks handed out and not yet written, and the output order is the
+    input's whatever order the workers finish in."""
+    from integration_training.data import prepared as prepared_module
+
+    class Result:
+        def __init__(self, pool, payload):
+            self.pool, self.payload = pool, payload
+
+        def get(self):
+            self.pool.outstanding -= 1
+            return ("rendered", self.payload)
+
+    class FakePool:
+        outstanding = most = 0
+
+        def apply_async(self, function, args):
+            assert function is prepared_module._worker_render
+            self.outstanding += 1
+            self.most = max(self.most, self.outstanding)
+            return Result(self, args[0])
+
+    pool = FakePool()
+    items = [[SimpleNamespace(messages=(f"chunk {c} row {r}",)) for r in range(2)] for c in range(chunks)]
+    consumed = 0
+
+    def source():
+        nonlocal consumed
+        for item in items:
+            consumed += 1
+            yield item
+
+    out = []
+    for chunk, rendered in prepared_module.bounded_in_order(pool, source(), in_flight):
+        assert consumed - len(out) <= in_flight  # the input is read lazily too
+        out.append((chunk, rendered))
+    assert [c for c, _ in out] == items
+    assert [r for _, r in out] == [("rendered", [e.messages for e in item]) for item in items]
+    assert pool.most <= in_flight and pool.outstanding == 0
+
+
+def test_the_tokenising_workers_import_no_torch():
+    """A spawned worker imports data/prepared.py (and the template module); torch would cost each ~180 MiB."""
+    code = "import sys, integration_training.data.prepared; print(sorted(m for m in sys.modules if m == 'torch'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_templates_get_the_fixed_date_instead_of_today():
