@@ -63,17 +63,29 @@ def _format_counts(name: str, counts: list[SourceCount]) -> list[str]:
     return lines
 
 
-def _model_lines(config: Config) -> tuple[list[str], object | None, int | None, Shape | None]:
-    """Model description lines, the tokenizer if it is available offline, the parameter count and the shape."""
+@dataclass(frozen=True)
+class ModelSize:
+    """What the plan knows of a local model from its config alone (built on the meta device)."""
+
+    params: int
+    architecture: str
+    adapter: int | None  # LoRA: the adapters' parameters; None for a full fine-tune
+    merged: int  # LoRA: elements of the adapted base weights, copied once while sampling merges them; else 0
+    shape: Shape
+
+
+def _model_lines(config: Config) -> tuple[list[str], object | None, ModelSize | None]:
+    """Model description lines, the tokenizer if it is available offline, and the model's size where it is local."""
     from integration_training import models
 
     m = config.model
     lines = [f"model: {models.describe_source(m.name)}"]
     local = _local_model_dir(m.name)
-    tokenizer, params, architecture, adapter, shape = None, None, None, None, None
+    tokenizer, size = None, None
     if local is not None:
         tokenizer = models.load_tokenizer(str(local))
-        params, architecture, adapter, shape = _count_params(local, m.lora)
+        size = _count_params(local, m.lora)
+    params, architecture, adapter = (size.params, size.architecture, size.adapter) if size else (None, None, None)
     params_text = f"{params / 1e6:.1f}M parameters ({architecture})" if params else "parameters: known after download"
     lines.append(
         f"  {params_text}; dtype={m.dtype}; attn={m.attn_implementation}; compile={m.compile}; "
@@ -90,7 +102,7 @@ def _model_lines(config: Config) -> tuple[list[str], object | None, int | None, 
             f"{l.target_modules}; base frozen; {share}; adapters train at each stage's matrix_lr "
             "(embedding_lr/unembedding_lr: no trainable tensor); RL after SFT: fresh adapters on the merged SFT model"
         )
-    return lines, tokenizer, params, adapter, shape
+    return lines, tokenizer, size
 
 
 def _local_model_dir(name: str) -> Path | None:
@@ -103,19 +115,21 @@ def _local_model_dir(name: str) -> Path | None:
     return directory if (directory / "config.json").is_file() else None
 
 
-def _count_params(model_dir: Path, lora) -> tuple[int, str, int | None, Shape]:
-    """(parameters, architecture, LoRA adapter parameters or None, shape) from the config alone: the model is built on the
-    meta device, no weights are read. With LoRA this also checks the targets against the model (UserError)."""
+def _count_params(model_dir: Path, lora) -> ModelSize:
+    """The model's size from its config alone: the model is built on the meta device, no weights are read. With LoRA
+    this also checks the targets against the model (UserError)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from integration_training.lora import adapter_parameter_count
+    from integration_training.lora import adapted_weight_count, adapter_parameter_count
 
     model_config = AutoConfig.from_pretrained(str(model_dir))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
     adapter = adapter_parameter_count(model, lora) if lora is not None else None
-    return sum(p.numel() for p in model.parameters()), type(model).__name__, adapter, model_shape(model_config)
+    merged = adapted_weight_count(model, lora) if lora is not None else 0
+    return ModelSize(sum(p.numel() for p in model.parameters()), type(model).__name__, adapter, merged,
+                     model_shape(model_config))
 
 
 def _sft_lines(config: Config, sequences: int, supervised_tokens: int | None, total_tokens: int | None) -> list[str]:
@@ -244,11 +258,15 @@ def process_baseline_bytes() -> int:
 
 
 def _dynamic_memory_lines(config: Config, params: int, shape: Shape, static: int, supervised_fraction: float,
-                          longest_prompt: dict[str, int]) -> list[str]:
+                          longest_prompt: dict[str, int], merged: int = 0) -> list[str]:
     """Activations (with and without checkpointing) and the sampling KV cache; the peak is the larger stage.
 
     `longest_prompt`: the longest prompt (tokens) RL / the evaluation samples from, where the data is local; the
     sampler's cache holds that plus max_new_tokens positions (data.max_length bounds it where unknown).
+    `merged`: LoRA's adapted base weights (elements); sampling merges the adapters into new float32 tensors while
+    the originals wait to come back (`lora.merged_for_sampling`), so it holds one more copy of them — every
+    linear layer of the model with the default targets (0.40 GiB for SmolLM2-135M; ~28 GiB for an 8B model).
+    FSDP2 shards sample unmerged.
     """
     compute_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
     gib = 1024**3
@@ -283,10 +301,12 @@ def _dynamic_memory_lines(config: Config, params: int, shape: Shape, static: int
     if caches:
         section, (rows, positions) = max(caches.items(), key=lambda item: item[1][0] * item[1][1])
         kv = kv_cache_bytes(shape, rows, positions, compute_bytes)
+        copies = merged * 4 if config.target.parallelism != "fsdp2" else 0
         # Sampling holds the weights but no gradients or optimizer moments of its own beyond the trainer's.
-        stages["sampling"] = kv
+        stages["sampling"] = kv + copies
+        merge_text = f" + LoRA's merged weights {copies / gib:.2f} GiB" if copies else ""
         lines.append(f"  sampling KV cache ({rows} rows × {positions} positions, {section}.sampling): "
-                     f"{kv / gib:.2f} GiB")
+                     f"{kv / gib:.2f} GiB{merge_text}")
     baseline = process_baseline_bytes() if config.target.device_type == "cpu" else 0
     worst = max(stages, key=stages.get) if stages else None
     peak = static + (stages[worst] if worst else 0) + baseline
@@ -326,7 +346,8 @@ def predicted_peak_bytes(text: str) -> int:
 
 
 def _memory_lines(config: Config, params: int | None, adapter: int | None, shape: Shape | None = None,
-                  supervised_fraction: float = 1.0, longest_prompt: dict[str, int] | None = None) -> list[str]:
+                  supervised_fraction: float = 1.0, longest_prompt: dict[str, int] | None = None,
+                  merged: int = 0) -> list[str]:
     """Static memory per process (before activations) under mixed precision with float32 masters.
 
     Training keeps float32 parameters, float32 gradients and AdamW's two float32 moments (16 bytes/parameter)
@@ -367,7 +388,8 @@ def _memory_lines(config: Config, params: int | None, adapter: int | None, shape
     static = params * 4 + trainable * 12 + casts + (full_reference if config.model.lora is None else 0) + (
         0 if config.model.lora is None else trainable * 4)
     if shape is not None and (config.model.lora is None or adapter is not None):
-        lines += _dynamic_memory_lines(config, params, shape, static, supervised_fraction, longest_prompt or {})
+        lines += _dynamic_memory_lines(config, params, shape, static, supervised_fraction, longest_prompt or {},
+                                       merged if config.model.lora is not None else 0)
     if config.model.dtype == "bfloat16" and config.target.device_type == "cpu":
         lines.append("  note: bfloat16 compute on CPU is slow (measured ~20x float32 on 2 cores); float32 is the CPU choice")
     return lines
@@ -386,7 +408,8 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
     )
     if device_note:
         lines.append(f"  NOTE: {device_note} — a real run here would stop before loading anything")
-    model_lines, tokenizer, params, adapter, shape = _model_lines(config)
+    model_lines, tokenizer, size = _model_lines(config)
+    params, adapter, shape, merged = (size.params, size.adapter, size.shape, size.merged) if size else (None, None, None, 0)
     lines += model_lines
     data = config.data
     lines.append(f"data (shuffle_seed={data.shuffle_seed}, max_length={data.max_length}, tools={data.tools}):")
@@ -412,7 +435,7 @@ def render_plan(config: Config, config_path: str, device_note: str | None) -> st
         lines += _rl_lines(config, sampled["rl"][0] if "rl" in sampled else None)
     lines += _eval_lines(config, sampled["evaluation"][0] if "evaluation" in sampled else None)
     longest = {section: longest for section, (_, longest) in sampled.items() if longest is not None}
-    lines += _memory_lines(config, params, adapter, shape, supervised_fraction, longest)
+    lines += _memory_lines(config, params, adapter, shape, supervised_fraction, longest, merged)
     if example_text is not None:
         lines += ["one rendered training example (supervised tokens between « and »):", example_text]
     else:

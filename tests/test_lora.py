@@ -570,6 +570,32 @@ def test_plan_shows_trainable_parameters_and_both_memory_lines(tmp_path):
     assert "memory with LoRA" not in full and "full fine-tune (model.lora=None)" in full
 
 
+@pytest.mark.parametrize("parallelism,counted", [("none", True), ("ddp", True), ("fsdp2", False)])
+def test_plan_counts_the_base_weights_sampling_merges(tmp_path, parallelism, counted):
+    """Sampling merges every adapter into a new float32 copy of its base weight while the original waits
+    (lora.merged_for_sampling): the plan's sampling stage holds that copy too, except under FSDP2 (sampled unmerged)."""
+    from helpers import smollm2_tokenizer
+    from integration_training import plan
+
+    model = tiny_model(len(smollm2_tokenizer()), 0)
+    config = make_config(tmp_path, output={"mode": "rl", "source_checkpoint": str(tmp_path / "tiny_model")},
+                         model=dict(lora=lora_config(["q_proj", "v_proj"])))
+    # q_proj 64×64 and v_proj 64×32 in each of 2 layers
+    assert lora.adapted_weight_count(model, config.model.lora) == (64 * 64 + 64 * 32) * 2
+    everything = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert lora.adapted_weight_count(model, lora_config()) == everything - model.lm_head.in_features * model.lm_head.out_features
+    config = dataclasses.replace(config, target=dataclasses.replace(config.target, parallelism=parallelism))
+    shape = plan.model_shape(model.config)
+    merged = 2**28  # 1 GiB of float32: large enough to read in the plan's two-decimal GiB
+    lines = "\n".join(plan._memory_lines(config, 10**6, 10**4, shape, merged=merged))
+    without = "\n".join(plan._memory_lines(config, 10**6, 10**4, shape, merged=0))
+    assert ("LoRA's merged weights 1.00 GiB" in lines) == counted, lines
+    difference = plan.predicted_peak_bytes(lines) - plan.predicted_peak_bytes(without)
+    assert abs(difference - (2**30 if counted else 0)) < 0.02 * 2**30, (difference, lines)
+    full = dataclasses.replace(config, model=dataclasses.replace(config.model, lora=None))
+    assert "merged" not in "\n".join(plan._memory_lines(full, 10**6, None, shape, merged=merged))
+
+
 # ---------------------------------------------------------------------------------------------------- DDP / FSDP2
 
 
