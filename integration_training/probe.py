@@ -222,7 +222,7 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     """
     from integration_training import distributed, precision, rl as rl_module
     from integration_training.problems import rl_problems
-    from integration_training.rollout import Completion, SpecialTokens, sample
+    from integration_training.rollout import Completion, sample
     from integration_training.stage import Optimization, sampling_settings
     from integration_training.template import render_prompt
 
@@ -239,7 +239,7 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     with _Measure(dist.device, "rl rollout") as rollout, precision.autocast(dist.device, config.model.dtype):
         rollout_seconds = _decode_extrapolated(
             lambda progress: sample(policy, prompts, num_samples=rl.num_samples, settings=sampling_settings(rl.sampling),
-                                    special=SpecialTokens(stop_ids=frozenset(), pad_id=tokenizer.pad_token_id),
+                                    special=_never_stopping(tokenizer),
                                     generator=generator, greedy_first=False, progress=progress), max_new)
     count = len(prompts) * rl.num_samples
     filler = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -259,7 +259,7 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     with _Measure(dist.device, "rl train") as train:  # the largest micro-batch: the memory peak and the time
         rl_module.train_on_rows(models, optimization, rows[: rl.batch_size], rl=rl, pad_id=tokenizer.pad_token_id)
     prompt_tokens = sum(len(p) for p in prompts) / len(prompts)
-    typical = _typical_completion_tokens(config, tokenizer, problems)
+    typical = _typical_completion_tokens(tokenizer, problems, max_new)
     share = _layer_tokens(prompt_tokens, typical, rl.num_samples) / _layer_tokens(prompt_tokens, max_new, rl.num_samples)
     steps = _rl_steps(config)
     del models, model, policy, optimization, ref
@@ -273,13 +273,20 @@ def _layer_tokens(prompt_tokens: float, completion_tokens: float, samples: int) 
     return prompt_tokens + samples * completion_tokens
 
 
-def _typical_completion_tokens(config: Config, tokenizer, examples) -> float:
+def _typical_completion_tokens(tokenizer, examples, max_new_tokens: int) -> float:
     """Mean tokens of the data's reference answers + the end-of-turn token, capped at max_new_tokens."""
     answers = [e.messages[-1]["content"] for e in examples if e.messages and e.messages[-1]["role"] == "assistant"]
     if not answers:
-        return float(config.rl.sampling.max_new_tokens)
+        return float(max_new_tokens)
     lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers]
-    return min(sum(lengths) / len(lengths), float(config.rl.sampling.max_new_tokens))
+    return min(sum(lengths) / len(lengths), float(max_new_tokens))
+
+
+def _never_stopping(tokenizer):
+    """The sampler's special tokens with no stop id: every row decodes max_new_tokens (the probe's worst case)."""
+    from integration_training.rollout import SpecialTokens
+
+    return SpecialTokens(stop_ids=frozenset(), pad_id=tokenizer.pad_token_id)
 
 
 def _decode_extrapolated(run, max_new_tokens: int, prefill_scale: float = 1.0) -> float:
@@ -326,7 +333,7 @@ def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float,
     """(model load seconds, eval chunk stage with units = chunks per evaluation × evaluations)."""
     from integration_training import models, precision
     from integration_training.problems import held_out_problems
-    from integration_training.rollout import SpecialTokens, sample
+    from integration_training.rollout import sample
     from integration_training.stage import sampling_settings
     from integration_training.template import render_prompt
 
@@ -347,7 +354,7 @@ def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float,
     with _Measure(dist.device, "eval chunk") as chunk, precision.autocast(dist.device, config.model.dtype):
         chunk_seconds = _decode_extrapolated(
             lambda progress: sample(model, longest[:prompts], num_samples=samples, settings=sampling_settings(sampling),
-                                    special=SpecialTokens(stop_ids=frozenset(), pad_id=tokenizer.pad_token_id),
+                                    special=_never_stopping(tokenizer),
                                     generator=generator, greedy_first=True, progress=progress), sampling.max_new_tokens,
             prefill_scale=chunk_prompts / prompts)
     rows_per_eval = per_rank * rows_per_problem

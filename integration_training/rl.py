@@ -505,11 +505,11 @@ def rollout_step(model, examples: Sequence[Example], generator: torch.Generator,
     from integration_training.evaluate import decode
     from integration_training.rewards import resolve_reward
     from integration_training.precision import autocast
-    from integration_training.rollout import sample
+    from integration_training.rollout import model_device, sample
 
     tokenizer = rollouts.tokenizer
     prompt_ids = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
-    with autocast(_model_device(model), rollouts.dtype):
+    with autocast(model_device(model), rollouts.dtype):
         completions = sample(model, prompt_ids, num_samples=rl.num_samples, settings=rollouts.settings,
                              special=rollouts.special, generator=generator, greedy_first=False, tools=rollouts.tools)
     rewards = torch.tensor([
@@ -704,7 +704,3 @@ def _brief(values: dict[str, float]) -> str:
     shown = ("reward", "loss", "kl", "entropy", "response_tokens", "eval/pass@1_strict", "eval/greedy_strict",
              "gen_seconds", "train_seconds")
     return " ".join(f"{k}={values[k]:.4g}" for k in shown if k in values and not math.isnan(values[k]))
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device

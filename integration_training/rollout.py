@@ -100,7 +100,7 @@ def sample(
     """
     assert num_samples >= 1, num_samples
     assert all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
-    device = _model_device(model)
+    device = model_device(model)
     assert generator.device.type == device.type, f"generator on {generator.device}, model on {device}"
 
     rows = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
@@ -418,7 +418,7 @@ def stream(
     assert len(prompt) > 0, "a prompt needs at least one token"
     assert max_new_tokens >= 1, max_new_tokens
     assert not model.training, "stream() samples; put the model in eval mode first"
-    device = _model_device(model)
+    device = model_device(model)
     assert generator.device.type == device.type, f"generator on {generator.device}, model on {device}"
     prompt = list(prompt)
     reused = _reuse_or_allocate(model, kv, prompt, len(prompt) + max_new_tokens)
@@ -572,7 +572,8 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """The device of the model's (first) parameters: where sampling runs (rl.py uses it too)."""
     return next(model.parameters()).device
 
 

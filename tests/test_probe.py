@@ -166,8 +166,6 @@ def test_the_point_prediction_takes_each_stage_typical_share_and_the_worst_case_
 @pytest.mark.parametrize("answers,max_new,expected", [(["a b", "a b c d"], 64, None), (["word " * 200], 16, 16.0),
                                                       ([], 24, 24.0)])
 def test_typical_completion_is_the_reference_answers_mean_plus_end_of_turn_capped(answers, max_new, expected):
-    from types import SimpleNamespace
-
     from integration_training.data.types import Example
     from integration_training.probe import _layer_tokens, _typical_completion_tokens
 
@@ -175,10 +173,9 @@ def test_typical_completion_is_the_reference_answers_mean_plus_end_of_turn_cappe
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": text.split()}
 
-    config = SimpleNamespace(rl=SimpleNamespace(sampling=SimpleNamespace(max_new_tokens=max_new)))
     examples = [Example(messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": a}),
                         reference="1", reward=None, source="test") for a in answers]
-    typical = _typical_completion_tokens(config, Words(), examples)
+    typical = _typical_completion_tokens(Words(), examples, max_new)
     assert typical == (expected if expected is not None else ((2 + 1) + (4 + 1)) / 2)
     # The update's share: the prompt once per group, every sample's completion.
     assert _layer_tokens(80, typical, 8) / _layer_tokens(80, max_new, 8) <= 1.0
