@@ -265,7 +265,7 @@ def _dynamic_memory_lines(config: Config, params: int, shape: Shape, static: int
     sampler's cache holds that plus max_new_tokens positions (data.max_length bounds it where unknown).
     `merged`: LoRA's adapted base weights (elements); sampling merges the adapters into new float32 tensors while
     the originals wait to come back (`lora.merged_for_sampling`), so it holds one more copy of them — every
-    linear layer of the model with the default targets (0.40 GiB for SmolLM2-135M; ~28 GiB for an 8B model).
+    linear layer of the model with the default targets (0.40 GiB for SmolLM2-135M; ~26 GiB for an 8B model).
     FSDP2 shards sample unmerged.
     """
     compute_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
