@@ -358,7 +358,9 @@ def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float,
                                     generator=generator, greedy_first=True, progress=progress), sampling.max_new_tokens,
             prefill_scale=chunk_prompts / prompts)
     rows_per_eval = per_rank * rows_per_problem
-    chunk_rows = prompts * samples  # ≥ the chunk's rows (rounded up to whole prompts), time scales with rows
+    # The rows the timed chunk had: rounded up to whole prompts, but the sampler cuts at batch_size (a problem's
+    # greedy + samples can exceed it) and the probe stops inside the first chunk.
+    chunk_rows = min(prompts * samples, sampling.batch_size)
     units = evaluations * rows_per_eval / chunk_rows  # time scales with rows (decode is matmul-bound at this size)
     del model
     return load_seconds, Stage("eval chunk", chunk_seconds, units, True, chunk.device_peak, chunk.host_peak)

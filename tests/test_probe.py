@@ -240,6 +240,19 @@ def test_eval_probe_shape_keeps_the_chunks_rows_on_a_quarter_of_its_prompts(chun
     assert samples >= rows_per_problem
 
 
+def test_an_eval_chunk_smaller_than_one_problems_rows_counts_the_rows_it_timed(tmp_path):
+    """greedy + 3 samples = 4 rows a problem, 2 rows per sampling forward: the sampler splits each problem in two
+    chunks and the probe times the first, so a chunk is 2 rows (not 4) and an evaluation twice as many chunks."""
+    from integration_training import models, probe
+    from integration_training.distributed import init_distributed
+
+    config = make_config(tmp_path, evaluation={"num_problems": 4, "num_samples": 3,
+                                               "sampling": {"batch_size": 2, "max_new_tokens": 8}})
+    tokenizer = models.load_tokenizer(config.model.name)
+    _, stage = probe.probe_eval(config, init_distributed(config.target), tokenizer, config.model.name)
+    assert stage.units == pytest.approx(probe._evaluations(config) * 4 * 4 / 2)
+
+
 def test_eval_probe_samples_the_longest_prompts_and_scales_their_prefill(tmp_path, monkeypatch):
     """probe_eval hands the sampler the longest quarter of a chunk's prompts with the chunk's row count, and scales
     the prefill by the prompts left out (the decode batch and the KV cache are the chunk's)."""
