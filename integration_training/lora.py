@@ -369,15 +369,18 @@ def load_adapter_step(step_dir: Path, dtype: str, device: torch.device) -> nn.Mo
     return merged.to(precision.torch_dtype(dtype)).eval()
 
 
+def _adapted_linears(model: nn.Module, lora: LoRAConfig) -> list[nn.Module]:
+    """The linear layers `lora` attaches adapters to (works on a meta-device model)."""
+    modules = dict(model.named_modules())
+    return [modules[name] for name in resolve_targets(model, lora)]
+
+
 def adapted_weight_count(model: nn.Module, lora: LoRAConfig) -> int:
     """Elements of the base weights the adapters are attached to (in · out per adapted linear layer): what
-    `merged_for_sampling` copies while it samples; works on a meta-device model."""
-    modules = dict(model.named_modules())
-    return sum(modules[name].in_features * modules[name].out_features for name in resolve_targets(model, lora))
+    `merged_for_sampling` copies while it samples."""
+    return sum(m.in_features * m.out_features for m in _adapted_linears(model, lora))
 
 
 def adapter_parameter_count(model: nn.Module, lora: LoRAConfig) -> int:
-    """Parameters the adapters add (r · (in + out) per adapted linear layer); works on a meta-device model."""
-    modules = dict(model.named_modules())
-    return sum(lora.r * (modules[name].in_features + modules[name].out_features)
-               for name in resolve_targets(model, lora))
+    """Parameters the adapters add (r · (in + out) per adapted linear layer)."""
+    return sum(lora.r * (m.in_features + m.out_features) for m in _adapted_linears(model, lora))

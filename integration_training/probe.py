@@ -224,7 +224,6 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     from integration_training.problems import rl_problems
     from integration_training.rollout import Completion, sample
     from integration_training.stage import Optimization, sampling_settings
-    from integration_training.template import render_prompt
 
     rl, max_new = config.rl, config.rl.sampling.max_new_tokens
     policy, _ = rl_module.load_policy(init_model, config.model, dist.device, training=True)
@@ -233,8 +232,7 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     model = distributed.wrap_model(policy, config.target, dist, config.model.dtype)
     optimization = Optimization.build(policy, rl, name="rl", config=config, dist=dist, gather_from=policy)
     problems = rl_problems(config, tokenizer)
-    examples = _longest_prompts(problems, tokenizer, rl.examples_per_step // world_size(config.target))
-    prompts = [render_prompt(tokenizer, list(e.messages[:-1])) for e in examples]
+    prompts = _longest_prompts(problems, tokenizer, rl.examples_per_step // world_size(config.target))
     generator = torch.Generator(device=dist.device).manual_seed(0)
     with _Measure(dist.device, "rl rollout") as rollout, precision.autocast(dist.device, config.model.dtype):
         rollout_seconds = _decode_extrapolated(
@@ -254,7 +252,7 @@ def probe_rl(config: Config, dist, tokenizer, init_model: str) -> tuple[Stage, S
     models = rl_module.PolicyModels.of(model, ref, config.model)
     # A one-row step first: it creates the optimizer's state (two fp32 moments per weight for AdamW), which every
     # step of the run after its first holds during the forward/backward (without it the probe's peak read 6.87 GiB
-    # on the offline default, with it 8.0).
+    # on the offline default, with it 7.90).
     rl_module.train_on_rows(models, optimization, rows[:1], rl=rl, pad_id=tokenizer.pad_token_id)
     with _Measure(dist.device, "rl train") as train:  # the largest micro-batch: the memory peak and the time
         rl_module.train_on_rows(models, optimization, rows[: rl.batch_size], rl=rl, pad_id=tokenizer.pad_token_id)
@@ -317,13 +315,13 @@ def _decode_extrapolated(run, max_new_tokens: int, prefill_scale: float = 1.0) -
     return (time.perf_counter() - start) * prefill_scale  # a call this short ran to the end: scale it all
 
 
-def _longest_prompts(problems, tokenizer, count: int):
-    """The `count` longest of RL's training prompts (`problems.rl_problems`)."""
+def _longest_prompts(problems, tokenizer, count: int) -> list[list[int]]:
+    """The `count` longest rendered prompts of `problems` (RL's or the evaluation's), longest first, each rendered
+    once; the longest repeats when there are fewer than `count`."""
     from integration_training.template import render_prompt
 
-    examples = sorted(problems, key=lambda e: len(render_prompt(tokenizer, list(e.messages[:-1]))),
-                      reverse=True)
-    chosen = examples[:count]
+    rendered = sorted((render_prompt(tokenizer, list(e.messages[:-1])) for e in problems), key=len, reverse=True)
+    chosen = rendered[:count]
     while len(chosen) < count:
         chosen.append(chosen[0])
     return chosen
@@ -335,7 +333,6 @@ def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float,
     from integration_training.problems import held_out_problems
     from integration_training.rollout import sample
     from integration_training.stage import sampling_settings
-    from integration_training.template import render_prompt
 
     evaluation, sampling = config.evaluation, config.evaluation.sampling
     started = time.perf_counter()
@@ -347,13 +344,13 @@ def probe_eval(config: Config, dist, tokenizer, model_name: str) -> tuple[float,
     rows_per_problem = evaluation.num_samples + 1
     problems = held_out_problems(config, tokenizer)
     per_rank = math.ceil(len(problems) / world_size(config.target))
-    longest = sorted((render_prompt(tokenizer, list(e.messages[:-1])) for e in problems), key=len, reverse=True)
-    chunk_prompts = min(len(longest), max(1, sampling.batch_size // rows_per_problem))  # distinct prompts per chunk
+    chunk_prompts = min(len(problems), max(1, sampling.batch_size // rows_per_problem))  # distinct prompts per chunk
     prompts, samples = eval_probe_shape(chunk_prompts, rows_per_problem)
+    longest = _longest_prompts(problems, tokenizer, prompts)
     generator = torch.Generator(device=dist.device).manual_seed(0)
     with _Measure(dist.device, "eval chunk") as chunk, precision.autocast(dist.device, config.model.dtype):
         chunk_seconds = _decode_extrapolated(
-            lambda progress: sample(model, longest[:prompts], num_samples=samples, settings=sampling_settings(sampling),
+            lambda progress: sample(model, longest, num_samples=samples, settings=sampling_settings(sampling),
                                     special=_never_stopping(tokenizer),
                                     generator=generator, greedy_first=True, progress=progress), sampling.max_new_tokens,
             prefill_scale=chunk_prompts / prompts)
